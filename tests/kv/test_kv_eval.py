@@ -111,3 +111,27 @@ def test_generate_helper_rejects_unknown_settings(tiny, tok):
     run = evaluate.generate(tiny, tok, prompt, "query_aware", kv.get("streaming_llm", ratio=0.5), 4)
     assert run["new_tokens"] <= 4 and run["bytes_end"] >= run["bytes"] and torch.isfinite(
         torch.tensor(run["prefill_s"]))
+
+
+def test_an_interrupted_run_writes_what_it_finished(tiny, tok, tmp_path, monkeypatch):
+    folder = tmp_path / "tiny"
+    tiny.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    real, calls = evaluate.generate, []
+
+    def stop_on_the_fourth_run(*args, **kwargs):  # Ctrl-C (or `timeout`'s SIGTERM) in the middle of a run
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", stop_on_the_fourth_run)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["kv", "--model", str(folder), "--methods", "snapkv,streaming_llm", "--ratios",
+                                   "0.5", "--lengths", "256", "--tasks", "passkey", "--depths", "0.3,0.7",
+                                   "--settings", "query_aware", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["interrupted"] is True and len(data["records"]) == 3
+    assert {r["method"] for r in data["summary"]} == {"full", "snapkv", "streaming_llm"}
+    assert "Interrupted" in (out / "report.html").read_text()

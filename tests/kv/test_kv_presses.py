@@ -251,15 +251,18 @@ def test_entries_removed_match_the_ratio(llama, name, ratio):
     assert stats["bytes"] == stats["slots"] * 2 * llama.config.head_dim * 4
 
 
-@pytest.mark.parametrize("name", ["quest", "token_select", "a2ats", "hylra"])
-def test_read_sparse_methods_read_the_ratio_and_keep_the_cache(llama, name):
-    press = kv.get(name, ratio=0.75, **({"dense_layers": 0} if name == "quest" else {}))
+@pytest.mark.parametrize("name, ratio, options", [
+    ("quest", 0.75, {"dense_layers": 0}), ("quest", 0.5, {"dense_layers": 1}),  # dense layers count as reading all
+    ("token_select", 0.5, {}), ("token_select", 0.75, {}), ("a2ats", 0.5, {}), ("a2ats", 0.75, {}),
+    ("hylra", 0.5, {}), ("hylra", 0.75, {})])
+def test_read_sparse_methods_read_the_ratio_and_keep_the_cache(llama, name, ratio, options):
+    press = kv.get(name, ratio=ratio, **options)
     x = ids(200)
     with press(llama) as session:
         llama.generate(x, max_new_tokens=6, min_new_tokens=6, do_sample=False)
         stats = session.stats()
     assert stats["removed"] == 0.0
-    assert abs(stats["read_fraction"] - 0.25) < 0.08, stats
+    assert abs(stats["read_fraction"] - (1 - ratio)) < 0.08, stats
 
 
 @pytest.mark.parametrize("name", ["streaming_llm", "h2o", "tova", "duo_attention", "moa", "attention_gate"])

@@ -2,8 +2,10 @@
 results.json and a self-contained report.html."""
 from __future__ import annotations
 
+import os
 import time
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -22,6 +24,17 @@ def _label(spec: str) -> str:
     return {"smollm2": "SmolLM2-135M-Instruct", "minilm": "all-MiniLM-L6-v2"}.get(spec, Path(spec).name)
 
 
+def _threads(asked: int) -> tuple[int, str]:
+    """(CPU threads, why). On a CPU other processes already keep busy, several OpenMP threads spin
+    waiting for each other: one thread then runs several times faster."""
+    if asked:
+        return asked, "--threads"
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load >= cpus and torch.get_num_threads() > 1:
+        return 1, f"1-minute load average {load:.1f} on {cpus} CPUs: one thread avoids oversubscription"
+    return torch.get_num_threads(), "torch's default"
+
+
 def _load_encoder(spec: str):
     from .. import models
 
@@ -37,7 +50,7 @@ def heads_cmd(
     probes: str = typer.Option(None, help="comma-separated probes for the causal LM (default: all that fit minutes)"),
     encoder: str = typer.Option("minilm", help="encoder for the encoder probes: 'minilm', a local folder, or 'none'"),
     encoder_probes: str = typer.Option(None, help="comma-separated probes for the encoder"),
-    out: str = typer.Option("heads_report", help="output folder for results.json and report.html"),
+    out: str = typer.Option("results/heads", help="output folder for results.json and report.html"),
     passkey_tokens: int = typer.Option(384, help="haystack tokens of the passkey questions"),
     examples: int = typer.Option(8, help="passkey questions to score heads, and held-out ones to evaluate"),
     text_tokens: int = typer.Option(256, help="tokens per real-prose segment"),
@@ -46,13 +59,12 @@ def heads_cmd(
     validate: bool = typer.Option(True, help="run the ablation validations"),
     ablation_sweep: bool = typer.Option(False, help="also ablate every head alone (slow: one pass per head)"),
     seed: int = typer.Option(0, help="seed for question keys and random head draws"),
+    threads: int = typer.Option(0, help="CPU threads; 0: torch's default, or 1 when the machine is already busy"),
     list_probes: bool = typer.Option(False, "--list", help="list the probes and exit"),
 ):
     """Find what the attention heads of a model do: retrieval, sink, induction ... heads, checked by ablation."""
-    from . import analysis, report
-    from .probes import describe
+    from .probes import describe, get_probe
     from .session import Settings
-    from .views import head_views
 
     if list_probes:
         t = Table(title="attnzoo heads: probes")
@@ -62,28 +74,43 @@ def heads_cmd(
             t.add_row(d["name"], d["models"], d["paper"], d["about"])
         console.print(t)
         return
+    if threads < 0:
+        raise typer.BadParameter(f"expected 0 (auto) or a positive count; got {threads}", param_hint="--threads")
     if ablation not in ("zero", "mean"):
         raise typer.BadParameter(f"--ablation must be zero or mean, got {ablation!r}")
     settings = Settings(passkey_tokens=passkey_tokens, passkey_examples=examples, eval_examples=examples,
                         text_tokens=text_tokens, random_draws=draws, ablation=ablation, validate=validate,
                         ablation_sweep=ablation_sweep, seed=seed)
-    from .. import models
-    from .probes import get_probe
-
     for name in (_split(probes) or []) + (_split(encoder_probes) or []):
         try:
             get_probe(name)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
+    n_threads, why = _threads(threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    console.print(f"{n_threads} CPU thread(s): {why}")
+    try:
+        _run(model, _split(probes), encoder, _split(encoder_probes), out, settings, f"{n_threads} ({why})")
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(model: str, probes, encoder: str, encoder_probes, out: str, settings, threads: str) -> None:
+    """Load the models, run their probes, print the summaries, write the report."""
+    from .. import models
+    from . import analysis, report
+    from .views import head_views
+
     start = time.perf_counter()
     runs = []
     with console.status(f"loading {model}"):
         lm, tok = models.load_causal_lm(model)
-    runs.append((lm, tok, _split(probes), _label(model)))
+    runs.append((lm, tok, probes, _label(model)))
     if encoder != "none":
         try:
             with console.status(f"loading {encoder}"):
-                runs.append((*_load_encoder(encoder), _split(encoder_probes), _label(encoder)))
+                runs.append((*_load_encoder(encoder), encoder_probes, _label(encoder)))
         except models.ModelNotInstalled as e:
             console.print(f"[yellow]skipping the encoder probes: {e}[/yellow]")
     analyses, views = [], []
@@ -97,7 +124,7 @@ def heads_cmd(
         views.append(head_views(a.session, a.results))
         _print_summary(a)
     wall = time.perf_counter() - start
-    js, page = report.write(out, analyses, views, wall_seconds=round(wall, 1))
+    js, page = report.write(out, analyses, views, wall_seconds=round(wall, 1), cpu_threads=threads)
     console.print(f"wrote {js} and {page} in {wall:.0f} s")
 
 

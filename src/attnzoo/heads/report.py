@@ -13,16 +13,19 @@ from .probes import PROBES
 REPORT_INSTALL = 'pip install "attnzoo[report]"'
 
 
-def results_json(analyses: list[Analysis], views: list[dict], wall_seconds: float | None = None) -> dict:
+def results_json(analyses: list[Analysis], views: list[dict], wall_seconds: float | None = None,
+                 cpu_threads: str | None = None) -> dict:
     return {"models": [a.as_dict() | {"views": v} for a, v in zip(analyses, views)], "wall_seconds": wall_seconds,
+            "cpu_threads": cpu_threads,
             "probes": {name: {"paper": p.paper, "about": p.about, "models": p.models} for name, p in PROBES.items()}}
 
 
-def write(out_dir: str | Path, analyses: list[Analysis], views: list[dict], wall_seconds: float | None = None) -> tuple[Path, Path]:
+def write(out_dir: str | Path, analyses: list[Analysis], views: list[dict], wall_seconds: float | None = None,
+          cpu_threads: str | None = None) -> tuple[Path, Path]:
     """Write results.json and report.html into `out_dir`; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = results_json(analyses, views, wall_seconds)
+    data = results_json(analyses, views, wall_seconds, cpu_threads)
     js = out / "results.json"
     js.write_text(json.dumps(data, indent=1))
     page = out / "report.html"
@@ -42,6 +45,7 @@ def render(data: dict) -> str:
                                  "every number is in the tables and in results.json.</p>")
     title = "attnzoo heads: " + " and ".join(m["model"] for m in data["models"])
     wall = f" &middot; wall time {data['wall_seconds']:.0f} s" if data.get("wall_seconds") else ""
+    wall += f" on {html.escape(data['cpu_threads'])} CPU thread(s)" if data.get("cpu_threads") else ""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style>" + (f"<script>{plotly_js}</script>" if plotly_js else "") + "</head><body>"
             f"<h1>{html.escape(title)}</h1><p class='meta'>What the attention heads do, found by the probes of the "
@@ -171,7 +175,10 @@ def _ranges(xs: list[int]) -> str:
 
 
 def _fig(figures: list, fid: str, data: list, layout: dict, cls: str = "plot") -> str:
-    figures.append((fid, {"data": data, "layout": {"margin": {"l": 50, "r": 20, "t": 40, "b": 45}, **layout}}))
+    # Legends go in a row above the plot: at plotly's default place (right) they are cut off in half-width cells.
+    base = {"margin": {"l": 50, "r": 20, "t": 64, "b": 45},
+            "legend": {"orientation": "h", "x": 0, "y": 1.0, "xanchor": "left", "yanchor": "bottom"}}
+    figures.append((fid, {"data": data, "layout": {**base, **layout}}))
     return f"<div id='{fid}' class='{cls}'></div>"
 
 

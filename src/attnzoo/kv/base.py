@@ -349,8 +349,8 @@ class PressSession:
             with torch.no_grad():
                 step = self._step(layer, module, fwd, query, key, value, scaling)
                 read = self.press.read(step) if self.press.active else None
-                if read is not None and not fwd.prefill:
-                    self._count_reads(step, read)
+                if self.press.active and self.press.kind == "read" and not fwd.prefill:
+                    self._count_reads(step, read)  # layers left dense (read None) count as reading everything
             # During prefill no layer has been compressed before its own attention runs: the model's mask is right.
             if read is None and (fwd.prefill or self.exact):
                 out = call_next(query, key, value, attention_mask)
@@ -392,10 +392,12 @@ class PressSession:
                     scaling=float(scaling if scaling is not None else query.shape[-1] ** -0.5),
                     prefill=fwd.prefill, session=self)
 
-    def _count_reads(self, step: Step, read: torch.Tensor) -> None:
+    def _count_reads(self, step: Step, read: torch.Tensor | None) -> None:
         visible = slot_bias(step.index, step.bias, step.query_index) > -math.inf  # (B, Hkv, Sq, S)
+        visible = visible.repeat_interleave(step.groups, dim=1)  # counted per query head, as reads are
+        read = visible if read is None else read
         if read.shape[1] != visible.shape[1]:
-            visible = visible.repeat_interleave(step.groups, dim=1)
+            read = read.repeat_interleave(step.groups, dim=1)
         self.read_counts[0] += int((read & visible).sum())
         self.read_counts[1] += int(visible.sum())
 

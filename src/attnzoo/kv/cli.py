@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import time
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def kv(
     model: str = typer.Option(DEFAULT_MODEL, help=f"{DEFAULT_MODEL!r} or a local Hugging Face causal-LM folder"),
     out: Path = typer.Option(Path("results/kv"), help="folder for results.json and report.html"),
     threads: int = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)"),
+    device: str = typer.Option("cpu", help="where the model runs: cpu, cuda or cuda:N"),
     list_methods: bool = typer.Option(False, "--list", help="list the methods and exit"),
 ):
     """Compress the KV cache of a Hugging Face causal LM with each method and ratio; measure accuracy on
@@ -90,6 +92,13 @@ def kv(
 
     from ..models import load_causal_lm
 
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError:
+        raise typer.BadParameter(f"expected cpu, cuda or cuda:N; got {device!r}", param_hint="--device") from None
+    if torch_device.type not in ("cpu", "cuda") or (torch_device.type == "cuda" and not torch.cuda.is_available()):
+        raise typer.BadParameter(f"{device!r} is not available here (CUDA available: {torch.cuda.is_available()})",
+                                 param_hint="--device")
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -98,21 +107,34 @@ def kv(
     except ModelNotInstalled as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
+    lm.to(torch_device)
     presses = kv_eval.presses_for(names, ratio_list)
     sample_list = tasks.make_samples(task_list, tok, length_list, depth_list, samples)
     console.print(f"{len(sample_list)} samples x {len(setting_list)} settings x {len(presses) + 1} configurations "
                   f"(uncompressed + {len(presses)}) on {model}")
-    records = kv_eval.evaluate(lm, tok, presses, sample_list, setting_list)
+    records, interrupted = [], False
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` and job schedulers stop runs with SIGTERM
+    try:
+        kv_eval.evaluate(lm, tok, presses, sample_list, setting_list, records=records)
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print(f"[yellow]interrupted: writing the {len(records)} runs finished so far[/yellow]")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not records:
+        raise typer.Exit(130)
     results = {
-        "model": model, "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} CPUs, "
-                                   f"{torch.get_num_threads()} torch threads), torch {torch.__version__}",
+        "model": model, "device": str(torch_device),
+        "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} CPUs, "
+                   f"{torch.get_num_threads()} torch threads), torch {torch.__version__}"
+                   + (f", {torch.cuda.get_device_name(torch_device)}" if torch_device.type == "cuda" else ""),
         "config": {"methods": names, "ratios": ratio_list, "lengths": length_list, "tasks": task_list,
                    "depths": depth_list, "samples": samples, "settings": setting_list},
         "methods": [m for m in method_rows() if m["name"] in names],
         "presses": [repr(p) for p in presses],
         "samples": [{"task": s.task, "length": s.length, "depth": s.depth, "seed": s.seed, "answers": list(s.answers)}
                     for s in sample_list],
-        "summary": kv_eval.summarize(records), "records": records,
+        "summary": kv_eval.summarize(records), "records": records, "interrupted": interrupted,
     }
     results["wall_s"] = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +142,10 @@ def kv(
     report.write_html(results, out / "report.html")
     report.print_table(results, console)
     console.print(f"wrote {out / 'results.json'} and {out / 'report.html'} in {results['wall_s']:.0f} s")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def register(app: typer.Typer) -> None:

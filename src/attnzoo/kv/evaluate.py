@@ -47,21 +47,21 @@ def generate(model, tokenizer, prompt: Prompt, setting: str, press: KVPress | No
     session = press(model, tokenizer) if press is not None else contextlib.nullcontext()
     eos = tokenizer.eos_token_id
     with session:
-        start = time.perf_counter()
+        start = _clock(device)
         if setting == "query_aware":
             out = model(input_ids=torch.cat([ctx, question], dim=1), past_key_values=cache, logits_to_keep=1)
         else:
             model(input_ids=ctx, past_key_values=cache, logits_to_keep=1)
             out = model(input_ids=question, past_key_values=cache, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        prefill = time.perf_counter() - start
+        prefill = _clock(device) - start
         held = session.stats() if press is not None else _plain_stats(cache)
         tokens, steps = [int(token)], []
         while len(tokens) < max_new_tokens and tokens[-1] != eos:
-            start = time.perf_counter()
+            start = _clock(device)
             out = model(input_ids=token, past_key_values=cache, logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-            steps.append(time.perf_counter() - start)
+            steps.append(_clock(device) - start)
             tokens.append(int(token))
         end = session.stats() if press is not None else _plain_stats(cache)
     return {"output": tokenizer.decode([t for t in tokens if t != eos]), "prefill_s": prefill,
@@ -70,17 +70,25 @@ def generate(model, tokenizer, prompt: Prompt, setting: str, press: KVPress | No
             "read_fraction": end["read_fraction"]}
 
 
+def _clock(device: torch.device) -> float:
+    """perf_counter once the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _plain_stats(cache) -> dict:
     return {"bytes": cache_bytes(cache), "removed": 0.0,
             "read_fraction": None}
 
 
 def evaluate(model, tokenizer, presses: list[KVPress], samples: list[Sample], settings=SETTINGS,
-             progress: bool = True) -> list[dict]:
-    """Every (sample, setting) run uncompressed and under every press: one record per run."""
+             progress: bool = True, records: list | None = None) -> list[dict]:
+    """Every (sample, setting) run uncompressed and under every press: one record per run, appended to
+    `records` (a new list if None) as each run ends, so an interrupted evaluation keeps what it measured."""
     from tqdm.auto import tqdm
 
-    records = []
+    records = [] if records is None else records
     bar = tqdm(total=len(samples) * len(settings) * (len(presses) + 1), disable=not progress, unit="run",
                desc="attnzoo kv")
     for sample in samples:

@@ -49,7 +49,7 @@ def received_attention(query, key, scaling, tail: int) -> torch.Tensor:
     target), averaged over the query heads of each KV group."""
     p = profile.causal_probs(query, key, scaling, slice(None))[0]  # (Hq, S, S)
     s = p.shape[-1]
-    later = (s - torch.arange(s)).clamp(min=1).float()
+    later = (s - torch.arange(s, device=p.device)).clamp(min=1).float()
     mean = p.sum(1) / later
     hk = key.shape[1]
     return mean.view(hk, -1, s).mean(1).clamp(min=1e-6).log()[:, : s - tail]

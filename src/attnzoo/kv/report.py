@@ -36,6 +36,7 @@ def table_rows(summary: list[dict]) -> list[dict]:
 COLUMNS = (
     ("method", "method", "{}"), ("kind", "kind", "{}"), ("ratio", "ratio", "{:.2f}"),
     ("acc_agnostic", "acc agnostic", "{:.0%}"), ("acc_aware", "acc aware", "{:.0%}"),
+    ("n_agnostic", "n agnostic", "{}"), ("n_aware", "n aware", "{}"),
     ("removed", "removed (measured)", "{:.2f}"), ("read_fraction", "read", "{:.2f}"),
     ("bytes", "KV MiB", "{:.2f}"), ("bytes_fraction", "KV ×full", "{:.2f}"),
     ("prefill_s", "prefill s", "{:.2f}"), ("prefill_vs_full", "prefill ×full", "{:.2f}"),
@@ -50,17 +51,32 @@ def _cell(row: dict, key: str, spec: str) -> str:
     return _fmt(value, spec)
 
 
+TERMINAL_COLUMNS = (
+    ("method", "method", "{}"), ("ratio", "ratio", "{:.2f}"), ("acc_agnostic", "agn.", "{:.0%}"),
+    ("acc_aware", "aware", "{:.0%}"), ("removed", "rm", "{:.2f}"), ("read_fraction", "read", "{:.2f}"),
+    ("bytes_fraction", "KV ×", "{:.2f}"), ("prefill_vs_full", "pre ×", "{:.2f}"),
+    ("decode_vs_full", "dec ×", "{:.2f}"),
+)
+
+
 def print_table(results: dict, console) -> None:
+    """The accuracy/cost table, narrow enough for an 80-column terminal (the absolute numbers of the
+    uncompressed model go in the caption; report.html has every column)."""
     from rich.table import Table
 
     cfg = results["config"]
-    t = Table(title=f"attnzoo kv: {results['model']} — {len(results['samples'])} samples "
-                    f"({', '.join(cfg['tasks'])}; lengths {cfg['lengths']}; depths {cfg['depths']}); "
-                    "ratio = fraction of KV entries removed; cost columns from query-aware runs")
-    for _, title, spec in COLUMNS:
-        t.add_column(title, justify="left" if spec == "{}" else "right", overflow="fold")
-    for row in table_rows(results["summary"]):
-        t.add_row(*(_cell(row, key, spec) for key, _, spec in COLUMNS))
+    rows = table_rows(results["summary"])
+    full = next((r for r in rows if r["method"] == BASELINE), {})
+    caption = (f"uncompressed: KV {_cell(full, 'bytes', '{:.2f}')} MiB, prefill {_cell(full, 'prefill_s', '{:.2f}')} s, "
+               f"decode {_cell(full, 'decode_ms', '{:.1f}')} ms/token. agn./aware: accuracy query-agnostic/aware; ratio: "
+               "fraction of KV entries asked removed, rm: measured; read: fraction read per decoding step; KV, pre(fill), "
+               "dec(ode) ×: vs uncompressed, from the query-aware runs")
+    t = Table(title=f"attnzoo kv: {results['model']}, {len(results['samples'])} samples ({', '.join(cfg['tasks'])}; "
+                    f"lengths {cfg['lengths']}; depths {cfg['depths']})", caption=caption)
+    for key, title, spec in TERMINAL_COLUMNS:
+        t.add_column(title, justify="left" if spec == "{}" else "right", no_wrap=key == "method")
+    for row in rows:
+        t.add_row(*(_cell(row, key, spec) for key, _, spec in TERMINAL_COLUMNS))
     console.print(t)
 
 
@@ -177,19 +193,22 @@ def write_html(results: dict, path: Path) -> None:
         script, plots = "", f"<p><b>Plots need plotly:</b> <code>{html.escape(REPORT_INSTALL)}</code></p>"
     method_rows = "".join(
         f"<tr><td>{html.escape(m['name'])}</td><td>{html.escape(m['kind'])}</td>"
-        f"<td>{html.escape(', '.join(m['stages']))}</td><td>{html.escape(m['paper'] or '–')}</td>"
-        f"<td>{html.escape(m['summary'])}</td></tr>" for m in results["methods"])
+        f"<td>{html.escape(', '.join(m['stages']))}</td><td class='text'>{html.escape(m['paper'] or '–')}</td>"
+        f"<td class='text'>{html.escape(m['summary'])}</td></tr>" for m in results["methods"])
     wall = results.get("wall_s")
+    stopped = (f" <b>Interrupted</b> after {len(results['records'])} runs: methods or samples not reached are "
+               "missing, and the n column says how many runs each row averages." if results.get("interrupted") else "")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>attnzoo kv report</title>{script}
 <style>body{{font-family:system-ui,sans-serif;margin:24px;max-width:1320px}}
 table{{border-collapse:collapse;font-size:13px;margin:8px 0 24px}}
 td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}} td:first-child,th:first-child{{text-align:left}}
+td.text{{text-align:left}}
 th{{background:#f3f3f3}} .note{{color:#444;font-size:14px;max-width:1100px}}</style></head><body>
 <h1>attnzoo kv: KV-cache compression on {html.escape(results['model'])}</h1>
 <p class="note">{len(results['samples'])} samples: tasks {html.escape(', '.join(cfg['tasks']))}; prompt lengths
 {cfg['lengths']} tokens; needle depths {cfg['depths']}; {cfg['samples']} sample(s) each; settings
 {html.escape(', '.join(cfg['settings']))}. Haystacks: held-out standard-library prose. Greedy decoding, string match.
-Machine: {html.escape(results['machine'])}.{f' Wall time {wall:.0f} s.' if wall else ''}</p>
+Machine: {html.escape(results['machine'])}.{f' Wall time {wall:.0f} s.' if wall else ''}{stopped}</p>
 <p class="note"><b>ratio</b> is the fraction of KV entries removed (0 = nothing removed), per row over its real
 prompt tokens; for read-sparse methods (kind "read": the cache stays whole) it is the fraction of entries left unread
 at each decoding step, and <b>read</b> is the measured fraction read. <b>removed</b> is measured from the cache

@@ -32,7 +32,8 @@ class QuestPress(ReadPress):
     summary = ("Pages of `page` consecutive entries keep their per-channel min and max key; each query head "
                "reads the pages with the highest upper bound of q.k (sum over channels of max(q*min, q*max)) "
                "and the page holding the current token. No eviction. The first `dense_layers` layers read "
-               "everything, as in the paper.")
+               "everything, as in the paper; the other layers read fewer pages so that the average over all "
+               "layers still leaves `ratio` unread.")
     params = {"page": "entries per page", "dense_layers": "first layers left dense"}
 
     def __init__(self, ratio: float = 0.0, page: int = 16, dense_layers: int = 2):
@@ -40,6 +41,13 @@ class QuestPress(ReadPress):
         if page < 1 or dense_layers < 0:
             raise ValueError(f"quest: page must be >= 1 and dense_layers >= 0, got {page}, {dense_layers}")
         self.page, self.dense_layers = page, dense_layers
+
+    def readable(self, step: Step) -> torch.Tensor:
+        dense = min(self.dense_layers, step.n_layers)
+        if dense == step.n_layers:
+            return step.valid.sum(-1)
+        share = max(0.0, ((1 - self.ratio) * step.n_layers - dense) / (step.n_layers - dense))
+        return (step.valid.sum(-1) * share).round().long().clamp(min=1)
 
     def read(self, step):
         if step.prefill or step.layer < self.dense_layers:
