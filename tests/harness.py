@@ -4,8 +4,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import attnzoo as az
-
 PATTERN_SHAPES = {
     # pattern -> (causal, Sq, Sk); lengths are deliberately not multiples of any block size
     "causal_self": (True, 77, 77),

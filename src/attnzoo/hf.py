@@ -13,7 +13,6 @@ model still running its normal SDPA path wherever nothing is hooked.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch

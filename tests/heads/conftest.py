@@ -39,9 +39,10 @@ def tiny_bert():
     return _tiny_bert()
 
 
-def forced(patterns: dict[int, callable]):
+def forced(patterns: dict[int, callable], causal: bool = True):
     """A hook that makes head h of a layer attend (almost) only to key `patterns[h](i)` from query i:
-    keys become one-hot by position, and each forced head's query points at its target key."""
+    keys become one-hot by position, and each forced head's query points at its target key (a later
+    key too when not `causal`, for encoders)."""
 
     def run(module, query, key, value, attention_mask, scaling, call_next):
         b, hq, s, d = query.shape
@@ -52,15 +53,15 @@ def forced(patterns: dict[int, callable]):
         for h, target in patterns.items():
             for i in range(s):
                 j = target(i)
-                if j is not None and 0 <= j <= i:
+                if j is not None and 0 <= j < s and (j <= i or not causal):
                     q[:, h, i, j] = big
         return call_next(q, keys, value, attention_mask)
 
     return run
 
 
-def force(model, layer: int, patterns: dict[int, callable]) -> hf.HookHandle:
-    return hf.hook(model, {layer: forced(patterns)})
+def force(model, layer: int, patterns: dict[int, callable], causal: bool = True) -> hf.HookHandle:
+    return hf.hook(model, {layer: forced(patterns, causal)})
 
 
 @pytest.fixture

@@ -182,6 +182,40 @@ def test_query_key_pca_normalisation_keeps_attention():
     assert q2.shape == k2.shape == (12, 2)
 
 
+class _WordPieces:
+    """Stands in for a BERT tokenizer: [CLS] = 1, [SEP] = 2, '.' = 3, ',' = 4, other ids are words."""
+
+    cls_token_id, sep_token_id = 1, 2
+
+    def __len__(self):
+        return 97
+
+    def convert_ids_to_tokens(self, i):
+        return {1: "[CLS]", 2: "[SEP]", 3: ".", 4: ","}.get(i, f"w{i}")
+
+    @staticmethod
+    def decode(ids):
+        return f"<{ids[0]}>"
+
+
+def test_bert_patterns_of_forced_encoder_heads(tiny_bert, force_heads):
+    # [CLS] w . w , [SEP] w [SEP]: a sentence pair with punctuation (8 tokens: the tiny encoder's head_dim)
+    ids = torch.tensor([[1, 20, 3, 21, 4, 2, 22, 2]])
+    s = len(ids[0])
+    session = Session(tiny_bert, _WordPieces(), Settings(validate=False), progress=False)
+    session.provide("prose", [Item("prose", ids, {})])
+    to_sep = lambda i: 5 if i < 6 else 7  # noqa: E731 (each segment's own [SEP])
+    nxt, prev = (lambda i: min(i + 1, s - 1)), (lambda i: max(i - 1, 0))  # noqa: E731 (one-hot in every row)
+    with force_heads(tiny_bert, 1, {0: SINK, 1: nxt, 2: prev, 3: to_sep}, causal=False):
+        r = _probes(session, ["bert_patterns"])["bert_patterns"].maps
+    assert r["cls"].shape == (2, 4)
+    for pattern, head in (("cls", 0), ("next_token", 1), ("previous_token", 2), ("sep", 3)):
+        others = [h for h in range(4) if h != head]
+        assert r[pattern][1, head] > 0.99 and r[pattern][1, others].max() < 0.5, (pattern, r[pattern][1])
+    assert r["broad_entropy"][1].max() < 0.05 and r["broad_entropy"][0].min() > 1.0  # layer 0 is not forced
+    assert r["punctuation"][1].max() < 0.3  # no forced head looks at '.' or ','
+
+
 def test_unknown_probe_and_wrong_model_kind(tiny_llama, tiny_bert):
     with pytest.raises(ValueError, match="unknown probe 'nope'; known probes: retrieval, sink"):
         analyze(tiny_llama, None, ["nope"])

@@ -140,10 +140,10 @@ def summarize(records: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (order[r["method"]], r["ratio"], SETTINGS.index(r["setting"])))
 
 
-def by_depth(records: list[dict]) -> dict:
-    """{setting: {(method, ratio): {depth: accuracy}}}."""
+def accuracy_by(records: list[dict], field: str) -> dict:
+    """{setting: {(method, ratio): {value of `field` (e.g. depth, length): accuracy}}}."""
     acc = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in records:
-        acc[r["setting"]][(r["method"], r["ratio"])][r["depth"]].append(float(r["correct"]))
+        acc[r["setting"]][(r["method"], r["ratio"])][r[field]].append(float(r["correct"]))
     return {s: {k: {d: sum(v) / len(v) for d, v in sorted(ds.items())} for k, ds in m.items()}
             for s, m in acc.items()}

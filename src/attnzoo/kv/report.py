@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from .evaluate import BASELINE, SETTINGS, by_depth
+from .evaluate import BASELINE, SETTINGS, accuracy_by
 
 REPORT_INSTALL = 'pip install "attnzoo[report]"'
 SHORT = {"query_agnostic": "agnostic", "query_aware": "aware"}
@@ -139,24 +139,30 @@ def _figures(results: dict) -> list[tuple[str, str, object]]:
         fig.update_layout(height=480, margin={"t": 60, "b": 60}, legend={"font": {"size": 11}})
         figs.append((key, title, fig))
 
-    depth = by_depth(results["records"])
-    fig = make_subplots(rows=1, cols=len(settings), subplot_titles=[s.replace("_", "-") for s in settings],
-                        shared_yaxes=True, horizontal_spacing=0.04)
-    for col, setting in enumerate(settings, start=1):
-        cells = depth.get(setting, {})
-        keys = [k for k in cells if k[0] == BASELINE] + sorted((k for k in cells if k[0] != BASELINE),
-                                                               key=lambda k: (methods.index(k[0]), k[1]))
-        depths = sorted({d for k in keys for d in cells[k]})
-        z = [[cells[k].get(d) for d in depths] for k in keys]
-        labels = [k[0] if k[0] == BASELINE else f"{k[0]} @ {k[1]:g}" for k in keys]
-        fig.add_trace(go.Heatmap(z=z, x=[f"{d:g}" for d in depths], y=labels, zmin=0, zmax=1, colorscale="Viridis",
-                                 showscale=col == len(settings), colorbar={"title": "accuracy", "tickformat": ".0%"},
-                                 text=[[_fmt(v, "{:.0%}") for v in row] for row in z], texttemplate="%{text}",
-                                 hovertemplate="%{y}<br>depth %{x}: %{z:.0%}<extra></extra>"), row=1, col=col)
-        fig.update_xaxes(title_text="needle depth", row=1, col=col)
-    fig.update_yaxes(autorange="reversed")
-    fig.update_layout(height=max(420, 22 * len(labels) + 140), margin={"l": 200, "t": 60})
-    figs.append(("plot-depth", "Accuracy by needle depth", fig))
+    fields = [("depth", "needle depth", "Accuracy by needle depth")]
+    if len(results["config"]["lengths"]) > 1:
+        fields.append(("length", "prompt length (tokens)", "Accuracy by prompt length"))
+    for field, x_title, title in fields:
+        cells_by = accuracy_by(results["records"], field)
+        fig = make_subplots(rows=1, cols=len(settings), subplot_titles=[s.replace("_", "-") for s in settings],
+                            shared_yaxes=True, horizontal_spacing=0.04)
+        for col, setting in enumerate(settings, start=1):
+            cells = cells_by.get(setting, {})
+            keys = [k for k in cells if k[0] == BASELINE] + sorted((k for k in cells if k[0] != BASELINE),
+                                                                   key=lambda k: (methods.index(k[0]), k[1]))
+            xs = sorted({x for k in keys for x in cells[k]})
+            z = [[cells[k].get(x) for x in xs] for k in keys]
+            labels = [k[0] if k[0] == BASELINE else f"{k[0]} @ {k[1]:g}" for k in keys]
+            fig.add_trace(go.Heatmap(z=z, x=[f"{x:g}" for x in xs], y=labels, zmin=0, zmax=1, colorscale="Viridis",
+                                     showscale=col == len(settings),
+                                     colorbar={"title": "accuracy", "tickformat": ".0%"},
+                                     text=[[_fmt(v, "{:.0%}") for v in row] for row in z], texttemplate="%{text}",
+                                     hovertemplate=f"%{{y}}<br>{field} %{{x}}: %{{z:.0%}}<extra></extra>"),
+                          row=1, col=col)
+            fig.update_xaxes(title_text=x_title, type="category", row=1, col=col)
+        fig.update_yaxes(autorange="reversed")
+        fig.update_layout(height=max(420, 22 * len(labels) + 140), margin={"l": 200, "t": 60})
+        figs.append((f"plot-{field}", title, fig))
 
     aware = [r for r in summary if r["setting"] == settings[-1] and r["method"] != BASELINE]
     labels = [f"{r['method']} @ {r['ratio']:g}" for r in aware]
