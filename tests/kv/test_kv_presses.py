@@ -325,3 +325,41 @@ def test_sessions_are_independent_sequences(qwen):
         second = session.stats()["entries"]
     assert first == (20 + 2) * 4 and second == (30 + 2) * 4
 
+
+
+# ---- per-layer and per-head budgets ------------------------------------------------------------------
+
+
+def test_per_layer_budgets_keep_each_layers_own_count(llama):
+    press = kv.get("snapkv", ratio=0.5, window=8).with_budgets([0.25, 0.5, 0.9])
+    assert press.ratio == pytest.approx(0.55)
+    with torch.no_grad(), press(llama) as session:
+        llama(input_ids=ids(200))
+        kept = [[len(h) for h in session.kept_tokens(i)[0]] for i in range(3)]
+    assert kept == [[150, 150], [100, 100], [20, 20]]
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova", "knorm", "streaming_llm"])
+def test_per_head_budgets_keep_each_heads_own_count_and_hold_them_while_decoding(qwen, name):
+    budgets = [[0.25, 0.75], [0.5, 0.0]]  # (layers, kv heads) of the tiny Qwen3
+    press = kv.get(name, ratio=0.5).with_budgets(budgets)
+    with press(qwen) as session:
+        qwen.generate(ids(80), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        kept = [[len(h) for h in session.kept_tokens(i)[0]] for i in range(2)]
+    grows = 4 if name == "knorm" else 0  # prefill-only presses keep the decoded tokens; the others hold the budget
+    assert kept == [[60 + grows, 20 + grows], [40 + grows, 80 + grows]]
+
+
+def test_budgets_are_checked():
+    with pytest.raises(ValueError, match=r"budgets: every ratio must be in \[0, 1\)"):
+        kv.get("snapkv").with_budgets([0.5, 1.0])
+    with pytest.raises(ValueError, match="budgets: expected a"):
+        kv.get("snapkv").with_budgets([[[0.5]]])
+    with pytest.raises(ValueError, match="pyramidkv sets its own per-layer budgets"):
+        kv.get("pyramidkv").with_budgets([0.5, 0.5])
+
+
+def test_budgets_that_do_not_fit_the_model_name_its_shape(llama):
+    with pytest.raises(ValueError, match=r"budgets: expected \(3,\) or \(3, 2\) ratios"):
+        with torch.no_grad(), kv.get("knorm").with_budgets([0.5, 0.5])(llama):
+            llama(input_ids=ids(50))

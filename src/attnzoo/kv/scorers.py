@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.info import Paper
-from .base import KVPress, Step, register, topk_mask
+from .base import KVPress, Step, keep_count, register, topk_mask
 
 
 def first_slots(step: Step, n) -> torch.Tensor:
@@ -24,7 +24,26 @@ def recent_slots(step: Step, n) -> torch.Tensor:
 
 class ScorePress(KVPress):
     """Keeps the `n_keep(ratio)` highest scores of each row and KV head at prefill; decode-stage
-    subclasses evict the lowest scores again whenever a head holds more than its prefill budget."""
+    subclasses evict the lowest scores again whenever a head holds more than its prefill budget.
+    `with_budgets` gives each layer, or each layer and KV head, its own ratio."""
+
+    budgets: torch.Tensor | None = None  # (layers,) or (layers, kv heads) ratios, from with_budgets
+
+    def with_budgets(self, ratios) -> "ScorePress":
+        """Use per-layer `(layers,)` or per-layer-and-KV-head `(layers, kv_heads)` ratios (fractions removed)
+        instead of the single ratio, which becomes their mean; returns the press. Shapes are checked
+        against the model at its first forward."""
+        if type(self).count is not ScorePress.count:
+            raise ValueError(f"{self.name} sets its own per-layer budgets; with_budgets applies to score-based "
+                             "presses with one ratio (snapkv, h2o, tova, knorm, streaming_llm, random)")
+        budgets = torch.as_tensor(ratios, dtype=torch.float64)
+        if budgets.dim() not in (1, 2) or budgets.numel() == 0:
+            raise ValueError(f"budgets: expected a (layers,) or (layers, kv_heads) array of ratios, got shape "
+                             f"{tuple(budgets.shape)}")
+        if not bool(((budgets >= 0) & (budgets < 1)).all()):
+            raise ValueError("budgets: every ratio must be in [0, 1), the fraction of KV entries removed")
+        self.budgets, self.ratio = budgets, float(budgets.mean())
+        return self
 
     def score(self, step: Step) -> torch.Tensor:
         """(B, Hkv, S) importance of each slot; higher is kept."""
@@ -32,7 +51,17 @@ class ScorePress(KVPress):
 
     def count(self, step: Step) -> torch.Tensor:
         """Entries to keep: (B,) or (B, Hkv)."""
-        return step.n_keep(self.ratio) if step.prefill else step.budget
+        if not step.prefill:
+            return step.budget
+        if self.budgets is None:
+            return step.n_keep(self.ratio)
+        hkv = step.keys.shape[1]
+        if self.budgets.shape[0] != step.n_layers or (self.budgets.dim() == 2 and self.budgets.shape[1] != hkv):
+            raise ValueError(f"budgets: expected ({step.n_layers},) or ({step.n_layers}, {hkv}) ratios for this "
+                             f"model's layers and KV heads, got {tuple(self.budgets.shape)}")
+        ratio = self.budgets[step.layer].to(step.row_length.device)
+        length = step.row_length.view(-1, 1) if ratio.dim() == 1 else step.row_length
+        return keep_count(length, ratio)
 
     def keep(self, step: Step):
         count = self.count(step)
