@@ -135,3 +135,12 @@ def test_an_interrupted_run_writes_what_it_finished(tiny, tok, tmp_path, monkeyp
     assert data["interrupted"] is True and len(data["records"]) == 3
     assert {r["method"] for r in data["summary"]} == {"full", "snapkv", "streaming_llm"}
     assert "Interrupted" in (out / "report.html").read_text()
+
+
+def test_unavailable_or_unknown_devices_are_refused_before_loading_the_model():
+    runner = CliRunner()
+    bad = runner.invoke(app, ["kv", "--device", "gpu0"])
+    assert bad.exit_code == 2 and "expected cpu, cuda or cuda:N" in bad.output
+    if not torch.cuda.is_available():
+        bad = runner.invoke(app, ["kv", "--device", "cuda"])
+        assert bad.exit_code == 2 and "not available here" in bad.output
