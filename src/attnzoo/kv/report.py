@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from ..bench.report import jsonable
 from .evaluate import BASELINE, SETTINGS, accuracy_by
 
 REPORT_INSTALL = 'pip install "attnzoo[report]"'
@@ -78,16 +79,6 @@ def print_table(results: dict, console) -> None:
     for row in rows:
         t.add_row(*(_cell(row, key, spec) for key, _, spec in TERMINAL_COLUMNS))
     console.print(t)
-
-
-def jsonable(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    return x
 
 
 def write_json(results: dict, path: Path) -> None:

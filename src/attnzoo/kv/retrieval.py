@@ -25,6 +25,12 @@ class ReadPress(KVPress):
         return step.new.unsqueeze(2).expand(-1, -1, step.query.shape[2], -1)
 
 
+def sparse_share(ratio: float, n_layers: int, dense: int) -> float:
+    """Fraction the sparse layers may read so that, with `dense` layers reading everything, all layers
+    together read 1 - ratio (negative when the dense layers alone exceed that)."""
+    return ((1 - ratio) * n_layers - dense) / (n_layers - dense)
+
+
 @register
 class QuestPress(ReadPress):
     name = "quest"
@@ -46,7 +52,7 @@ class QuestPress(ReadPress):
         dense = min(self.dense_layers, step.n_layers)
         if dense == step.n_layers:
             return step.valid.sum(-1)
-        share = max(0.0, ((1 - self.ratio) * step.n_layers - dense) / (step.n_layers - dense))
+        share = max(0.0, sparse_share(self.ratio, step.n_layers, dense))
         return (step.valid.sum(-1) * share).round().long().clamp(min=1)
 
     def read(self, step):
@@ -239,7 +245,7 @@ def plan_layer_reuse(probe: list[torch.Tensor], ratio: float, groups: int) -> tu
     kv = [p.view(-1, groups, *p.shape[1:]).mean(1).mean(1) for p in probe]  # per layer (Hkv, S) mean attention
     best = (None, -math.inf, 1.0)
     for n_dense in range(1, n):  # all layers dense would read everything
-        share = ((1 - ratio) * n - n_dense) / (n - n_dense)
+        share = sparse_share(ratio, n, n_dense)
         if share < 0:
             break
         k = max(1, round(share * seq))
