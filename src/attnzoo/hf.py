@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 ATTN_NAME = "attnzoo"
-SUPPORTED_TRANSFORMERS = ">=4.56"
+SUPPORTED_TRANSFORMERS = ">=4.56,<6"  # the range pyproject.toml declares; CI tests its newest release
 _registered = False
 
 
@@ -36,6 +36,11 @@ def _require_transformers():
             f"attnzoo.hf needs transformers {SUPPORTED_TRANSFORMERS} with AttentionInterface and "
             f"AttentionMaskInterface ({e}); install with: pip install 'transformers{SUPPORTED_TRANSFORMERS}'"
         ) from None
+    from packaging.specifiers import SpecifierSet
+
+    if transformers.__version__ not in SpecifierSet(SUPPORTED_TRANSFORMERS, prereleases=True):
+        raise ImportError(f"attnzoo.hf supports transformers {SUPPORTED_TRANSFORMERS}; this is "
+                          f"{transformers.__version__}: pip install 'transformers{SUPPORTED_TRANSFORMERS}'")
     return transformers
 
 

@@ -36,14 +36,16 @@ def greedy_logits(model, input_ids, steps: int, press=None):
     """Prefill logits and `steps` greedy decoding logits, with an explicit DynamicCache."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    from attnzoo.kv.base import with_cache
+
+    cache = with_cache(model, DynamicCache(config=model.config))
     ctx = press(model) if press is not None else _null()
     with ctx:
-        out = model(input_ids=input_ids, past_key_values=cache)
+        out = model(input_ids=input_ids, **cache)
         logits = [out.logits]
         for _ in range(steps):
             token = out.logits[:, -1:].argmax(-1)
-            out = model(input_ids=token, past_key_values=cache)
+            out = model(input_ids=token, **cache)
             logits.append(out.logits)
     return logits
 

@@ -102,6 +102,58 @@ def test_kept_tokens_and_stats_report_what_the_cache_holds(qwen):
         assert all(len(t) == 20 for t in session.kept_tokens(1)[0])
 
 
+def test_generate_compresses_the_cache_the_model_reads(qwen):
+    """generate() passes its cache as `cache=` since transformers 5.24: the press must compress that
+    cache (bytes held drop, and the decoded continuation reads only the kept entries)."""
+    x = ids(64)
+    with torch.no_grad():
+        plain = qwen(input_ids=x).logits
+        with kv.get("streaming_llm", ratio=0.75)(qwen) as session:
+            out = qwen.generate(x, max_new_tokens=4, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+            stats = session.stats()
+        keep = 64 - round(64 * 0.75)
+        assert stats["entries"] == keep * 2 * 2  # streaming_llm holds its budget while decoding
+        assert stats["bytes"] == keep * 2 * 2 * 16 * 2 * 4
+        # The first generated token comes from prefill (uncompressed attention); the second reads the kept cache.
+        assert torch.allclose(out.logits[0], plain[:, -1], atol=1e-5)
+        token = out.sequences[:, 64:65]
+        full_next = qwen(input_ids=torch.cat([x, token], 1)).logits[:, -1]
+        assert not torch.allclose(out.logits[1], full_next, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_a_cache_passed_under_either_name_is_the_one_compressed(qwen, name):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=qwen.config)
+    with kv.get("knorm", ratio=0.5)(qwen) as session:
+        qwen(input_ids=ids(40), **{name: cache})
+        assert session.cache is cache
+        assert cache.layers[0].keys.shape[2] == 20
+
+
+def test_a_press_whose_cache_the_model_does_not_read_raises(qwen):
+    """If transformers routes another cache to the layers (an API change), compressing ours would do
+    nothing: the session must fail loudly, naming the transformers version and the supported range."""
+    import transformers
+    from transformers import DynamicCache
+
+    def swap_cache(module, args, kwargs):  # runs after the press's own pre-hook
+        for name in ("cache", "past_key_values"):
+            if name in kwargs:
+                kwargs[name] = DynamicCache(config=qwen.config)
+        return args, kwargs
+
+    with kv.get("streaming_llm", ratio=0.5)(qwen):
+        handle = qwen.register_forward_pre_hook(swap_cache, with_kwargs=True)
+        try:
+            with pytest.raises(base.CacheNotRead, match=rf"transformers {transformers.__version__}.*>=4\.56"):
+                qwen.generate(ids(30), max_new_tokens=2, do_sample=False)
+        finally:
+            handle.remove()
+
+
 # ---- errors ---------------------------------------------------------------------------------------------
 
 
@@ -158,3 +210,25 @@ def test_ratio_zero_logits_on_qwen3_for_the_decode_path(qwen):
     base_logits = greedy_logits(qwen, x, steps=3)
     ours = greedy_logits(qwen, x, steps=3, press=kv.get("duo_attention", ratio=0.0))
     assert all(torch.equal(a, b) for a, b in zip(base_logits, ours))
+
+
+def test_the_declared_transformers_range_is_the_one_checked_and_installed():
+    """pyproject.toml's range, the range the runtime check enforces, and the installed release agree."""
+    import re
+    from pathlib import Path
+
+    import transformers
+    from packaging.specifiers import SpecifierSet
+
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    declared = re.search(r'"transformers([^"]+)"', pyproject).group(1)
+    assert declared == hf.SUPPORTED_TRANSFORMERS == base.SUPPORTED_TRANSFORMERS
+    assert transformers.__version__ in SpecifierSet(declared)
+
+
+def test_a_transformers_outside_the_declared_range_is_refused(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "6.0.0")
+    with pytest.raises(ImportError, match=r"supports transformers >=4\.56,<6; this is 6\.0\.0"):
+        hf._require_transformers()

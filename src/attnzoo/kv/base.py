@@ -7,11 +7,15 @@
 How it works (transformers' own mechanisms only):
 - `attnzoo.hf` hooks every attention layer, so a press sees the queries, keys and values the model
   really uses (after RoPE and after any q/k norm), with the model still running its SDPA path.
-- A forward pre-hook on the model records each forward's padding mask and supplies `position_ids`
-  when the caller gives none (after eviction the cache is shorter than the sequence, so the
+- A forward pre-hook on the model takes the cache the caller or `generate` passes (as `cache` or
+  `past_key_values`), hands it on under the name this transformers reads, records each forward's
+  padding mask and supplies `position_ids` when the caller gives none (after eviction the cache is shorter than the sequence, so the
   model's own default, `arange + cache length`, would be wrong).
 - Eviction writes the kept entries back into the layers of transformers' `DynamicCache`
   (`cache.layers[i].keys / .values`, its public layer API).
+- Every layer checks that the keys it attends to are the ones the press's cache holds, and raises
+  `CacheNotRead` otherwise: a change in how transformers routes its cache can never turn a press
+  into a silent no-op.
 
 Definitions every method shares:
 - `ratio` is always the fraction of KV entries removed (0 = nothing removed), counted per row over
@@ -29,6 +33,7 @@ Definitions every method shares:
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
@@ -38,7 +43,7 @@ import torch
 from .. import hf
 from ..core.info import Paper
 
-SUPPORTED_TRANSFORMERS = ">=4.56,<6 (tested with 5.x)"
+SUPPORTED_TRANSFORMERS = hf.SUPPORTED_TRANSFORMERS
 STAGES = ("prefill", "decode")
 KINDS = ("evict", "read", "quantize")
 
@@ -55,12 +60,33 @@ def require_cache_api():
     except ImportError as e:
         raise UnsupportedTransformers(
             f"attnzoo.kv needs transformers {SUPPORTED_TRANSFORMERS} with transformers.cache_utils.DynamicCache "
-            f"and DynamicLayer ({e}); install with: pip install 'transformers>=4.56'") from None
+            f"and DynamicLayer ({e}); install with: pip install 'transformers{SUPPORTED_TRANSFORMERS}'") from None
     if not ("layers" in vars(DynamicCache()) and all(hasattr(DynamicLayer, a) for a in ("update", "get_seq_length"))):
         raise UnsupportedTransformers(
             f"transformers {transformers.__version__} has no DynamicCache.layers / DynamicLayer.update API; attnzoo.kv "
             f"supports transformers {SUPPORTED_TRANSFORMERS}")
     return DynamicCache, DynamicLayer
+
+
+def cache_argument(model) -> str:
+    """The keyword under which `model.forward` takes its cache: `cache` (transformers >= 5.24, where
+    `generate` passes it so) or `past_key_values` (earlier releases)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def with_cache(model, cache) -> dict:
+    """`model(**inputs, **with_cache(model, cache))`: the cache under the name this transformers reads."""
+    return {cache_argument(model): cache}
+
+
+def output_cache(output):
+    """The cache a forward returned (`output.cache` on transformers >= 5.24, `past_key_values` before)."""
+    cache = getattr(output, "cache", None) if "cache" in getattr(output, "__dataclass_fields__", {}) else None
+    return cache if cache is not None else output.past_key_values
+
+
+class CacheNotRead(RuntimeError):
+    """A press compressed a cache that the model did not read (an API change in transformers)."""
 
 
 # ---- one attention call, as a press sees it ----------------------------------------------------
@@ -280,6 +306,7 @@ class PressSession:
 
     def __enter__(self):
         self._cache_class, self._layer_class = require_cache_api()
+        self._cache_arg = cache_argument(self.model)
         layers = [i for i, _ in hf.attention_modules(self.model)]
         self.n_layers = len(layers)
         if self.press.active:
@@ -303,13 +330,19 @@ class PressSession:
         ids = kwargs.get("input_ids", args[0] if args else None)
         shape_src = ids if ids is not None else kwargs.get("inputs_embeds")
         batch, length = shape_src.shape[:2]
-        cache = kwargs.get("past_key_values")
+        # The cache may come under either name (generate passes `cache` since transformers 5.24,
+        # callers still pass `past_key_values`): find it, and hand it on under the name this model's
+        # forward reads, so the object we compress is the object the model uses.
+        names = [n for n in ("cache", "past_key_values") if kwargs.get(n) is not None]
+        if len(names) > 1:
+            raise ValueError("pass the cache as `cache` or `past_key_values`, not both")
+        cache = kwargs.pop(names[0]) if names else None
         if cache is None:
             if not kwargs.get("use_cache", getattr(self.model.config, "use_cache", True)):
                 self._forward = None
                 return args, kwargs
             cache = DynamicCache(config=self.model.config)
-            kwargs["past_key_values"] = cache
+        kwargs[self._cache_arg] = cache
         if not isinstance(cache, DynamicCache):
             raise TypeError(f"attnzoo.kv compresses transformers' DynamicCache; got {type(cache).__name__}")
         held = cache.get_seq_length()
@@ -346,6 +379,7 @@ class PressSession:
             fwd = self._forward
             if fwd is None:
                 return call_next(query, key, value, attention_mask)
+            self._check_cache_is_read(layer, key)
             with torch.no_grad():
                 step = self._step(layer, module, fwd, query, key, value, scaling)
                 read = self.press.read(step) if self.press.active else None
@@ -365,6 +399,19 @@ class PressSession:
             return out
 
         return run
+
+    def _check_cache_is_read(self, layer: int, key: torch.Tensor) -> None:
+        """The keys this layer attends to must be the ones the press's cache holds: if transformers
+        routed another cache (or none) to the layer, compressing ours would be a silent no-op."""
+        held = self.cache.layers[layer].get_seq_length() if layer < len(self.cache.layers) else 0
+        if held != key.shape[-2]:
+            import transformers
+
+            raise CacheNotRead(
+                f"layer {layer} attended to {key.shape[-2]} cached keys that are not in the cache attnzoo.kv "
+                f"manages ({held} there): this transformers "
+                f"{transformers.__version__} passes the cache in a way attnzoo {_version()} does not know, so "
+                f"compression would silently do nothing. attnzoo.kv supports transformers {SUPPORTED_TRANSFORMERS}.")
 
     def _step(self, layer, module, fwd: _Forward, query, key, value, scaling) -> Step:
         batch, hkv, total = key.shape[:3]
@@ -465,6 +512,15 @@ class PressSession:
                 row.append(torch.sort(s.index[b, h][ok]).values - int(pad[b]))
             out.append(row)
         return out
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("attnzoo")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "(source)"
 
 
 def _check_layers(cache, DynamicLayer) -> None:

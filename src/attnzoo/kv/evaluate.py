@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import torch
 
-from .base import KVPress, cache_bytes, get, require_cache_api
+from .base import KVPress, cache_bytes, get, require_cache_api, with_cache
 from .tasks import Prompt, Sample, is_correct, make_prompt
 
 SETTINGS = ("query_agnostic", "query_aware")
@@ -49,17 +49,17 @@ def generate(model, tokenizer, prompt: Prompt, setting: str, press: KVPress | No
     with session:
         start = _clock(device)
         if setting == "query_aware":
-            out = model(input_ids=torch.cat([ctx, question], dim=1), past_key_values=cache, logits_to_keep=1)
+            out = model(input_ids=torch.cat([ctx, question], dim=1), **with_cache(model, cache), logits_to_keep=1)
         else:
-            model(input_ids=ctx, past_key_values=cache, logits_to_keep=1)
-            out = model(input_ids=question, past_key_values=cache, logits_to_keep=1)
+            model(input_ids=ctx, **with_cache(model, cache), logits_to_keep=1)
+            out = model(input_ids=question, **with_cache(model, cache), logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         prefill = _clock(device) - start
         held = session.stats() if press is not None else _plain_stats(cache)
         tokens, steps = [int(token)], []
         while len(tokens) < max_new_tokens and tokens[-1] != eos:
             start = _clock(device)
-            out = model(input_ids=token, past_key_values=cache, logits_to_keep=1)
+            out = model(input_ids=token, **with_cache(model, cache), logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             steps.append(_clock(device) - start)
             tokens.append(int(token))
