@@ -14,6 +14,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import re
 import shutil
 import sysconfig
 from pathlib import Path
@@ -195,6 +196,18 @@ def stdlib_text(split: str = "train") -> str:
     if len(text) < 10_000:
         raise RuntimeError(f"found only {len(text)} characters of standard-library docstrings under {lib}")
     return text
+
+
+# A sentence end: a word of two or more characters with no "." in it (so not "e.g.", "3.5.", "os.path.",
+# "..."), then ".", "!" or "?", then spaces and an uppercase letter, or a line break. This rules out the
+# dots inside code, numbers and dotted names ("math.exp(", "192.0.2.0", "functools.update_wrapper").
+_SENTENCE_END = re.compile(r"(?:(?<=\s)|^)[^\s.!?]{2,}[.!?](?=[ \t]*\n|[ \t]+[A-Z])")
+
+
+def sentence_ends(text: str) -> list[int]:
+    """Offsets in `text` just after each real sentence end (see `_SENTENCE_END`): where inserted
+    sentences (passkey needles) go."""
+    return [m.end() for m in _SENTENCE_END.finditer(text)]
 
 
 def real_token_ids(tokenizer, n_tokens: int, split: str = "train", offset: int = 0):

@@ -8,7 +8,9 @@ before it, which is exactly when greedy decoding would produce it.
 """
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import random
 import sysconfig
 from dataclasses import dataclass
@@ -86,11 +88,12 @@ def chat_frame(tokenizer) -> tuple[list[int], list[int]]:
 
 def passkey_examples(tokenizer, n: int, context_tokens: int, split: str = "heldout", seed: int = 0,
                      digits: int = 5, distractors: int = 0) -> list[PasskeyExample]:
-    """`n` passkey questions: a needle "The pass key is 71432. ..." placed at evenly spread
-    depths (at a sentence end) in `context_tokens` tokens of real prose; the model must answer
-    with the digits. With `distractors`, the needles name boxes of different colours ("The pass
-    key of the red box is ...") and the question asks for one of them: a grounded QA task whose
-    wrong answers are plausible. Different seeds and splits give other keys and haystacks."""
+    """`n` passkey questions: a needle "The pass key is 71432. ..." placed at evenly spread depths,
+    each at the real sentence end nearest its depth (`sentence_cuts`), in `context_tokens` tokens
+    of real prose; the model must answer with the digits. With `distractors`, the needles name
+    boxes of different colours ("The pass key of the red box is ...") and the question asks for one
+    of them: a grounded QA task whose wrong answers are plausible. Different seeds and splits give
+    other keys and haystacks."""
     rng = random.Random(seed)
     enc = functools.partial(tokenizer, add_special_tokens=False)
     text = split_ids(tokenizer, split)
@@ -102,15 +105,14 @@ def passkey_examples(tokenizer, n: int, context_tokens: int, split: str = "heldo
         asked = rng.randrange(len(names))
         start = rng.randint(0, len(text) - context_tokens - 1)
         hay = list(text[start:start + context_tokens])
+        cuts = sentence_cuts(tokenizer, hay) or [0]  # no sentence end at all: the needles open the context
         depth = (i + 0.5) / n
         # the asked needle sits at `depth`; distractors at other evenly spread depths
         depths = [depth if j == asked else (depth + (j + 1) / (len(names) + 1)) % 1.0 for j in range(len(names))]
         inserts = []
         for name, key, d in zip(names, keys, depths):
             what = "The pass key" if name is None else f"The pass key of the {name} box"
-            at = int(d * context_tokens)
-            ends = tokenizer.convert_ids_to_tokens(hay[at:at + 40])
-            at += next((j + 1 for j, t in enumerate(ends) if t.endswith(".")), 0)  # after a sentence end
+            at = _nearest(cuts, int(d * context_tokens))
             inserts.append((at, enc(f" {what} is {key}. Remember it. {key} is {what[0].lower() + what[1:]}.")["input_ids"]))
         body, last, spans = [], 0, []
         for at, needle in sorted(inserts, key=lambda t: t[0]):
@@ -128,6 +130,20 @@ def passkey_examples(tokenizer, n: int, context_tokens: int, split: str = "heldo
                                   (needle_start, needle_start + len(needle)), keys[asked], depth,
                                   (len(before), len(before) + len(body))))
     return out
+
+
+def sentence_cuts(tokenizer, ids: list[int]) -> list[int]:
+    """Positions i in `ids` where cutting before ids[i] falls right after a real sentence end of the
+    decoded text (`models.sentence_ends`): never inside code, a number or a dotted name."""
+    pieces = tokenizer.batch_decode([[t] for t in ids], clean_up_tokenization_spaces=False)
+    ends = set(models.sentence_ends("".join(pieces)))
+    return [i + 1 for i, end in enumerate(itertools.accumulate(map(len, pieces))) if end in ends]
+
+
+def _nearest(cuts: list[int], at: int) -> int:
+    """The cut closest to `at` (the later one on a tie)."""
+    i = bisect.bisect_left(cuts, at)
+    return min(cuts[max(0, i - 1):i + 1], key=lambda c: (abs(c - at), -c))
 
 
 _COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]

@@ -8,6 +8,7 @@ into a context part and a question part so the question can be withheld from com
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import random
 from dataclasses import dataclass
@@ -111,15 +112,17 @@ def _needles(task: str, rng: random.Random) -> tuple[str, list[str], str, tuple[
 
 
 def _insert(haystack: str, sentences: list[tuple[float, str]]) -> str:
-    """Insert each (depth, sentence) at the first sentence boundary after that fraction of the text."""
+    """Insert each (depth, sentence) at the first real sentence end (`models.sentence_ends`: never
+    inside code, a number or a dotted name) from that fraction of the text on, else at the last one;
+    at the very end only when the haystack has no sentence end at all."""
+    ends = models.sentence_ends(haystack) or [len(haystack)]
     cuts = []
     for depth, sentence in sentences:
-        at = int(depth * len(haystack))
-        boundary = haystack.find(". ", at)
-        cuts.append((len(haystack) if depth >= 1 or boundary < 0 else boundary + 2, sentence))
+        i = bisect.bisect_left(ends, int(depth * len(haystack)))
+        cuts.append((ends[min(i, len(ends) - 1)], sentence))
     out, last = [], 0
     for at, sentence in sorted(cuts, key=lambda c: c[0]):
-        out += [haystack[last:at], sentence + " "]
+        out += [haystack[last:at], " " + sentence]
         last = at
     out.append(haystack[last:])
     return "".join(out)
