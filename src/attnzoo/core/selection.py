@@ -1,0 +1,130 @@
+"""The selection contract: content-sparse attention (the sparse family).
+
+A `SelectionVariant` decides from q and k which keys each query reads (`select`), then attends
+with exact softmax over exactly those keys. The choice is a `Selection`: per batch row, query head
+and query, the indices of kept key blocks of `block` tokens (`block == 1`: single tokens), -1 for
+unused slots. Causality (bottom-right, as everywhere) is applied on top of the selection.
+
+- `attn.selection(q, k, causal=...)` shows the choice;
+- `attn.dense_mask(sq, sk, causal=..., q=q, k=k)` is what it keeps, bool (B, Hq, Sq, Sk);
+- the reference is dense softmax under that mask; the torch fast path gathers only the selected
+  keys, tile of queries by tile, per (batch, head): memory O(tile x kept keys x D), never Sq x Sk,
+  and heads never share (or widen) each other's selections.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+
+from .reference import masked_softmax_attention
+from .variant import Call, Variant
+
+QUERY_TILE = 64
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Kept key blocks: `indices` (B, Hq, Sq, n) long, block index or -1; block b covers keys
+    [b * block, min((b + 1) * block, Sk))."""
+
+    indices: torch.Tensor
+    block: int
+    sk: int
+
+    def token_indices(self, rows: slice = slice(None)) -> torch.Tensor:
+        """(B, Hq, rows, n * block) key indices of the selected blocks, -1 where unused or past Sk."""
+        idx = self.indices[:, :, rows]
+        if self.block == 1:
+            return idx
+        offs = torch.arange(self.block, device=idx.device)
+        tok = (idx.unsqueeze(-1) * self.block + offs).flatten(-2)
+        valid = (idx >= 0).repeat_interleave(self.block, dim=-1) & (tok < self.sk)
+        return torch.where(valid, tok, torch.full_like(tok, -1))
+
+    def dense(self) -> torch.Tensor:
+        """bool (B, Hq, Sq, Sk): True where a key is selected (before causality)."""
+        tok = self.token_indices()
+        out = torch.zeros(*tok.shape[:3], self.sk + 1, dtype=torch.bool, device=tok.device)
+        out.scatter_(-1, torch.where(tok >= 0, tok, torch.full_like(tok, self.sk)), True)
+        return out[..., : self.sk]
+
+    def density(self) -> float:
+        """Share of (query, key) pairs selected (before causality)."""
+        tok = self.token_indices()
+        return float((tok >= 0).sum()) / (tok.shape[0] * tok.shape[1] * tok.shape[2] * self.sk)
+
+
+class SelectionVariant(Variant):
+    """Subclasses implement `select(q, k, call) -> Selection`."""
+
+    family = "sparse"
+    exact = False
+    state_size = "KV cache: Sk x (D + Dv) per kv head (every key is kept; each query reads its selection)"
+
+    def select(self, q, k, call: Call) -> Selection:
+        raise NotImplementedError
+
+    # ---- public -----------------------------------------------------------------------------------
+    def selection(self, q, k, *, causal: bool = False, scale: float | None = None, **inputs) -> Selection:
+        """The keys each query would read (v is not needed to choose)."""
+        call = self.prepare(q, k, k, causal, scale, inputs)
+        return self.select(q, k, call)
+
+    def dense_mask(self, sq: int, sk: int, *, causal: bool = False, q=None, k=None, scale=None, **inputs):
+        """bool (B, Hq, Sq, Sk): the keys each query attends to (its selection and causality)."""
+        if q is None or k is None:
+            raise TypeError(f"{self.name} selects keys from the content: dense_mask needs q= and k=")
+        if q.shape[2] != sq or k.shape[2] != sk:
+            raise ValueError(f"{self.name}: dense_mask({sq}, {sk}) but q has Sq={q.shape[2]}, k has Sk={k.shape[2]}")
+        call = self.prepare(q, k, k, causal, scale, inputs)
+        return self._allowed(self.select(q, k, call), call)
+
+    def _allowed(self, sel: Selection, call: Call) -> torch.Tensor:
+        m = sel.dense()
+        if call.causal:
+            s = call.shapes
+            q_pos = torch.arange(s.sq, device=m.device).view(-1, 1) + s.offset
+            m = m & (torch.arange(s.sk, device=m.device).view(1, -1) <= q_pos)
+        return m
+
+    def _reference(self, q, k, v, call: Call) -> torch.Tensor:
+        return masked_softmax_attention(q, k, v, call.scale, self._allowed(self.select(q, k, call), call))
+
+    def forward_torch(self, q, k, v, call: Call) -> torch.Tensor:
+        return attend_selected(q, k, v, self.select(q, k, call), call)
+
+
+def attend_selected(q, k, v, sel: Selection, call: Call, tile: int = QUERY_TILE) -> torch.Tensor:
+    """Exact softmax of each query over its selected keys (and causality), gathering only those keys."""
+    s = call.shapes
+    acc = torch.promote_types(q.dtype, torch.float32)
+    outs = []
+    # Index the kv head of every query head without repeating k/v.
+    kv_head = (torch.arange(s.q_heads, device=q.device) // s.group).view(1, -1, 1, 1)
+    batch = torch.arange(s.batch, device=q.device).view(-1, 1, 1, 1)
+    for a in range(0, s.sq, tile):
+        b = min(a + tile, s.sq)
+        tok = sel.token_indices(slice(a, b))                           # (B, Hq, T, n)
+        allowed = tok >= 0
+        if call.causal:
+            q_pos = torch.arange(a, b, device=q.device).view(1, 1, -1, 1) + s.offset
+            allowed = allowed & (tok <= q_pos)
+        safe = tok.clamp(min=0)
+        keys = k[batch, kv_head, safe].to(acc)                          # (B, Hq, T, n, D)
+        vals = v[batch, kv_head, safe].to(acc)
+        scores = torch.einsum("bhtd,bhtnd->bhtn", q[:, :, a:b].to(acc), keys) * call.scale
+        scores = scores.masked_fill(~allowed, -torch.inf)
+        m = scores.amax(-1, keepdim=True)
+        p = torch.exp(scores - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+        denom = p.sum(-1, keepdim=True)
+        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))  # rows with nothing give zeros
+        outs.append(torch.einsum("bhtn,bhtnd->bhtd", p, vals).to(q.dtype))
+    return torch.cat(outs, dim=2)
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the `k` largest scores along the last axis, -1 where fewer than k are above -inf."""
+    k = min(k, scores.shape[-1])
+    val, idx = scores.topk(k, dim=-1)
+    return torch.where(val > -torch.inf, idx, torch.full_like(idx, -1))
+
