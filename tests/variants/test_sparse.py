@@ -15,7 +15,7 @@ import attnzoo as az
 from attnzoo.core.selection import attend_selected
 
 CONFIGS = [("moba", {"block_size": 8, "top_k": 3}), ("moba", {"block_size": 5, "top_k": 1}),
-           ("topk", {"top_k": 7})]
+           ("topk", {"top_k": 7}), ("quest", {"page": 6, "top_k": 3})]
 
 
 def plain_softmax(q, k, v, mask, scale):
@@ -33,21 +33,30 @@ def plain_softmax(q, k, v, mask, scale):
     return out
 
 
-def moba_mask(q, k, causal, block, top_k):
-    """MoBA's choice written as in the paper, query by query: gate = q . mean(block keys), own block forced,
-    later blocks excluded under causality, top_k blocks; then causality inside the blocks."""
+def moba_gate(qi, keys):
+    return float(qi @ keys.mean(0))
+
+
+def quest_gate(qi, keys):
+    """Quest's upper bound of qi . k over the page: sum over channels of max(q min, q max)."""
+    return float(torch.maximum(qi * keys.amin(0), qi * keys.amax(0)).sum())
+
+
+def block_mask(q, k, causal, block, top_k, gate):
+    """A block method's choice written as in the papers, query by query: the gate of each block, own block
+    forced, later blocks excluded under causality, top_k blocks; then causality inside the blocks."""
     b, hq, sq, _ = q.shape
     sk, g = k.shape[2], hq // k.shape[1]
     n = math.ceil(sk / block)
     mask = torch.zeros(b, hq, sq, sk, dtype=torch.bool)
     for bi in range(b):
         for h in range(hq):
-            means = [k[bi, h // g, j * block:(j + 1) * block].mean(0) for j in range(n)]
+            pages = [k[bi, h // g, j * block:(j + 1) * block] for j in range(n)]
             for i in range(sq):
                 pos = i + sk - sq
                 own = pos // block
                 cands = [j for j in range(n) if j != own and (not causal or j < own)]
-                cands.sort(key=lambda j: -float(q[bi, h, i] @ means[j]))
+                cands.sort(key=lambda j: -gate(q[bi, h, i], pages[j]))
                 for j in [own] + cands[: top_k - 1]:
                     mask[bi, h, i, j * block:(j + 1) * block] = True
                 if causal:
@@ -70,7 +79,9 @@ def topk_mask(q, k, causal, top_k):
 
 def independent_mask(name, params, q, k, causal):
     if name == "moba":
-        return moba_mask(q, k, causal, params["block_size"], params["top_k"])
+        return block_mask(q, k, causal, params["block_size"], params["top_k"], moba_gate)
+    if name == "quest":
+        return block_mask(q, k, causal, params["page"], params["top_k"], quest_gate)
     return topk_mask(q, k, causal, params["top_k"])
 
 

@@ -128,3 +128,15 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     val, idx = scores.topk(k, dim=-1)
     return torch.where(val > -torch.inf, idx, torch.full_like(idx, -1))
 
+
+
+def block_gate_select(gate: torch.Tensor, call: Call, block: int, top_k: int) -> Selection:
+    """Blocks by gate score (B, Hq, Sq, n): each query's own block always, later blocks never under
+    causality, then the highest-scoring others up to `top_k` blocks in all (MoBA, Quest)."""
+    s = call.shapes
+    own = ((torch.arange(s.sq, device=gate.device) + s.offset) // block).view(1, 1, -1, 1)
+    blocks = torch.arange(gate.shape[-1], device=gate.device).view(1, 1, 1, -1)
+    gate = gate.masked_fill(blocks == own, torch.inf)
+    if call.causal:
+        gate = gate.masked_fill(blocks > own, -torch.inf)
+    return Selection(topk_indices(gate, top_k), block, s.sk)

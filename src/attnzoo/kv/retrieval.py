@@ -8,6 +8,7 @@ import math
 import torch
 
 from ..core.info import Paper
+from ..variants.sparse import quest
 from . import profile
 from .base import KVPress, Step, keep_count, register, topk_mask
 
@@ -34,7 +35,7 @@ def sparse_share(ratio: float, n_layers: int, dense: int) -> float:
 @register
 class QuestPress(ReadPress):
     name = "quest"
-    paper = Paper("Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference", 2024, "2406.10774")
+    paper = quest.PAPER
     summary = ("Pages of `page` consecutive entries keep their per-channel min and max key; each query head "
                "reads the pages with the highest upper bound of q.k (sum over channels of max(q*min, q*max)) "
                "and the page holding the current token. No eviction. The first `dense_layers` layers read "
@@ -61,16 +62,11 @@ class QuestPress(ReadPress):
         b, hkv, s, d = step.keys.shape
         n_pages = -(-s // self.page)
         pad = n_pages * self.page - s
-        valid = torch.nn.functional.pad(step.valid, (0, pad)).view(b, hkv, n_pages, self.page)
-        keys = torch.nn.functional.pad(step.keys.float(), (0, 0, 0, pad)).view(b, hkv, n_pages, self.page, d)
-        vmask = valid.unsqueeze(-1)
-        kmin = keys.masked_fill(~vmask, math.inf).amin(3)
-        kmax = keys.masked_fill(~vmask, -math.inf).amax(3)
-        live = valid.any(-1)  # (B, Hkv, P)
-        kmin, kmax = kmin.masked_fill(~live.unsqueeze(-1), 0), kmax.masked_fill(~live.unsqueeze(-1), 0)
+        # The same page bounds as the `quest` attention variant, over the slots that hold entries.
+        kmin, kmax, live = quest.page_bounds(step.keys.float(), self.page, step.valid)
         sq = step.query.shape[2]
-        q = step.query.float().view(b, hkv, step.groups, sq, 1, d)
-        upper = torch.maximum(q * kmin[:, :, None, None], q * kmax[:, :, None, None]).sum(-1)  # (B, Hkv, g, Sq, P)
+        q = step.query.float().view(b, hkv, step.groups, sq, d)
+        upper = quest.upper_bound(q, kmin.unsqueeze(2), kmax.unsqueeze(2))  # (B, Hkv, g, Sq, P)
         newest = torch.nn.functional.pad(step.new, (0, pad)).view(b, hkv, n_pages, self.page).any(-1)
         upper = upper.masked_fill(~live[:, :, None, None], -math.inf).masked_fill(newest[:, :, None, None], math.inf)
         pages = -(-self.readable(step) // self.page)  # (B, Hkv)

@@ -7,7 +7,7 @@ import torch
 
 from ...core.info import Paper, positive_int
 from ...core.registry import register
-from ...core.selection import Selection, SelectionVariant, topk_indices
+from ...core.selection import Selection, SelectionVariant, block_gate_select
 
 
 @register
@@ -37,9 +37,4 @@ class MoBA(SelectionVariant):
         means = kp.view(s.batch, s.kv_heads, n, bs, s.d).sum(3) / counts.view(1, 1, n, 1)   # (B, Hkv, n, D)
         means = means.repeat_interleave(s.group, dim=1) if s.group > 1 else means
         gate = q.to(acc) @ means.transpose(-1, -2)                                          # (B, Hq, Sq, n)
-        own = ((torch.arange(s.sq, device=q.device) + s.offset) // bs).view(1, 1, -1, 1)
-        blocks = torch.arange(n, device=q.device).view(1, 1, 1, -1)
-        gate = gate.masked_fill(blocks == own, torch.inf)       # the query's own block is always read
-        if call.causal:
-            gate = gate.masked_fill(blocks > own, -torch.inf)   # no block after the query's own
-        return Selection(topk_indices(gate, self.config["top_k"]), bs, s.sk)
+        return block_gate_select(gate, call, bs, self.config["top_k"])
