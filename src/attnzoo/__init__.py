@@ -21,11 +21,14 @@ _API = {
     "VariantInfo": ".core.info",
     "register": ".core.registry",
     "Call": ".core.variant", "SoftmaxVariant": ".core.variant", "Variant": ".core.variant",
+    "RecurrentVariant": ".core.recurrent", "Selection": ".core.selection", "SelectionVariant": ".core.selection",
+    "and_masks": ".core.compose", "or_masks": ".core.compose", "inside_documents": ".core.compose",
 }
 
 __all__ = [
-    "ALL_PATTERNS", "Call", "Input", "Paper", "Param", "SoftmaxVariant", "Variant", "VariantInfo",
-    "attention", "get", "register", "variants", "__version__",
+    "ALL_PATTERNS", "Call", "Input", "Paper", "Param", "RecurrentVariant", "Selection", "SelectionVariant",
+    "SoftmaxVariant", "Variant", "VariantInfo", "and_masks", "attention", "get", "inside_documents", "or_masks",
+    "register", "variants", "__version__",
 ]
 
 
