@@ -131,6 +131,11 @@ def test_out_of_range_numbers_are_refused(command, option, value):
     assert f"Invalid value for '{option}'" in _flat(result.output) and "greater than or equal" in _flat(result.output)
 
 
+def test_ablation_takes_zero_or_mean():
+    result = CliRunner().invoke(app, ["heads", "--ablation", "max"])
+    assert result.exit_code == 2 and "Invalid value for '--ablation': expected one of zero, mean" in _flat(result.output)
+
+
 def test_every_integer_option_has_a_lower_bound():
     for command in COMMANDS:
         ints = [p for p in _params(command).values() if p.type_descriptor.annotation is int]
@@ -181,7 +186,7 @@ def test_comma_lists_and_choices():
     assert opts.name_list("all", "--tasks", ("a", "b"), allow_all=True) == ["a", "b"]
     for call in (lambda: opts.float_list("1", "--ratios", 0.0, 1.0), lambda: opts.int_list("x", "--lengths", 1),
                  lambda: opts.name_list("c", "--tasks", ("a", "b")), lambda: opts.device("tpu"),
-                 lambda: opts.device("auto"), lambda: opts.choice("max", "--ablation", ("zero", "mean"))):
+                 lambda: opts.device("auto"), lambda: opts.choice(("zero", "mean"))("max")):
         with pytest.raises(typer.BadParameter):
             call()
     assert opts.device("cpu") == "cpu" and opts.device("auto", auto=True) in ("cpu", "cuda")

@@ -149,7 +149,7 @@ def heads_cmd(
     examples: int = typer.Option(8, min=1, help="passkey questions to score heads, and held-out ones to evaluate"),
     text_tokens: int = typer.Option(256, min=16, help="tokens per real-prose segment"),
     draws: int = typer.Option(3, min=1, help="random head sets ablated next to the top heads"),
-    ablation: str = typer.Option("zero", callback=lambda v: opts.choice(v, "--ablation", ABLATIONS),
+    ablation: str = typer.Option("zero", callback=opts.choice(ABLATIONS),
                                  help="how heads are ablated: zero | mean"),
     validate: bool = typer.Option(True, help="run the ablation validations"),
     ablation_sweep: bool = typer.Option(False, help="also ablate every head alone (slow: one pass per head)"),

@@ -113,10 +113,14 @@ def name_list(text: str, option: str, allowed, allow_all: bool = False) -> list[
     return names
 
 
-def choice(value: str, option: str, allowed) -> str:
-    if value not in allowed:
-        raise typer.BadParameter(f"expected one of {', '.join(allowed)}; got {value!r}", param_hint=option)
-    return value
+def choice(allowed):
+    """A callback for an option that takes one of `allowed`."""
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise typer.BadParameter(f"expected one of {', '.join(allowed)}; got {value!r}")
+        return value
+
+    return check
 
 
 def device(text: str, auto: bool = False) -> str:
