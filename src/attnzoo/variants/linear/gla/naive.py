@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ....core.recurrent import group_queries, ungroup
+from .._decay import decay_step
 
 
 def gla_parallel(q, k, v, g, scale: float, state: torch.Tensor):
@@ -33,9 +34,6 @@ def gla_parallel(q, k, v, g, scale: float, state: torch.Tensor):
 
 
 def gla_step(q_t, k_t, v_t, g_t, state, scale: float):
-    """One token: q_t (B, Hq, D), k_t/g_t (B, Hkv, D), v_t (B, Hkv, Dv), state (B, Hkv, D, Dv)."""
-    acc = state.dtype
-    state = state * g_t.to(acc).exp().unsqueeze(-1) + k_t.to(acc).unsqueeze(-1) * v_t.to(acc).unsqueeze(-2)
-    qg = group_queries(q_t.to(acc), k_t.shape[1])           # (B, Hkv, G, D)
-    o = scale * qg @ state
-    return ungroup(o), state
+    """One token: q_t (B, Hq, D), k_t/g_t (B, Hkv, D), v_t (B, Hkv, Dv), state (B, Hkv, D, Dv):
+    S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t (the shared engine's step)."""
+    return decay_step(q_t, k_t, v_t, g_t, state, scale)
