@@ -36,7 +36,8 @@ def baseline(attn, q, k, v, causal, dtype, inputs, ref):
     pure_mask = isinstance(attn, az.SoftmaxVariant) and not attn.has_score and attn.normalization == "softmax"
     if pure_mask:
         b, hq, sq, _ = q.shape
-        mask = attn.dense_mask(sq, k.shape[2], causal=causal, heads=hq, batch=b, device=q.device, **inputs)
+        mask = attn.dense_mask(sq, k.shape[2], causal=causal, heads=hq, kv_heads=k.shape[1], batch=b,
+                               device=q.device, **inputs)
         mask = mask if mask.dim() == 4 else mask.unsqueeze(0)
         g = hq // k.shape[1]
         low = F.scaled_dot_product_attention(q.to(dtype), k.repeat_interleave(g, 1).to(dtype),

@@ -41,8 +41,8 @@ def assert_exact(attn, q, k, v, causal, backend="torch", tol=1e-10, **inputs):
 
 def sdpa_error(attn, q, k, v, causal, dtype, **inputs) -> float:
     """Error of PyTorch's own SDPA in `dtype` computing the same masked attention, vs float64."""
-    mask = attn.dense_mask(q.shape[2], k.shape[2], causal=causal, heads=q.shape[1], batch=q.shape[0],
-                           **{n: t for n, t in inputs.items()})
+    mask = attn.dense_mask(q.shape[2], k.shape[2], causal=causal, heads=q.shape[1], kv_heads=k.shape[1],
+                           batch=q.shape[0], **{n: t for n, t in inputs.items()})
     if mask.dim() == 3:
         mask = mask.unsqueeze(0)
     ref = attn.reference(q, k, v, causal=causal, **inputs)

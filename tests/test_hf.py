@@ -126,3 +126,43 @@ def test_models_real_text_and_errors(monkeypatch):
         models.smollm2_location()
     with pytest.raises(ValueError, match="local Hugging Face model folder"):
         models.load_causal_lm.__wrapped__("/no/such/model")
+
+
+# ---- the model's own sliding window (Mistral, Qwen2) ------------------------------------------------
+
+
+def _tiny_sliding_window_model(kind: str, window: int):
+    """A random-weight Mistral- or Qwen2-style causal LM whose attention has a sliding window (Qwen2: layer 0
+    full, layer 1 sliding), on transformers' SDPA path."""
+    import transformers
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, sliding_window=window)
+    if kind == "qwen2":
+        cfg = transformers.Qwen2Config(use_sliding_window=True, max_window_layers=1, **kw)
+    else:
+        cfg = transformers.MistralConfig(**kw)
+    cfg._attn_implementation = "sdpa"
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_model_sliding_window_is_mapped_exactly(kind):
+    """HF's sliding_window=w admits w keys (the query included): attnzoo's window=w - 1. `full` keeps the model's
+    window on its sliding layers and `sliding_window` without `window` takes it; both equal the model's logits."""
+    w = 8
+    model = _tiny_sliding_window_model(kind, w)
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(1))
+    base = _logits(model, ids)
+    for variant, params in [("full", {}), ("sliding_window", {}), ("full", {"backend": "torch"})]:
+        with hf.use(model, variant, **params):
+            assert (_logits(model, ids) - base).abs().max() < 1e-5, (variant, params)
+    if kind == "mistral":  # every layer slides: the explicit equivalent is window=w - 1, and window=w is not it
+        with hf.use(model, "sliding_window", window=w - 1):
+            assert (_logits(model, ids) - base).abs().max() < 1e-5
+        with hf.use(model, "sliding_window", window=w):
+            assert (_logits(model, ids) - base).abs().max() > 1e-3
+    plain = model.generate(ids[:, :20], max_new_tokens=12, do_sample=False)
+    with hf.use(model, "full"):
+        assert torch.equal(model.generate(ids[:, :20], max_new_tokens=12, do_sample=False), plain)

@@ -67,6 +67,8 @@ def default_attention(module, query, key, value, attention_mask, scaling) -> tor
 
 def _dispatch(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     hooks = list(getattr(module, "_attnzoo_hooks", ()))
+    # the layer's own sliding window, which transformers passes per call (None on full-attention layers)
+    module._attnzoo_sliding_window = kwargs.get("sliding_window")
 
     def run(i, q, k, v, mask):
         if i < 0:
@@ -152,11 +154,27 @@ def hook(model, hooks: dict[int, Callable] | Callable, layers=None, innermost: b
 # ---- any attnzoo variant inside a pretrained model -------------------------------------------
 
 
+def model_window(module, causal: bool) -> dict | None:
+    """The layer's own sliding window as attnzoo sliding_window parameters, or None.
+
+    Hugging Face's sliding_window=w admits, causally, the w keys kv > q - w (the query and w - 1 before
+    it: window=w - 1 here, since attnzoo's window=w admits w + 1 keys); bidirectionally the keys with
+    |q - kv| <= w (window=w, right=w)."""
+    w = getattr(module, "_attnzoo_sliding_window", None)
+    if w is None:
+        return None
+    return {"window": max(int(w) - 1, 0), "right": 0} if causal else {"window": int(w), "right": int(w)}
+
+
 def variant_hook(variant: str, backend: str = "auto", inputs=None, **params) -> Callable:
     """A hook that replaces the layer's attention by `variant` (causal, bottom-right aligned).
 
     `inputs`: the extra tensors a variant declares in `info.inputs` (document ids, gates...), as a
     dict, or as a function (query, key) -> dict called at every attention call.
+
+    On layers where the model has its own sliding window (Mistral, Qwen2's sliding layers...), `full`
+    runs that window exactly (the model's own attention) and `sliding_window` without a `window` takes
+    it (see `model_window`); other variants replace the layer's attention as configured.
     """
     from .core.api import get
 
@@ -167,18 +185,26 @@ def variant_hook(variant: str, backend: str = "auto", inputs=None, **params) -> 
 
     def run(module, query, key, value, attention_mask, scaling, call_next):
         causal = bool(getattr(module, "is_causal", True))
+        own = model_window(module, causal)
+        runner = attn
+        if own is not None and variant == "full":
+            runner = get("sliding_window", **own)
+        elif own is not None and variant == "sliding_window" and "window" not in params:
+            runner = get("sliding_window", **{**own, **params})
         if attention_mask is not None:
             m = attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1e30
             sq, sk = query.shape[2], key.shape[2]
             plain = torch.ones(sq, sk, dtype=torch.bool, device=m.device)
             if causal:
                 plain = torch.tril(plain, diagonal=sk - sq)
+            if own is not None:  # the model's window is part of its mask, not padding
+                plain = plain & get("sliding_window", **own).dense_mask(sq, sk, causal=causal, device=m.device)
             if not torch.equal(m.expand(m.shape[0], 1, sq, sk), plain.expand(m.shape[0], 1, sq, sk)):
                 raise ValueError(
                     f"attnzoo.hf.use({variant!r}) got a padded or custom attention mask; run unpadded sequences "
                     "(batch size 1 or equal lengths) or use variant='full'")
         extra = inputs(query, key) if callable(inputs) else (inputs or {})
-        return attn(query, key, value, causal=causal, scale=scaling, backend=backend, **extra)
+        return runner(query, key, value, causal=causal, scale=scaling, backend=backend, **extra)
 
     return run
 

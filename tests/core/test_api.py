@@ -103,7 +103,7 @@ def test_bad_call_arguments():
         az.attention(q, k, v, variant="slidin_window")
     with pytest.raises(TypeError, match=r"unknown parameter\(s\) \['windw'\]"):
         az.get("sliding_window", windw=3)
-    with pytest.raises(TypeError, match="unknown input"):
+    with pytest.raises(TypeError, match="unknown parameter or input 'windw'"):
         az.attention(q, k, v, variant="full", windw=3)
     for bad in (0.0, -1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="scale"):
@@ -116,6 +116,24 @@ def test_bad_call_arguments():
         az.attention(q, k, v, backend="cuda")
     with pytest.raises(ValueError, match="backend='sdpa' cannot serve"):
         az.attention(q, k, v, "sliding_window", window=3, backend="sdpa")
+
+
+def test_misspelled_parameter_or_input_names_it_and_suggests_the_closest():
+    q, k, v = qkv(1, 2, 2, 10, 10, 8)
+    ids = torch.zeros(1, 10, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"unknown parameter or input 'windw' \(did you mean 'window'\?\)"):
+        az.attention(q, k, v, variant="sliding_window", windw=4)
+    with pytest.raises(TypeError, match=r"'document_id' \(did you mean 'document_ids'\?\)"):
+        az.attention(q, k, v, variant="document", document_id=ids)
+    with pytest.raises(TypeError, match=r"unknown parameter\(s\) \['windw'\] \(did you mean 'window'\?\)"):
+        az.get("sliding_window", windw=3)
+    with pytest.raises(TypeError, match=r"did you mean 'right' for 'rite', 'window' for 'windw'\?"):
+        az.get("sliding_window", windw=3, rite=1)
+    # a parameter passed at call time is named as one, with where parameters go
+    with pytest.raises(TypeError, match=r"'windw'.*did you mean 'window'.*az.get"):
+        az.get("sliding_window")(q, k, v, windw=3)
+    with pytest.raises(TypeError, match=r"unknown parameter or input 'zzz'; parameters: none, inputs: none"):
+        az.attention(q, k, v, variant="full", zzz=1)  # nothing close: no suggestion
 
 
 def test_scale_is_used():
@@ -143,6 +161,29 @@ def test_mask_mod_follows_flex_convention():
     assert torch.equal(mm(0, 0, torch.arange(2).view(-1, 1), kv_idx), sw.dense_mask(2, 6, causal=True))
     with pytest.raises(TypeError, match="mask_mod_for"):
         az.get("document").mask_mod(0, 0, q_idx, kv_idx)
+
+
+def test_mods_are_plain_functions_flex_can_classify():
+    """FlexAttention tells a mask_mod (4 positional arguments) from a score_mod (5) by counting a function's
+    arguments; a bound method's `self` would count too."""
+    from torch.nn.attention.flex_attention import _get_mod_type, _ModificationType
+
+    assert _get_mod_type(az.get("sliding_window", window=2).mask_mod) == _ModificationType.MASK_MOD
+    assert _get_mod_type(az.get("softcap").score_mod) == _ModificationType.SCORE_MOD
+    assert _get_mod_type(az.get("sliding_window").mask_mod_for(4, 4)) == _ModificationType.MASK_MOD
+    attn = az.get("sliding_window", window=3)
+    assert attn.mask_mod is attn.mask_mod  # one function object: Flex's compile caches hit
+
+
+def test_dense_mask_head_counts_are_checked():
+    with pytest.raises(ValueError, match="kv_heads"):
+        az.get("sliding_window").dense_mask(4, 4, heads=4, kv_heads=3)
+    with pytest.raises(ValueError, match="heads"):
+        az.get("sliding_window").dense_mask(4, 4, heads=0)
+    with pytest.raises(TypeError, match=r"heads=Hq"):
+        az.get("multi_scale_window").dense_mask(8, 8)  # per-head windows depend on Hq
+    with pytest.raises(TypeError, match=r"kv_heads=Hkv"):
+        az.get("strided_shards").dense_mask(8, 8, heads=4)  # shards follow the kv heads
 
 
 def test_none_for_a_parameter_that_takes_no_none_names_it():

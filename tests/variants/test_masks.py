@@ -326,7 +326,7 @@ def test_bad_inputs():
         az.attention(q, k, v, "document", document_ids=torch.zeros(2, 9, dtype=torch.long))
     with pytest.raises(TypeError, match="integer"):
         az.attention(q, k, v, "document", document_ids=torch.zeros(2, 10))
-    with pytest.raises(TypeError, match="unknown input"):
+    with pytest.raises(TypeError, match="unknown parameter or input 'document_ids'"):
         az.attention(q, k, v, "sliding_window", window=3, document_ids=torch.zeros(2, 10, dtype=torch.long))
     with pytest.raises(ValueError, match="q_document_ids"):
         az.attention(qkv(2, 2, 2, 12, 10, 8)[0], k, v, "document", document_ids=torch.zeros(2, 10, dtype=torch.long))
@@ -580,3 +580,197 @@ def test_bad_calls_name_the_argument():
         az.attention(q, k, v, "dilated_window", offsets=[0, 1, 1])
     with pytest.raises(ValueError, match="block_ids"):
         az.attention(qkv(1, 2, 1, 40, 30, 8)[0], k, v, "block_rag", block_ids=torch.zeros(1, 30, dtype=torch.long))
+
+
+# ---- per-head masks: head counts, GQA, standalone mask functions ---------------------------------
+
+PER_HEAD = [("multi_scale_window", {"window": 12}), ("multi_scale_window", {"windows": [3, 0, 9, 30, 5, 1]}),
+            ("dilated_window", {"window": 4, "dilation": 3, "offsets": "cyclic"}),
+            ("dilated_window", {"window": 3, "dilation": 2, "offsets": [1, 0, 1, 1, 0, 0]}),
+            ("shifted_cross_chunk", {"chunk": 16}), ("shifted_cross_chunk", {"chunk": 12, "pattern": "flow"}),
+            ("strided_shards", {"block_size": 4, "local_blocks": 2, "vert_stride": 3}),
+            ("strided_shards", {"block_size": 5, "local_blocks": 1, "vert_stride": 4, "dense_heads": 1}),
+            ("strided_shards", {"block_size": 4, "local_blocks": 2, "vert_stride": 3, "vert_position": "absolute"}),
+            ("hepos", {"stride": 4})]
+
+
+@pytest.mark.parametrize("name,params", PER_HEAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(PER_HEAD)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_mask_under_gqa_is_the_mask_the_call_uses(name, params, causal):
+    """SDPA under dense_mask(heads=Hq, kv_heads=Hkv) equals the variant's own output, 6 query heads on 2 kv heads."""
+    attn = az.get(name, **params)
+    q, k, v = qkv(1, 6, 2, 53, 53, 8, seed=4)
+    mask = attn.dense_mask(53, 53, causal=causal, heads=6, kv_heads=2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                                            attn_mask=mask)
+    sdpa = torch.where(mask.any(-1, keepdim=True), sdpa, torch.zeros_like(sdpa))
+    assert (sdpa - attn(q, k, v, causal=causal)).abs().max() < 1e-12
+    mm = attn.mask_mod_for(53, 53, causal=causal, heads=6, kv_heads=2)
+    h, qi, ki = torch.arange(6).view(-1, 1, 1), torch.arange(53).view(1, -1, 1), torch.arange(53).view(1, 1, -1)
+    assert torch.equal(mm(torch.tensor(0), h, qi, ki).expand_as(mask), mask)
+
+
+def test_strided_shards_gqa_matches_dkernel():
+    """Hq=4 on Hkv=2: shards follow the kv heads (DKernel's layout), in dense_mask, mask_mod_for and the output."""
+    attn = az.get("strided_shards", block_size=4, local_blocks=2, vert_stride=4)
+    mask = attn.dense_mask(37, 37, causal=True, heads=4, kv_heads=2)
+    assert torch.equal(mask, _dkernel_mask(4, 2, 37, 4, 2, 4))
+    q, k, v = qkv(1, 4, 2, 37, 37, 8, seed=1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                            attn_mask=mask)
+    assert (sdpa - attn(q, k, v, causal=True)).abs().max() < 1e-12
+
+
+def _dkernel_relative_mask(heads, kv_heads, sq, sk, block, local, stride, dense=0):
+    """DKernel's bidirectional default (vert_position_type='relative'), written as its get_sparse_attn_mask does:
+    blocks beyond the local band, counted from 0 at its edges, kept every `stride`; the same for all sparse heads."""
+    qb = (torch.arange(sq) + sk - sq).view(-1, 1) // block  # bottom-right aligned queries, as everywhere in attnzoo
+    kb = torch.arange(sk).view(1, -1) // block
+    left = (qb - kb - local + 1).clamp(min=0)
+    right = (kb - qb - local + 1).clamp(min=0)
+    sparse = (left + right) % stride == 0
+    return torch.stack([sparse | (h // (heads // kv_heads) >= kv_heads - dense) for h in range(heads)])
+
+
+@pytest.mark.parametrize("kw", [dict(block=4, local=2, stride=3), dict(block=3, local=1, stride=5, dense=1),
+                                dict(block=5, local=3, stride=2)])
+@pytest.mark.parametrize("sq", [41, 13])
+def test_strided_shards_bidirectional_uses_dkernels_relative_positions(kw, sq):
+    attn = az.get("strided_shards", block_size=kw["block"], local_blocks=kw["local"], vert_stride=kw["stride"],
+                  dense_heads=kw.get("dense", 0))
+    ours = attn.dense_mask(sq, 41, heads=4, kv_heads=2)
+    assert torch.equal(ours, _dkernel_relative_mask(4, 2, sq, 41, kw["block"], kw["local"], kw["stride"],
+                                                    kw.get("dense", 0)))
+    q, k, v = qkv(1, 4, 2, sq, 41, 8, seed=2)
+    assert_exact(attn, q, k, v, False)
+    # absolute positions stay available for non-causal calls
+    absolute = az.get("strided_shards", block_size=kw["block"], local_blocks=kw["local"], vert_stride=kw["stride"],
+                      vert_position="absolute")
+    m = absolute.dense_mask(41, 41, heads=4, kv_heads=4)
+    kb = torch.arange(41) // kw["block"]
+    shard = (kb + max(1, kw["stride"] // 4)) % kw["stride"] == 0  # head 1's shard, from key position 0
+    assert torch.equal(m[1, 40], shard | ((40 // kw["block"] - kb).abs() < kw["local"]))
+
+
+def _chunks_by_shifting(s, chunk, shifts):
+    """Shifted chunk attention built by rolling the sequence: a head shifted by `sh` cuts it into chunks at
+    -sh + n chunk (LongLoRA's S2-Attn, rolling q, k and v together); a token attends within its chunk."""
+    out = []
+    for sh in shifts:
+        group = (torch.arange(s) + sh) // chunk
+        out.append(group.view(-1, 1) == group.view(1, -1))
+    return torch.stack(out)
+
+
+def test_shifted_cross_chunk_queries_see_themselves_and_their_shifted_chunk():
+    attn = az.get("shifted_cross_chunk", chunk=8)
+    causal = attn.dense_mask(32, 32, causal=True, heads=2)
+    assert causal.diagonal(dim1=1, dim2=2).all()  # every query sees itself
+    assert _rows_of(causal[1], 15) == [12, 13, 14, 15]  # the shifted chunk [12, 20) holds query 15
+    assert _rows_of(causal[1], 9) == [4, 5, 6, 7, 8, 9]  # front half: half the previous chunk, as before
+    shifts = [0, 4]
+    tril = torch.ones(32, 32, dtype=torch.bool).tril()
+    assert torch.equal(causal, _chunks_by_shifting(32, 8, shifts) & tril)
+    assert torch.equal(attn.dense_mask(32, 32, heads=2), _chunks_by_shifting(32, 8, shifts))
+    flow = az.get("shifted_cross_chunk", chunk=12, pattern="flow")
+    assert torch.equal(flow.dense_mask(50, 50, heads=4), _chunks_by_shifting(50, 12, [0, 3, 6, 9]))
+    q, k, v = qkv(1, 4, 2, 50, 50, 8, seed=3)
+    out = flow(q, k, v, causal=True)
+    assert torch.isfinite(out).all() and (out.abs().sum(-1) > 0).all()  # no row is left empty
+
+
+def test_per_head_mask_functions_serve_every_head_and_any_device():
+    """Standalone mask_mod of head-count-free masks serves any head; mask_mod_for builds per-head tables on
+    the device of the indices it is given (here 'meta', standing in for CUDA)."""
+    h = torch.arange(8).view(-1, 1, 1)
+    qi, ki = torch.arange(30).view(1, -1, 1), torch.arange(30).view(1, 1, -1)
+    hepos = az.get("hepos", stride=4)
+    assert torch.equal(hepos.mask_mod(torch.tensor(0), h, qi, ki).expand(8, 30, 30), hepos.dense_mask(30, 30, heads=8))
+    dil = az.get("dilated_window", window=3, dilation=4, offsets="cyclic")
+    assert torch.equal(dil.mask_mod(torch.tensor(0), h, qi, ki), dil.dense_mask(30, 30, heads=8))
+    listed = az.get("multi_scale_window", windows=[1, 2, 3, 4])
+    assert torch.equal(listed.mask_mod(0, h[:4], qi, ki), listed.dense_mask(30, 30, heads=4))
+    for name, params in [("multi_scale_window", {"window": 8}), ("shifted_cross_chunk", {"chunk": 8}),
+                         ("strided_shards", {"block_size": 4})]:
+        mm = az.get(name, **params).mask_mod_for(30, 30, causal=True, heads=8, kv_heads=4)
+        out = mm(torch.tensor(0, device="meta"), h.to("meta"), qi.to("meta"), ki.to("meta"))
+        assert out.device.type == "meta" and out.shape == (8, 30, 30)
+
+
+@pytest.mark.parametrize("name,params", [("multi_scale_window", {"window": 8}), ("shifted_cross_chunk", {}),
+                                         ("strided_shards", {}), ("document", {})])
+def test_standalone_mask_mod_refuses_what_it_cannot_know(name, params):
+    with pytest.raises(TypeError, match="mask_mod_for"):
+        az.get(name, **params).mask_mod
+
+
+# ---- FlexAttention users: create_block_mask / flex_attention with our mask functions ---------------
+
+FLEX_MASKS = [  # (name, params, grid-free): standalone mask_mod, S = 256 (whole CPU Flex tiles)
+    ("full", {}), ("sliding_window", {"window": 20}), ("sliding_window", {"window": 7, "right": 3}),
+    ("sink_window", {"sinks": 4, "window": 30}), ("prefix_lm", {"prefix": 50}),
+    ("multi_scale_window", {"windows": [4, 9, 17, 40]}), ("dilated_window", {"window": 6, "dilation": 3,
+                                                                             "offsets": "cyclic"}),
+    ("hepos", {"stride": 3}), ("strided_shards", {"block_size": 16, "homo_head": True, "vert_position": "absolute"}),
+    ("neighborhood", {"grid": (16, 16), "kernel_size": 5}), ("swin_window", {"grid": (16, 16), "window": 4,
+                                                                              "shift": 2}),
+    ("halo", {"grid": (16, 16), "block": 4, "halo": 2}),
+]
+
+
+def _flex_causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@pytest.mark.parametrize("name,params", FLEX_MASKS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FLEX_MASKS)])
+def test_flex_users_standalone_mask_mod(name, params):
+    from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex_attention
+
+    attn = az.get(name, **params)
+    causal = name != "prefix_lm"  # prefix_lm is non-causal only (causality is built in)
+    q, k, v = qkv(1, 4, 4, 256, 256, 16, dtype=torch.float32, seed=6)
+    mask_mod = and_masks(_flex_causal, attn.mask_mod) if causal else attn.mask_mod
+    block_mask = create_block_mask(mask_mod, 1, 4, 256, 256, device="cpu")
+    out = flex_attention(q, k, v, block_mask=block_mask)
+    ref = attn.reference(q.double(), k.double(), v.double(), causal=causal)
+    assert (out.double() - ref).abs().max() < 2e-5
+
+
+FLEX_MASKS_FOR = [  # masks that need the call's sizes or inputs: mask_mod_for
+    ("multi_scale_window", {"window": 24}, {}), ("shifted_cross_chunk", {"chunk": 64}, {}),
+    ("shifted_cross_chunk", {"chunk": 48, "pattern": "flow"}, {}), ("strided_shards", {"block_size": 16}, {}),
+    ("strided_shards", {"block_size": 16, "dense_heads": 1}, {}),
+    ("document", {}, {"document_ids": torch.tensor([[0] * 100 + [1] * 60 + [2] * 96])}),
+    ("block_rag", {}, {"block_ids": torch.tensor([[5] * 70 + [3] * 90 + [5] * 96])}),
+]
+
+
+@pytest.mark.parametrize("name,params,inputs", FLEX_MASKS_FOR,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(FLEX_MASKS_FOR)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flex_users_mask_mod_for(name, params, inputs, causal):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    attn = az.get(name, **params)
+    q, k, v = qkv(1, 4, 2, 256, 256, 16, dtype=torch.float32, seed=7)
+    mm = attn.mask_mod_for(256, 256, causal=causal, heads=4, kv_heads=2, **inputs)
+    block_mask = create_block_mask(mm, 1, 4, 256, 256, device="cpu")
+    out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    ref = attn.reference(q.double(), k.double(), v.double(), causal=causal, **inputs)
+    assert (out.double() - ref).abs().max() < 2e-5
+
+
+def test_window_convention_against_hugging_face():
+    """window=w - 1 is Hugging Face's causal sliding_window=w (w keys, the query included); bidirectionally HF's
+    |q - kv| <= w is window=w, right=w. The HF masks are evaluated from transformers' own mask functions."""
+    masking = pytest.importorskip("transformers.masking_utils")
+    qi, ki = torch.arange(40).view(-1, 1), torch.arange(40).view(1, -1)
+    for w in (1, 4, 9):
+        hf_causal = masking.sliding_window_causal_mask_function(w)(0, 0, qi, ki)
+        assert torch.equal(az.get("sliding_window", window=w - 1).dense_mask(40, 40, causal=True), hf_causal)
+        assert int(hf_causal[30].sum()) == w
+        hf_bi = masking.sliding_window_bidirectional_mask_function(w)(0, 0, qi, ki)
+        assert torch.equal(az.get("sliding_window", window=w, right=w).dense_mask(40, 40), hf_bi)
+    for name in ("sliding_window", "sink_window", "multi_scale_window", "dilated_window"):
+        info = az.get(name).info
+        assert "w + 1" in info.summary + info.param("window").doc + info.param("window").expected, name

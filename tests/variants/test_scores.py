@@ -48,7 +48,9 @@ CASES = {
     # npos 96 > every count here (interpolation only); 7 clamps most counts
     "cope": [({}, pos_emb(96)), ({}, pos_emb(7, per_head=True))],
     "cog": [({}, None)],
-    "softplus": [({}, None), ({"power": 4.0}, None), ({"length_scale": False, "power": 2.5}, None)],
+    "softplus": [({}, None), ({"power": 1.5, "length_scale": False}, None), ({"form": "lssa"}, None),
+                 ({"form": "simplified", "power": 4.0}, None),
+                 ({"form": "simplified", "length_scale": False, "power": 2.5}, None)],
 }
 
 
@@ -89,9 +91,12 @@ def test_every_score_variant_has_cases_and_a_paper():
 
 def test_backends_follow_the_normalisation():
     backends = {i.name: set(i.backends) for i in az.variants(family="scores")}
-    assert backends["alibi"] == backends["softcap"] == backends["softplus"] == {"torch", "flex"}
-    for name in ("cog", "cope", "selective"):  # signed weights, a carry, a value temperature
+    assert backends["alibi"] == backends["softcap"] == {"torch", "flex"}
+    for name in ("cog", "cope", "selective", "softplus"):  # signed weights, a carry, a value temperature, a row sum
         assert backends[name] == {"torch"}
+    # softplus's re-weighting needs each row's sum first; without it, it is softmax over log-weights
+    assert set(az.get("softplus", form="lssa").info.backends) == {"torch", "flex"}
+    assert set(az.get("softplus", form="simplified").info.backends) == {"torch", "flex"}
 
 
 # ---- exactness ------------------------------------------------------------------------------------
@@ -177,17 +182,19 @@ def test_no_sq_by_sk_tensor_is_built(monkeypatch, name, params, inputs):
     sq=st.integers(1, 60), sk=st.integers(1, 60), d=st.sampled_from([4, 8, 12]), causal=st.booleans(),
     dtype=st.sampled_from([torch.float64, torch.float32]), cap=st.floats(0.1, 30.0),
     power=st.floats(0.5, 6.0), flag=st.booleans(), pos_scale=st.floats(0.0, 2.0), npos=st.integers(1, 80),
-    with_inputs=st.booleans(),
+    with_inputs=st.booleans(), form=st.sampled_from(["lssar", "lssa", "simplified"]),
 )
 def test_fuzz_shapes_dtypes_patterns_params(name, b, hkv, group, sq, sk, d, causal, dtype, cap, power, flag,
-                                            pos_scale, npos, with_inputs):
+                                            pos_scale, npos, with_inputs, form):
     hq = hkv * group
     if name == "cope":
         causal = True
     if causal and sq > sk:
         sq, sk = sk, sq
     params = {"alibi": {"symmetric": flag}, "softcap": {"cap": cap}, "selective": {"pos_scale": pos_scale},
-              "softplus": {"power": power, "length_scale": flag}}.get(name, {})
+              # lssar's ReLU threshold: p >= 1 keeps float32 rounding near it far below the tolerance
+              "softplus": {"power": max(power, 1.0) if form == "lssar" else power, "length_scale": flag,
+                           "form": form}}.get(name, {})
     sizes = (b, hq, hkv, sq, sk, d)
     inputs = {"alibi": slopes, "selective": temperatures}.get(name) if with_inputs else None
     extra = pos_emb(npos, per_head=flag)(*sizes) if name == "cope" else _inputs(inputs, *sizes)
@@ -297,13 +304,13 @@ def test_cog_on_positive_scores_is_softmax(small_blocks):
         assert max_err(out, az.get("full").reference(q, k, v, causal=causal)) < 1e-12
 
 
-def test_softplus_weights_are_l1_normalised_and_reweighting_sharpens(small_blocks):
+def test_softplus_simplified_weights_are_l1_normalised_and_reweighting_sharpens(small_blocks):
     q, k, v = qkv(2, 4, 2, 61, 61, 8)
     for power in (1.0, 4.0):
-        out = az.attention(q, k, torch.ones_like(v), "softplus", power=power, causal=True)
+        out = az.attention(q, k, torch.ones_like(v), "softplus", form="simplified", power=power, causal=True)
         assert max_err(out, torch.ones_like(out)) < 1e-12
-    w1 = _weights(az.get("softplus"), q, k, True)
-    w4 = _weights(az.get("softplus", power=4.0), q, k, True)
+    w1 = _weights(az.get("softplus", form="simplified"), q, k, True)
+    w4 = _weights(az.get("softplus", form="simplified", power=4.0), q, k, True)
     i, j = _positions(61, 61)
     s = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 8 ** -0.5
     plain = torch.nn.functional.softplus(torch.log(i + 1.0) * s).masked_fill(j > i, 0.0)
@@ -315,7 +322,7 @@ def test_softplus_weights_are_l1_normalised_and_reweighting_sharpens(small_block
 def test_selective_temperatures_scale_scores_and_values(small_blocks):
     q, k, v = qkv(2, 6, 2, 45, 70, 16)
     full = az.get("full")
-    sel = az.get("selective")
+    sel = az.get("selective", pos_scale=0)
     assert max_err(sel(q, k, v), full.reference(q, k, v)) < 1e-12
     tq = _rand(2, 6, 45, seed=4, low=0.5, high=2.0)
     tv = _rand(2, 2, 70, seed=5, low=0.5, high=2.0)
@@ -326,6 +333,114 @@ def test_selective_temperatures_scale_scores_and_values(small_blocks):
     out = az.attention(q, k, v, "selective", pos_scale=0.4, causal=True, backend="torch")
     want = full.reference(q * (1 + 0.4 * torch.log(n)).view(1, 1, -1, 1), k, v, causal=True)
     assert max_err(out, want) < 1e-12
+
+
+def _lssar_by_the_paper(q, k, v, causal, p):
+    """The paper's LSSAR written out: q, k L2-normalised; LSSA = l1(Softplus(log d log N_i q.k) masked);
+    re-weighting l1(ReLU(N_i LSSA - 1)^p); N_i the keys query i sees."""
+    g = q.shape[1] // k.shape[1]
+    qn = torch.nn.functional.normalize(q, dim=-1)
+    kn = torch.nn.functional.normalize(k, dim=-1).repeat_interleave(g, 1)
+    sq, sk, d = q.shape[2], k.shape[2], q.shape[3]
+    i, j = _positions(sq, sk)
+    n = (i + 1) if causal else torch.full_like(i, sk)
+    w = torch.nn.functional.softplus(math.log(d) * torch.log(n) * (qn @ kn.transpose(-1, -2)), threshold=1000)
+    if causal:
+        w = w.masked_fill(j > i, 0.0)
+    a = w / w.sum(-1, keepdim=True)
+    r = torch.relu(n * a - 1) ** p
+    return (r @ v.repeat_interleave(g, 1)) / r.sum(-1, keepdim=True).clamp_min(1e-300), r
+
+
+@pytest.mark.parametrize("causal,sq,sk", [(True, 77, 77), (True, 19, 83), (False, 45, 70)])
+def test_softplus_default_is_the_papers_lssar(small_blocks, causal, sq, sk):
+    q, k, v = qkv(2, 6, 2, sq, sk, 16, seed=8)
+    attn = az.get("softplus")
+    want, r = _lssar_by_the_paper(q, k, v, causal, 3.0)
+    for out in (attn(q, k, v, causal=causal), attn.reference(q, k, v, causal=causal)):
+        assert max_err(out, want) < 1e-12
+    assert (r == 0).double().mean() > 0.5  # below-average weights are exactly zero
+    w = _weights(attn, q, k, causal)
+    assert ((w == 0) == (r == 0)).all()
+    assert max_err(az.get("softplus", power=1.0)(q, k, v, causal=causal),
+                   _lssar_by_the_paper(q, k, v, causal, 1.0)[0]) < 1e-12
+
+
+def test_softplus_lssar_first_query_has_nothing_above_average(small_blocks):
+    """N_1 = 1: the query's one weight is the mean, ReLU(1 * 1 - 1) = 0, so its row gives zeros, never NaN."""
+    q, k, v = qkv(1, 2, 1, 20, 20, 8)
+    out = az.get("softplus")(q, k, v, causal=True)
+    assert torch.isfinite(out).all() and (out[:, :, 0] == 0).all() and (out[:, :, 1:].abs().sum(-1) > 0).all()
+
+
+def test_selective_default_sharpens_with_position(small_blocks):
+    """The default (pos_scale 0.5) is not plain attention: query i's scores are multiplied by 1 + 0.5 log n_i."""
+    q, k, v = qkv(2, 6, 2, 45, 70, 16)
+    full = az.get("full")
+    for causal in (True, False):
+        n = torch.arange(70 - 45, 70, dtype=F64) + 1 if causal else torch.full((45,), 70.0, dtype=F64)
+        want = full.reference(q * (1 + 0.5 * torch.log(n)).view(1, 1, -1, 1), k, v, causal=causal)
+        out = az.get("selective")(q, k, v, causal=causal)
+        assert max_err(out, want) < 1e-12 and max_err(out, full.reference(q, k, v, causal=causal)) > 1e-3
+    assert "attnzoo.nn" not in az.get("selective").info.as_dict()["inputs"]["q_temperature"]["doc"]
+
+
+# ---- standalone score_mod, and FlexAttention users --------------------------------------------------
+
+
+def _alibi_by_attention_gym(h, heads):
+    """attention-gym's ALiBi slope for head h of `heads` (a power of two): 2^(-8 (h + 1) / heads)."""
+    return 2.0 ** (-8.0 * (h + 1) / heads)
+
+
+def test_standalone_alibi_score_mod_uses_the_heads_it_is_given():
+    score = torch.zeros(())
+    q_idx, kv_idx = torch.tensor(10), torch.tensor(0)
+    with pytest.raises(TypeError, match=r"score_mod_for.*heads=Hq.*az.get\('alibi', heads=Hq\)"):
+        az.get("alibi").score_mod
+    mod = az.get("alibi", heads=4).score_mod
+    got = [mod(score, torch.tensor(0), torch.tensor(h), q_idx, kv_idx).item() for h in range(4)]
+    assert got == pytest.approx([-10 * _alibi_by_attention_gym(h, 4) for h in range(4)], rel=1e-6)
+    assert [-g / 10 for g in got] == pytest.approx([1 / 4, 1 / 16, 1 / 64, 1 / 256])
+    mod_for = az.get("alibi").score_mod_for(16, 16, heads=4)
+    assert mod_for(score, torch.tensor(0), torch.tensor(3), q_idx, kv_idx).item() == pytest.approx(-10 / 256)
+    q, k, v = qkv(1, 2, 2, 8, 8, 4)
+    with pytest.raises(ValueError, match="'heads'=4.*Hq=2"):
+        az.get("alibi", heads=4)(q, k, v)
+
+
+@pytest.mark.parametrize("name,params", [("softplus", {}), ("softplus", {"form": "simplified"}),
+                                         ("softplus", {"form": "lssa", "length_scale": False}),
+                                         ("selective", {})])
+def test_standalone_score_mod_refuses_what_it_cannot_know(name, params):
+    with pytest.raises(TypeError, match="score_mod"):
+        az.get(name, **params).score_mod
+
+
+def test_flex_users_score_mod():
+    """score_mod / score_mod_for handed to flex_attention, as Flex users do, against the formulas written here."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    q, k, v = qkv(1, 4, 4, 256, 256, 16, dtype=torch.float32, seed=9)
+    qd, kd, vd = q.double(), k.double(), v.double()
+    i, j = _positions(256, 256)
+    s = qd @ kd.transpose(-1, -2) * 16 ** -0.5
+    bm = create_block_mask(causal, 1, 1, 256, 256, device="cpu")
+    slopes = torch.tensor([_alibi_by_attention_gym(h, 4) for h in range(4)], dtype=F64).view(4, 1, 1)
+    want = torch.softmax((s - slopes * (i - j)).masked_fill(j > i, float("-inf")), -1) @ vd
+    for mod in (az.get("alibi", heads=4).score_mod, az.get("alibi").score_mod_for(256, 256, causal=True, heads=4)):
+        assert max_err(flex_attention(q, k, v, score_mod=mod, block_mask=bm), want) < 2e-5
+    out = flex_attention(q, k, v, score_mod=az.get("softcap", cap=2.0).score_mod)
+    assert max_err(out, torch.softmax(2.0 * torch.tanh(s / 2.0), -1) @ vd) < 2e-5
+    sel = az.get("selective").score_mod_for(256, 256, causal=True, heads=4)
+    want = torch.softmax((s * (1 + 0.5 * torch.log(i + 1))).masked_fill(j > i, float("-inf")), -1) @ vd
+    assert max_err(flex_attention(q, k, v, score_mod=sel, block_mask=bm), want) < 2e-5
+    sp = az.get("softplus", form="simplified", power=2.0).score_mod_for(256, 256, causal=True, heads=4)
+    w = (torch.nn.functional.softplus(torch.log(i + 1) * s) ** 2).masked_fill(j > i, 0.0)
+    assert max_err(flex_attention(q, k, v, score_mod=sp, block_mask=bm), (w / w.sum(-1, keepdim=True)) @ vd) < 2e-5
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -366,7 +481,7 @@ def test_bad_inputs():
         az.attention(q, k, v, "selective", q_temperature=torch.ones(2, 6, 12, dtype=F64))
     with pytest.raises(ValueError, match=r"v_temperature.*\(2, 2, 12\)"):
         az.attention(q, k, v, "selective", v_temperature=torch.ones(2, 6, 12, dtype=F64))
-    with pytest.raises(TypeError, match="unknown input"):
+    with pytest.raises(TypeError, match="unknown parameter or input 'slopes'"):
         az.attention(q, k, v, "softcap", slopes=torch.zeros(6, dtype=F64))
 
 
@@ -410,9 +525,11 @@ def test_flex_equals_reference_and_does_not_recompile(name, params, causal, sq, 
 @pytest.mark.flex
 def test_flex_softplus_and_alibi_slopes_input():
     q, k, v = qkv(1, 4, 2, 70, 130, 16, dtype=torch.float32, seed=2)
-    attn = az.get("softplus", power=3.0)
-    out = attn(q, k, v, causal=True, backend="flex")
-    assert max_err(out, attn.reference(q.double(), k.double(), v.double(), causal=True)) < 2e-5
+    for attn in (az.get("softplus", form="simplified", power=3.0), az.get("softplus", form="lssa")):
+        out = attn(q, k, v, causal=True, backend="flex")
+        assert max_err(out, attn.reference(q.double(), k.double(), v.double(), causal=True)) < 2e-5
+    with pytest.raises(ValueError, match="has no 'flex' path"):
+        az.get("softplus")(q, k, v, causal=True, backend="flex")  # lssar: its row sums come first
     alibi = az.get("alibi")
     for seed in (3, 4):  # new slope values of the same shape reuse the kernel
         if seed == 4:

@@ -78,7 +78,7 @@ def allowed_mask(attn, ref: Reference, inputs: dict) -> torch.Tensor:
         raise cases.Unrunnable(f"{attn.info.name} has no dense_mask")
     b, h, sq, _ = ref.q.shape
     sk = ref.k.shape[2]
-    m = dense(sq, sk, causal=ref.causal, heads=h, batch=b, device=ref.q.device, **inputs)
+    m = dense(sq, sk, causal=ref.causal, heads=h, kv_heads=ref.k.shape[1], batch=b, device=ref.q.device, **inputs)
     return m.expand(b, h, sq, sk)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .registry import variant_class, variants  # noqa: F401  (re-exported)
-from .variant import Variant, _freeze
+from .variant import Variant, _freeze, did_you_mean
 
 
 def get(name: str, **params) -> Variant:
@@ -37,6 +37,12 @@ def attention(q, k, v, variant: str = "full", *, causal: bool = False, scale: fl
     """
     cls = variant_class(variant)
     param_names = {p.name for p in cls.params}
+    input_names = {i.name for i in cls.inputs}
+    unknown = sorted(set(kwargs) - param_names - input_names)
+    if unknown:
+        what = f"parameter or input {unknown[0]!r}" if len(unknown) == 1 else f"parameters or inputs {unknown}"
+        raise TypeError(f"{variant}: unknown {what}{did_you_mean(unknown, param_names | input_names)}; "
+                        f"parameters: {sorted(param_names) or 'none'}, inputs: {sorted(input_names) or 'none'}")
     params = {k_: v_ for k_, v_ in kwargs.items() if k_ in param_names}
     inputs = {k_: v_ for k_, v_ in kwargs.items() if k_ not in param_names}
     return get(variant, **params)(q, k, v, causal=causal, scale=scale, backend=backend, **inputs)

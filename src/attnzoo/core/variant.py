@@ -8,6 +8,7 @@ definition serves the dense reference, the blockwise `torch` path and compiled `
 """
 from __future__ import annotations
 
+import difflib
 import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -32,6 +33,21 @@ class Call:
     @property
     def pattern(self) -> str:
         return pattern_of(self.causal, self.shapes.sq, self.shapes.sk)
+
+
+def close_names(unknown, valid) -> dict[str, str]:
+    """The closest valid name of each misspelled one (difflib), where one is close enough."""
+    close = {u: difflib.get_close_matches(u, sorted(valid), n=1, cutoff=0.6) for u in unknown}
+    return {u: c[0] for u, c in close.items() if c}
+
+
+def did_you_mean(unknown, valid) -> str:
+    """' (did you mean ...?)' naming the closest valid name of each misspelled one, or ''."""
+    close = close_names(unknown, valid)
+    if not close:
+        return ""
+    names = ", ".join(f"{c!r} for {u!r}" if len(unknown) > 1 else repr(c) for u, c in close.items())
+    return f" (did you mean {names}?)"
 
 
 def _freeze(value):
@@ -67,9 +83,8 @@ class Variant:
         known = {p.name: p for p in self.params}
         unknown = sorted(set(params) - set(known))
         if unknown:
-            raise TypeError(
-                f"{self.name}: unknown parameter(s) {unknown}; valid parameters: {sorted(known) or 'none'}"
-            )
+            raise TypeError(f"{self.name}: unknown parameter(s) {unknown}{did_you_mean(unknown, known)}; "
+                            f"valid parameters: {sorted(known) or 'none'}")
         self.config: dict[str, Any] = {}
         for p in self.params:
             value = params.get(p.name, p.default)
@@ -151,9 +166,10 @@ class Variant:
         declared = {i.name: i for i in self.inputs}
         unknown = sorted(set(inputs) - set(declared))
         if unknown:
-            hint = f"; {self.name} takes inputs {sorted(declared)}" if declared else f"; {self.name} takes no extra inputs"
             params = {p.name for p in self.params}
-            if set(unknown) & params:
+            hint = did_you_mean(unknown, set(declared) | params)
+            hint += f"; {self.name} takes inputs {sorted(declared)}" if declared else f"; {self.name} takes no extra inputs"
+            if (set(unknown) | set(close_names(unknown, set(declared) | params).values())) & params:
                 hint += " (parameters are set in az.get(name, ...), or passed to az.attention)"
             raise TypeError(f"{self.name}: unknown input(s) {unknown}{hint}")
         sizes = {"B": shapes.batch, "H": shapes.q_heads, "Hkv": shapes.kv_heads, "Sq": shapes.sq,
@@ -190,6 +206,12 @@ class Variant:
 
 
 # ---- exact softmax attention under masks and score modifiers ----------------------------------
+
+
+def _as_index(i, like: torch.Tensor):
+    """An index FlexAttention may pass as a Python int (or users do, by hand) as a tensor on `like`'s device."""
+    return i if isinstance(i, torch.Tensor) else torch.as_tensor(i, device=like.device if isinstance(
+        like, torch.Tensor) else None)
 
 
 class SoftmaxVariant(Variant):
@@ -266,14 +288,30 @@ class SoftmaxVariant(Variant):
             m = c if m is None else m & c
         return m
 
-    def dense_mask(self, sq: int, sk: int, *, causal: bool = False, heads: int | None = None, batch: int = 1,
-                   device=None, **inputs) -> torch.Tensor:
-        """bool (Sq, Sk), or (H, Sq, Sk) with `heads`, or (B, H, Sq, Sk) for per-batch inputs; True = attend."""
+    # What the mask or score reads besides positions, the parameters and the declared inputs:
+    # "heads" (Hq), "kv_heads" (Hkv), "causal" (the flag changes the mask itself, not only adds
+    # causality), "lengths" (Sq, Sk or the number of keys a query sees). The standalone mask_mod /
+    # score_mod know none of these and refuse; dense_mask and mask_mod_for need heads / kv_heads.
+    def mask_depends_on(self) -> frozenset:
+        return frozenset()
+
+    def score_depends_on(self) -> frozenset:
+        return frozenset()
+
+    def default_heads(self) -> int | None:
+        """The number of query heads a configured variant fixes (e.g. ALiBi's `heads`), or None."""
+        return None
+
+    def dense_mask(self, sq: int, sk: int, *, causal: bool = False, heads: int | None = None,
+                   kv_heads: int | None = None, batch: int = 1, device=None, **inputs) -> torch.Tensor:
+        """bool (Sq, Sk), or (H, Sq, Sk) with `heads`, or (B, H, Sq, Sk) for per-batch inputs; True = attend.
+
+        `heads` is Hq; `kv_heads` (Hkv) is needed by masks that depend on it (GQA head groups)."""
         if not isinstance(sq, int) or not isinstance(sk, int) or sq < 1 or sk < 1:
             raise ValueError(f"{self.name}: dense_mask needs positive int sq and sk, got {sq!r}, {sk!r}")
-        h_count = heads or 1
+        h_count, kv_count = self._head_counts("dense_mask", heads, kv_heads)
         dummy_q = torch.empty(batch, h_count, sq, 1, device=device)
-        dummy_k = torch.empty(batch, 1 if heads is None else h_count, sk, 1, device=device)
+        dummy_k = torch.empty(batch, kv_count, sk, 1, device=device)
         call = self.prepare(dummy_q, dummy_k, dummy_k, causal, None, inputs)
         b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
         h = torch.arange(h_count, device=device).view(1, h_count, 1, 1)
@@ -288,48 +326,103 @@ class SoftmaxVariant(Variant):
                 m = m[0]
         return m.contiguous()
 
-    def mask_mod_for(self, sq: int, sk: int, *, causal: bool = False, heads: int = 1, **inputs):
-        """A FlexAttention mask_mod (b, h, q_idx, kv_idx) for these lengths: q_idx in [0, Sq)."""
-        call = self._flex_call(sq, sk, causal, heads, inputs)
+    def _head_counts(self, where: str, heads, kv_heads, needs=None) -> tuple[int, int]:
+        """(Hq, Hkv) for a dense_mask / mask_mod_for call; TypeError when the mask depends on a count not given."""
+        needs = self.mask_depends_on() if needs is None else needs
+        for name, value in (("heads", heads), ("kv_heads", kv_heads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{self.name}: {where} needs {name} as a positive int, got {value!r}")
+        if heads is None and "heads" in needs:
+            raise TypeError(f"{self.name}: the mask differs per head and depends on the number of query heads: "
+                            f"pass {where}(..., heads=Hq)")
+        h = heads or self.default_heads() or 1
+        if kv_heads is None and "kv_heads" in needs and h > 1:
+            raise TypeError(f"{self.name}: the mask depends on how query heads share kv heads (GQA): pass "
+                            f"{where}(..., heads=Hq, kv_heads=Hkv)")
+        kv = h if kv_heads is None else kv_heads
+        if h % kv:
+            raise ValueError(f"{self.name}: {where} needs heads (Hq={h}) to be a multiple of kv_heads (Hkv={kv})")
+        return h, kv
+
+    def mask_mod_for(self, sq: int, sk: int, *, causal: bool = False, heads: int | None = None,
+                     kv_heads: int | None = None, **inputs):
+        """A FlexAttention mask_mod (b, h, q_idx, kv_idx) for these lengths: q_idx in [0, Sq).
+
+        Works on any device: per-head tables are made on the device of the indices it is given."""
+        call = self._flex_call("mask_mod_for", sq, sk, causal, heads, kv_heads, inputs, self.mask_depends_on())
         offset = sk - sq
 
         def mask_mod(b, h, q_idx, kv_idx):
+            b, h = _as_index(b, kv_idx), _as_index(h, kv_idx)
             m = self.full_mask(call, b, h, q_idx + offset, kv_idx)
             return (kv_idx >= 0) if m is None else m
 
         return mask_mod
 
-    def score_mod_for(self, sq: int, sk: int, *, causal: bool = False, heads: int = 1, **inputs):
+    def score_mod_for(self, sq: int, sk: int, *, causal: bool = False, heads: int | None = None,
+                      kv_heads: int | None = None, **inputs):
         """A FlexAttention score_mod (score, b, h, q_idx, kv_idx) for these lengths."""
         self._check_score_mod()
-        call = self._flex_call(sq, sk, causal, heads, inputs)
+        call = self._flex_call("score_mod_for", sq, sk, causal, heads, kv_heads, inputs, self.score_depends_on())
         offset = sk - sq
 
         def score_mod(score, b, h, q_idx, kv_idx):
+            b, h = _as_index(b, kv_idx), _as_index(h, kv_idx)
             return self.score(call, score, b, h, q_idx + offset, kv_idx)
 
         return score_mod
 
-    def _flex_call(self, sq, sk, causal, heads, inputs) -> Call:
+    def _flex_call(self, where, sq, sk, causal, heads, kv_heads, inputs, needs) -> Call:
+        hq, hkv = self._head_counts(where, heads, kv_heads, needs)
         batch = next((t.shape[0] for t in inputs.values() if isinstance(t, torch.Tensor) and t.dim() >= 1), 1)
         dev = next((t.device for t in inputs.values() if isinstance(t, torch.Tensor)), None)
-        dq = torch.empty(batch, heads, sq, 1, device=dev)
-        dk = torch.empty(batch, 1, sk, 1, device=dev)
+        dq = torch.empty(batch, hq, sq, 1, device=dev)
+        dk = torch.empty(batch, hkv, sk, 1, device=dev)
         return self.prepare(dq, dk, dk, causal, None, inputs)
 
-    def mask_mod(self, b, h, q_idx, kv_idx):
-        """The variant's own mask in FlexAttention's convention (self-attention frame, non-causal)."""
-        if any(i.required for i in self.inputs):
-            raise TypeError(f"{self.name} needs inputs {[i.name for i in self.inputs]}: use mask_mod_for(sq, sk, ...)")
-        m = self.mask(self._plain_call(), b, h, q_idx, kv_idx) if self.has_mask else None
-        return (kv_idx >= 0) if m is None else m
+    # The standalone mods are plain functions (not bound methods), so FlexAttention, which counts a
+    # function's positional arguments to tell a mask_mod (4) from a score_mod (5), accepts them.
+    @functools.cached_property
+    def mask_mod(self):
+        """The variant's own mask as a FlexAttention mask_mod (b, h, q_idx, kv_idx): self-attention frame
+        (q_idx is the query's position), without causality (combine with Flex's causal mask yourself).
+        Raises TypeError when the mask depends on sizes or inputs a standalone function cannot know."""
+        self._check_standalone("mask_mod", "mask_mod_for", self.mask_depends_on())
+        call = self._plain_call()
 
-    def score_mod(self, score, b, h, q_idx, kv_idx):
-        """The variant's score modifier in FlexAttention's convention (self-attention frame)."""
+        def mask_mod(b, h, q_idx, kv_idx):
+            b, h = _as_index(b, kv_idx), _as_index(h, kv_idx)
+            m = self.mask(call, b, h, q_idx, kv_idx) if self.has_mask else None
+            return (kv_idx >= 0) if m is None else m
+
+        return mask_mod
+
+    @functools.cached_property
+    def score_mod(self):
+        """The variant's score modifier as a FlexAttention score_mod (score, b, h, q_idx, kv_idx), self-attention
+        frame. Raises TypeError when it depends on sizes or inputs a standalone function cannot know."""
         self._check_score_mod()
-        if any(i.required for i in self.inputs):
-            raise TypeError(f"{self.name} needs inputs {[i.name for i in self.inputs]}: use score_mod_for(sq, sk, ...)")
-        return self.score(self._plain_call(), score, b, h, q_idx, kv_idx)
+        self._check_standalone("score_mod", "score_mod_for", self.score_depends_on())
+        call = self._plain_call()
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            b, h = _as_index(b, kv_idx), _as_index(h, kv_idx)
+            return self.score(call, score, b, h, q_idx, kv_idx)
+
+        return score_mod
+
+    def _check_standalone(self, what: str, instead: str, needs) -> None:
+        required = [i.name for i in self.inputs if i.required]
+        if required:
+            raise TypeError(f"{self.name} needs inputs {required}: use {instead}(sq, sk, ...)")
+        said = {"heads": "the number of query heads (heads=Hq)", "kv_heads": "the kv head count (kv_heads=Hkv)",
+                "causal": "whether attention is causal (causal=)", "lengths": "the sequence lengths (sq, sk, causal=)"}
+        missing = [said[n] for n in ("heads", "kv_heads", "causal", "lengths") if n in needs]
+        if missing:
+            configure = (f", or configure az.get({self.name!r}, heads=Hq)"
+                         if "heads" in needs and any(p.name == "heads" for p in self.params) else "")
+            raise TypeError(f"{self.name}: a standalone {what} cannot be exact, it depends on {', '.join(missing)}; "
+                            f"use attn.{instead}(sq, sk, causal=..., heads=Hq, kv_heads=Hkv){configure}")
 
     def _check_score_mod(self) -> None:
         if not self.flex_capable():

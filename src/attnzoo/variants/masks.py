@@ -39,6 +39,14 @@ class Full(SoftmaxVariant):
     cost = "O(Sq Sk D) time; O(S) memory on the torch path"
 
 
+# window=w admits the query and the w keys before it, w + 1 in all: FlashAttention's window_size=(w, w)
+# and attention-gym's sliding window. Hugging Face's causal sliding_window=w and most papers' "window w"
+# count the query among the w keys (kv > q - w): that is window=w - 1 here.
+WINDOW_CONVENTION = ("window=w admits w + 1 keys, the query and the w before it (FlashAttention's and "
+                     "attention-gym's convention); Hugging Face's causal sliding_window=w and most papers' "
+                     "'window w' admit w keys including the query: use window=w - 1")
+
+
 class _Window(SoftmaxVariant):
     """Shared by the window variants: keys in [q - window, q + right] (FlashAttention's window_size)."""
 
@@ -58,11 +66,13 @@ class _Window(SoftmaxVariant):
 @register
 class SlidingWindow(_Window):
     name = "sliding_window"
-    summary = "Each query sees keys at most `window` positions before it and `right` after it."
+    summary = ("Each query sees itself, the `window` keys before it and the `right` keys after it. "
+               + WINDOW_CONVENTION + ".")
     paper = Paper("MSWA: Refining Local Attention with Multi-ScaleWindow Attention", 2025, "2501.01039")
     params = (
-        Param("window", 256, "keys visible before the query (it always sees itself)", (int,), lambda v: v >= 0,
-              "a non-negative int"),
+        Param("window", 256, "keys visible before the query, besides the query itself: " + WINDOW_CONVENTION,
+              (int,), lambda v: v >= 0, "a non-negative int (window=0: the query alone; window=w admits w + 1 "
+                                         "keys, so Hugging Face's sliding_window=w is window=w - 1)"),
         _optional_nonneg("right", None, "keys visible after the query; None = same as window (two-sided); "
                                         "0 = one-sided. Ignored under causal=True"),
     )
@@ -79,11 +89,15 @@ class SlidingWindow(_Window):
 @register
 class SinkWindow(_Window):
     name = "sink_window"
-    summary = "StreamingLLM: the first `sinks` tokens plus a sliding window."
+    summary = ("StreamingLLM: the first `sinks` tokens plus a sliding window of the query and the `window` keys "
+               "before it. " + WINDOW_CONVENTION + " (StreamingLLM's cache of n recent tokens, the query "
+               "included, is window=n - 1).")
     paper = STREAMING_LLM
     params = (
         nonneg_int("sinks", 4, "number of initial tokens every query sees (attention sinks)"),
-        Param("window", 1024, "keys visible before the query", (int,), lambda v: v >= 0, "a non-negative int"),
+        Param("window", 1024, "keys visible before the query, besides the query itself (n recent tokens including "
+                              "the query: window=n - 1)", (int,), lambda v: v >= 0,
+              "a non-negative int (window=w admits the query and w keys before it)"),
         _optional_nonneg("right", None, "keys visible after the query; None = window; ignored under causal=True"),
     )
     cost = "O(Sq (sinks + window) D) time"
@@ -187,10 +201,13 @@ def _check_per_head(variant: str, name: str, values, heads: int) -> list[int]:
 
 
 class _PerHead(SoftmaxVariant):
-    """Masks that differ between query heads through a table of one int per head, read with `h`.
+    """Masks that differ between query heads through one int per query head, read with `h`.
 
-    The table is built eagerly in `validate_call` (so compiled Flex kernels only index it) and
-    kept per (Hq, Hkv, device).
+    `head_value(call, h)` gives the values for an index tensor `h`: from an explicit per-head list
+    parameter (`head_list`, which then defines the heads), or else from a table of
+    `head_values(shapes)`, which depends on the call's head counts. Tables are built eagerly in
+    `validate_call` (so compiled Flex kernels only index them), on the device of `h` for mask
+    functions handed to users, and kept per (Hq, Hkv, device).
     """
 
     has_mask = True
@@ -202,23 +219,36 @@ class _PerHead(SoftmaxVariant):
     def head_values(self, shapes) -> list[int]:
         raise NotImplementedError
 
-    def validate_call(self, call: Call) -> None:
-        self.head_table(call)
+    def head_list(self) -> list[int] | None:
+        """Per-head values given explicitly as a parameter, or None."""
+        return None
 
-    def head_table(self, call: Call) -> torch.Tensor:
-        s = call.shapes
-        key = (s.q_heads, s.kv_heads, call.device.type, call.device.index)
+    def mask_depends_on(self) -> frozenset:
+        return frozenset() if self.head_list() is not None else frozenset({"heads"})
+
+    def validate_call(self, call: Call) -> None:
+        self.head_values(call.shapes)  # checks per-head lists against Hq
+        self.head_value(call, torch.arange(call.shapes.q_heads, device=call.device))
+
+    def _table(self, key, values, device) -> torch.Tensor:
+        key = (*key, device.type, device.index)
         table = self._tables.get(key)
         if table is None:
-            table = torch.tensor(self.head_values(s), dtype=torch.long, device=call.device)
-            self._tables[key] = table
+            table = self._tables[key] = torch.tensor(values(), dtype=torch.long, device=device)
         return table
 
+    def head_value(self, call: Call, h: torch.Tensor) -> torch.Tensor:
+        given = self.head_list()
+        if given is not None:
+            return self._table(("list",), lambda: list(given), h.device)[h]
+        s = call.shapes
+        return self._table((s.q_heads, s.kv_heads), lambda: self.head_values(s), h.device)[h]
+
     def head_rows(self, call: Call) -> torch.Tensor:
-        """The table as (1, H, 1) to broadcast against kv_intervals rows; (1, 1, 1) when every head
+        """The values as (1, H, 1) to broadcast against kv_intervals rows; (1, 1, 1) when every head
         agrees, so the block structure is built once for all heads."""
-        table = self.head_table(call)
-        return table[:1].view(1, 1, 1) if bool((table == table[0]).all()) else table.view(1, -1, 1)
+        values = self.head_value(call, torch.arange(call.shapes.q_heads, device=call.device))
+        return values[:1].view(1, 1, 1) if bool((values == values[0]).all()) else values.view(1, -1, 1)
 
 
 MSWA = Paper("MSWA: Refining Local Attention with Multi-ScaleWindow Attention", 2025, "2501.01039")
@@ -241,12 +271,15 @@ def mswa_windows(window: int, heads: int, layer: int | None = None, num_layers: 
 class MultiScaleWindow(_Window, _PerHead):
     name = "multi_scale_window"
     summary = ("MSWA: a sliding window per head (w/4, w/2, w, 2w across head groups) whose base grows from "
-               "shallow to deep layers; or any explicit window per head.")
+               "shallow to deep layers; or any explicit window per head. Windows follow sliding_window: "
+               + WINDOW_CONVENTION + ".")
     paper = MSWA
     params = (
-        Param("window", 256, "base window w (keys visible before the query, as sliding_window)", (int,),
-              lambda v: v >= 0, "a non-negative int"),
-        _int_list("windows", "explicit window per query head; overrides MSWA's allocation from `window`"),
+        Param("window", 256, "base window w: keys visible before the query besides itself, as sliding_window "
+                             "(w + 1 keys; MSWA's and Hugging Face's window w is w - 1 here)", (int,),
+              lambda v: v >= 0, "a non-negative int (window=w admits the query and w keys before it)"),
+        _int_list("windows", "explicit window per query head (each admits itself + 1 keys, as `window`); overrides "
+                             "MSWA's allocation from `window`"),
         _optional_nonneg("right", None, "keys visible after the query; None = each head's window (two-sided); "
                                         "ignored under causal=True"),
         _optional_nonneg("layer", None, "this layer's index, for MSWA's layer allocation (needs num_layers)"),
@@ -272,8 +305,11 @@ class MultiScaleWindow(_Window, _PerHead):
             return _check_per_head(self.name, "windows", c["windows"], shapes.q_heads)
         return mswa_windows(c["window"], shapes.q_heads, c["layer"], c["num_layers"])
 
+    def head_list(self):
+        return self.config["windows"]
+
     def mask(self, call, b, h, q_pos, kv_pos):
-        window = self.head_table(call)[h]
+        window = self.head_value(call, h)
         right = window if self.config["right"] is None else self.config["right"]
         return self.window_mask(q_pos, kv_pos, window, right)
 
@@ -290,7 +326,8 @@ class DilatedWindow(_PerHead):
                "for i in 1..right); per-head offsets shift each head's lattice (SCCA's shifted dilated attention).")
     paper = Paper("Longformer: The Long-Document Transformer", 2020, "2004.05150")
     params = (
-        nonneg_int("window", 64, "number of dilated steps visible before the query"),
+        nonneg_int("window", 64, "number of dilated steps visible before the query, besides the query itself "
+                                 "(window + 1 keys, as sliding_window's window)"),
         positive_int("dilation", 2, "gap between visible keys (1 = sliding_window)"),
         _optional_nonneg("right", None, "dilated steps visible after the query; None = window; ignored under causal"),
         Param("offsets", None, "per-head lattice offsets: None (all 0), 'cyclic' (head h uses h % dilation, so "
@@ -315,6 +352,21 @@ class DilatedWindow(_PerHead):
             return [h % self.config["dilation"] for h in range(shapes.q_heads)]
         return _check_per_head(self.name, "offsets", offsets, shapes.q_heads)
 
+    def head_list(self):
+        offsets = self.config["offsets"]
+        return offsets if isinstance(offsets, (tuple, list)) else None
+
+    def mask_depends_on(self) -> frozenset:
+        return frozenset()  # None and 'cyclic' are functions of h alone; a list defines the heads
+
+    def head_value(self, call, h):
+        offsets = self.config["offsets"]
+        if offsets is None:
+            return h * 0
+        if offsets == "cyclic":
+            return h % self.config["dilation"]
+        return super().head_value(call, h)
+
     def _right(self) -> int:
         r = self.config["right"]
         return self.config["window"] if r is None else r
@@ -322,7 +374,7 @@ class DilatedWindow(_PerHead):
     def mask(self, call, b, h, q_pos, kv_pos):
         # t is the key's distance from the query on the head's shifted lattice
         d = self.config["dilation"]
-        t = kv_pos - q_pos + self.head_table(call)[h]
+        t = kv_pos - q_pos + self.head_value(call, h)
         return (t % d == 0) & (t >= -self.config["window"] * d) & (t <= self._right() * d)
 
     def kv_intervals(self, call, q_pos):
@@ -336,11 +388,13 @@ class DilatedWindow(_PerHead):
 @register
 class ShiftedCrossChunk(_PerHead):
     name = "shifted_cross_chunk"
-    summary = ("SCCA: chunked attention where queries keep their chunk and each head's keys/values are shifted "
-               "back by a per-head amount, so shifted heads see across the chunk border.")
+    summary = ("SCCA: chunked attention whose chunks are shifted back by a per-head amount, so shifted heads see "
+               "across the unshifted chunk borders. A query reads the shifted chunk that holds it (LongLoRA's "
+               "S2-Attn shift of q, k and v together, which SCCA's KV shift builds on), so it always sees itself, "
+               "also under causal=True.")
     paper = Paper("SCCA: Shifted Cross Chunk Attention for long contextual semantic expansion", 2023, "2312.07305")
     params = (
-        positive_int("chunk", 1024, "chunk size w; chunks start at key position 0"),
+        positive_int("chunk", 1024, "chunk size w; a head shifted by s cuts chunks at key positions -s + n w"),
         Param("pattern", "fixed", "'fixed' (SCCA_fixed): the first Hq // 2 heads are unshifted, the others shifted "
                                   "by w // 2; 'flow' (SCCA_flow): head h shifted by h * w // Hq",
               (str,), lambda v: v in ("fixed", "flow"), "'fixed' or 'flow'"),
@@ -354,13 +408,17 @@ class ShiftedCrossChunk(_PerHead):
             return [0 if h < hq // 2 else w // 2 for h in range(hq)]
         return [h * w // hq for h in range(hq)]
 
+    # A literal KV-only shift (queries keep their chunk, keys shifted back by s) would leave the last
+    # s queries of every chunk outside their own window: under causality they could not see themselves
+    # (chunk 8, shift 4: query 15 would read keys 4-11). Shifting the chunk borders for queries and keys
+    # alike keeps each query inside its chunk; the first w - s queries of a chunk read the same keys either way.
     def _start(self, q_pos, shift):
-        """First key of the (shifted) chunk a query reads: its own chunk's start minus the head's shift."""
+        """First key of the shifted chunk holding the query: chunks of this head start at -shift + n w."""
         w = self.config["chunk"]
-        return (q_pos // w) * w - shift
+        return ((q_pos + shift) // w) * w - shift
 
     def mask(self, call, b, h, q_pos, kv_pos):
-        start = self._start(q_pos, self.head_table(call)[h])
+        start = self._start(q_pos, self.head_value(call, h))
         return (kv_pos >= start) & (kv_pos < start + self.config["chunk"])
 
     def kv_intervals(self, call, q_pos):
@@ -375,17 +433,25 @@ S2_ATTENTION = Paper("Efficient LLM Training and Serving with Heterogeneous Cont
 @register
 class StridedShards(_PerHead):
     name = "strided_shards"
-    summary = ("S2-Attention: key blocks of size block_size; every head sees its local_blocks nearest blocks plus a "
-               "strided shard (one block in vert_stride), shards rotated across kv heads so together they cover the "
-               "context; optional dense heads.")
+    summary = ("S2-Attention: key blocks of size block_size; every head sees its local_blocks nearest blocks plus "
+               "every vert_stride-th block beyond them; optional dense heads. As DKernel by default: causal calls "
+               "count those blocks from key position 0 (absolute: shards rotated across kv heads, so together they "
+               "cover the context and the KV cache of a shard can be dropped), non-causal calls count them outward "
+               "from the edges of the local band (relative, the same for every head).")
     paper = S2_ATTENTION
     params = (
         positive_int("block_size", 64, "block size of the pattern, in tokens (blocks start at key position 0)"),
         positive_int("local_blocks", 4, "query block b sees key blocks within local_blocks - 1 of b"),
         positive_int("vert_stride", 4, "every vert_stride-th key block is in a head's shard"),
-        Param("homo_head", False, "True: every head uses the same shard", (bool,)),
-        nonneg_int("head_offset", 0, "added to every head's shard offset (DKernel's head_sliding_offset)"),
+        Param("homo_head", False, "True: every head uses the same shard (absolute positions only)", (bool,)),
+        nonneg_int("head_offset", 0, "added to every head's shard offset (DKernel's head_sliding_offset; absolute "
+                                     "positions only)"),
         nonneg_int("dense_heads", 0, "the last dense_heads kv heads attend densely (hybrid sparse-dense layer)"),
+        Param("vert_position", None, "DKernel's vert_position_type: 'absolute' (block j is in the shard when "
+                                     "(j + shard) % vert_stride == 0), 'relative' (the vert_stride-th blocks counted "
+                                     "from the local band's edges, every head alike), or None: absolute for causal "
+                                     "calls, relative for non-causal ones (DKernel's default)",
+              (str, type(None)), lambda v: v in (None, "absolute", "relative"), "None, 'absolute' or 'relative'"),
     )
     budget_param = "local_blocks"
     cost = "O(Sq (local_blocks + Sk / vert_stride) block_size D) time per head"
@@ -395,6 +461,25 @@ class StridedShards(_PerHead):
             raise ValueError(f"{self.name}: parameter 'dense_heads' must be <= Hkv={call.shapes.kv_heads}, "
                              f"got {self.config['dense_heads']}")
         super().validate_call(call)
+
+    def mask_depends_on(self) -> frozenset:
+        c = self.config
+        needs = set() if c["vert_position"] else {"causal"}
+        # query heads are grouped onto kv heads, which carry the shard offsets and the dense heads
+        if c["dense_heads"] or (not c["homo_head"] and c["vert_position"] != "relative"):
+            needs |= {"heads", "kv_heads"}
+        return frozenset(needs)
+
+    def head_value(self, call, h):
+        c = self.config
+        if not c["dense_heads"] and (c["homo_head"] or c["vert_position"] == "relative"):
+            # one shard for all heads (relative positions read only the dense flag): any head count
+            return h * 0 + c["head_offset"] % c["vert_stride"]
+        return super().head_value(call, h)
+
+    def relative(self, call) -> bool:
+        position = self.config["vert_position"]
+        return (not call.causal) if position is None else position == "relative"
 
     def head_values(self, shapes) -> list[int]:
         """Per query head: its kv head's shard offset, or -1 for a dense head (DKernel's layout)."""
@@ -412,41 +497,52 @@ class StridedShards(_PerHead):
         c = self.config
         qb, kb = q_pos // c["block_size"], kv_pos // c["block_size"]
         local = (qb - kb < c["local_blocks"]) & (kb - qb < c["local_blocks"])
-        shard = self.head_table(call)[h]
-        return local | ((kb + shard) % c["vert_stride"] == 0) | (shard < 0)
+        shard = self.head_value(call, h)
+        if self.relative(call):
+            # blocks past the band's edge, counted from 0 at the edge: every vert_stride-th one
+            beyond = (qb - kb - c["local_blocks"] + 1).clamp(min=0) + (kb - qb - c["local_blocks"] + 1).clamp(min=0)
+            vertical = beyond % c["vert_stride"] == 0
+        else:
+            vertical = (kb + shard) % c["vert_stride"] == 0
+        return local | vertical | (shard < 0)
 
     def kv_intervals(self, call, q_pos):
         c = self.config
-        bs, stride, sk = c["block_size"], c["vert_stride"], call.shapes.sk
+        bs, stride, sk, local = c["block_size"], c["vert_stride"], call.shapes.sk, c["local_blocks"]
         n_shard_blocks = -(-sk // (bs * stride))
-        if n_shard_blocks + 2 > MAX_INTERVALS:
+        relative = self.relative(call)
+        if (2 if relative else 1) * n_shard_blocks + 2 > MAX_INTERVALS:
             return None
         qb = _rows(q_pos) // bs
-        out = [((qb - c["local_blocks"] + 1) * bs, (qb + c["local_blocks"]) * bs)]
+        out = [((qb - local + 1) * bs, (qb + local) * bs)]
         shard = self.head_rows(call).expand(1, -1, q_pos.numel())
         dense = shard < 0
-        first = (-shard) % stride  # first key block j with (j + shard) % stride == 0
-        for i in range(n_shard_blocks):
-            lo = (first + i * stride) * bs
+        if relative:
+            starts = [qb - local + 1 - i * stride for i in range(1, n_shard_blocks + 1)]
+            starts += [qb + local - 1 + i * stride for i in range(1, n_shard_blocks + 1)]
+            starts = [j.expand_as(shard) * bs for j in starts]
+        else:
+            first = (-shard) % stride  # first key block j with (j + shard) % stride == 0
+            starts = [(first + i * stride) * bs for i in range(n_shard_blocks)]
+        for lo in starts:
             out.append((torch.where(dense, 0, lo), torch.where(dense, 0, lo + bs)))
         out.append((torch.zeros_like(shard), torch.where(dense, sk, 0)))
         return out
 
 
 @register
-class Hepos(_PerHead):
+class Hepos(SoftmaxVariant):
     name = "hepos"
     summary = ("Hepos: head-wise positional strides; head h attends only to keys at positions p with "
                "p % stride == h % stride, so the heads together cover the source once.")
     paper = Paper("Efficient Attentions for Long Document Summarization", 2021, "2104.02112")
+    has_mask = True
     params = (positive_int("stride", 4, "positional stride s; head h reads keys p with p % s == h % s"),)
     cost = "O(Sq Sk D / stride) useful work; tiles are computed whole (the mask is evaluated per query block)"
 
-    def head_values(self, shapes) -> list[int]:
-        return [h % self.config["stride"] for h in range(shapes.q_heads)]
-
     def mask(self, call, b, h, q_pos, kv_pos):
-        return kv_pos % self.config["stride"] == self.head_table(call)[h]
+        stride = self.config["stride"]
+        return kv_pos % stride == h % stride  # a function of h alone: serves any number of heads
 
 
 # ---- blocks of a packed prompt -------------------------------------------------------------------
