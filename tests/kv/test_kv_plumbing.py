@@ -159,18 +159,18 @@ def test_a_press_whose_cache_the_model_does_not_read_raises(qwen):
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, True, "0.5", None])
 def test_ratio_outside_zero_one_is_refused(ratio):
-    with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"snapkv: parameter 'ratio' must be a number in \[0, 1\)"):
         kv.get("snapkv", ratio=ratio)
 
 
 def test_unknown_method_and_bad_parameters_are_refused():
-    with pytest.raises(ValueError, match="unknown KV-cache method 'nope'; known: .*snapkv"):
+    with pytest.raises(ValueError, match="unknown KV-cache method 'nope'; known KV-cache methods: .*snapkv"):
         kv.get("nope")
-    with pytest.raises(ValueError, match="kernel odd"):
+    with pytest.raises(ValueError, match="parameter 'kernel' must be an odd int >= 1, got 4"):
         kv.get("snapkv", kernel=4)
     with pytest.raises(ValueError, match="kv_quant removes no entries"):
         kv.get("kv_quant", ratio=0.5)
-    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+    with pytest.raises(ValueError, match="parameter 'bits' must be 8 or 4, got 3"):
         kv.get("kv_quant", bits=3)
     with pytest.raises(TypeError):
         kv.get("snapkv", window_size=64)

@@ -1,8 +1,9 @@
 """What every variant declares about itself: paper, parameters, extra inputs, patterns, cost."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 # The four patterns of CAB: causal/noncausal x self (Sq == Sk) / cross (Sq != Sk).
 CAUSAL_SELF = "causal_self"
@@ -30,28 +31,69 @@ class Paper:
 
 @dataclass(frozen=True)
 class Param:
-    """A configuration parameter. `check(value)` returns True when valid; `expected` says what is."""
+    """A configuration parameter of a variant, a KV press or a head probe.
+
+    `types`: the accepted types (bool only when listed); None accepts any type and leaves it all to
+    `check`. `check(value)` returns True when valid; `expected` says what is (in error messages).
+    """
 
     name: str
     default: Any
     doc: str
-    types: tuple[type, ...] = (int,)
+    types: tuple[type, ...] | None = (int,)
     check: Callable[[Any], bool] | None = None
     expected: str = ""
 
-    def validate(self, variant: str, value: Any) -> Any:
-        if isinstance(value, bool) and bool not in self.types:
-            raise TypeError(f"{variant}: parameter {self.name!r} must be {self._type_names()}, got bool")
-        if not isinstance(value, self.types):
-            raise TypeError(
-                f"{variant}: parameter {self.name!r} must be {self._type_names()}, got {type(value).__name__}"
-            )
+    def validate(self, owner: str, value: Any) -> Any:
+        """`value`, or TypeError (wrong type) / ValueError (fails `check`) naming `owner` and the parameter."""
+        if self.types is not None:
+            if isinstance(value, bool) and bool not in self.types:
+                raise TypeError(f"{owner}: parameter {self.name!r} must be {self._type_names()}, got bool")
+            if not isinstance(value, self.types):
+                raise TypeError(
+                    f"{owner}: parameter {self.name!r} must be {self._type_names()}, got {type(value).__name__}"
+                )
         if self.check is not None and not self.check(value):
-            raise ValueError(f"{variant}: parameter {self.name!r} must be {self.expected}, got {value!r}")
+            raise ValueError(f"{owner}: parameter {self.name!r} must be {self.expected}, got {value!r}")
         return value
 
     def _type_names(self) -> str:
+        if self.types is None:
+            return "any type"
         return " or ".join("None" if t is type(None) else t.__name__ for t in self.types)
+
+
+def close_names(unknown, valid) -> dict[str, str]:
+    """The closest valid name of each misspelled one (difflib), where one is close enough."""
+    close = {u: difflib.get_close_matches(u, sorted(valid), n=1, cutoff=0.6) for u in unknown}
+    return {u: c[0] for u, c in close.items() if c}
+
+
+def did_you_mean(unknown, valid) -> str:
+    """' (did you mean ...?)' naming the closest valid name of each misspelled one, or ''."""
+    close = close_names(unknown, valid)
+    if not close:
+        return ""
+    names = ", ".join(f"{c!r} for {u!r}" if len(unknown) > 1 else repr(c) for u, c in close.items())
+    return f" (did you mean {names}?)"
+
+
+def validate_params(owner: str, declared: Iterable[Param], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration of `owner` (a variant, press or probe name): every declared parameter, in
+    declared order, its value from `given` or its default, each validated.
+
+    Raises TypeError for names not declared (with the closest declared name) and for values of the
+    wrong type, ValueError naming the parameter and the values it takes."""
+    declared = tuple(declared)
+    known = {p.name: p for p in declared}
+    if len(known) != len(declared):
+        twice = sorted({p.name for p in declared if sum(q.name == p.name for q in declared) > 1})
+        raise ValueError(f"{owner}: parameter(s) {twice} declared more than once")
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise TypeError(f"{owner}: unknown parameter(s) {unknown}{did_you_mean(unknown, known)}; "
+                        f"valid parameters: {sorted(known) or 'none'}")
+    return {p.name: p.validate(owner, given.get(p.name, p.default)) for p in declared}
 
 
 @dataclass(frozen=True)

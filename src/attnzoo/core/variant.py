@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from .checks import Shapes, check_causal, check_input_tensor, check_qkv, check_scale
-from .info import ALL_PATTERNS, Input, Paper, Param, VariantInfo, pattern_of
+from .info import ALL_PATTERNS, Input, Paper, Param, VariantInfo, pattern_of, validate_params
 from . import blocks as _blocks
 
 
@@ -80,15 +80,7 @@ class Variant:
     budget_sweep: ClassVar[tuple | None] = None
 
     def __init__(self, **params: Any) -> None:
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise TypeError(f"{self.name}: unknown parameter(s) {unknown}{did_you_mean(unknown, known)}; "
-                            f"valid parameters: {sorted(known) or 'none'}")
-        self.config: dict[str, Any] = {}
-        for p in self.params:
-            value = params.get(p.name, p.default)
-            self.config[p.name] = p.validate(self.name, value)
+        self.config: dict[str, Any] = validate_params(self.name, self.params, params)
         self.validate_config()
         self.key = (self.name, _freeze(self.config))
 

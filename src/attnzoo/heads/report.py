@@ -17,7 +17,7 @@ def results_json(analyses: list[Analysis], views: list[dict], wall_seconds: floa
                  cpu_threads: str | None = None) -> dict:
     return {"models": [a.as_dict() | {"views": v} for a, v in zip(analyses, views)], "wall_seconds": wall_seconds,
             "cpu_threads": cpu_threads,
-            "probes": {name: {"paper": p.paper, "about": p.about, "models": p.models} for name, p in PROBES.items()}}
+            "probes": {name: {"paper": str(p.paper), "about": p.about, "models": p.models} for name, p in PROBES.items()}}
 
 
 def write(out_dir: str | Path, analyses: list[Analysis], views: list[dict], wall_seconds: float | None = None,

@@ -41,7 +41,8 @@ from typing import Callable, ClassVar
 import torch
 
 from .. import hf
-from ..core.info import Paper
+from ..core.info import Paper, Param, validate_params
+from ..core.registry import Registry
 
 SUPPORTED_TRANSFORMERS = hf.SUPPORTED_TRANSFORMERS
 STAGES = ("prefill", "decode")
@@ -186,6 +187,15 @@ class Selection:
 # ---- the base class --------------------------------------------------------------------------------
 
 
+def _is_ratio(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value < 1.0
+
+
+# Any type is taken and `check` alone decides, so every bad ratio (a str, None, True...) is a ValueError.
+RATIO = Param("ratio", 0.0, "fraction of KV entries removed (read-sparse methods: left unread); 0 = nothing removed",
+              None, _is_ratio, "a number in [0, 1), the fraction of KV entries removed (0 = nothing removed)")
+
+
 class KVPress:
     """A KV-cache compression method. Subclasses set the class attributes and override `keep` (what
     to keep after prefill and, for decode-stage methods, after each later forward) and/or `read`
@@ -196,13 +206,29 @@ class KVPress:
     stages: ClassVar[tuple[str, ...]] = ("prefill",)
     kind: ClassVar[str] = "evict"
     summary: ClassVar[str] = ""
-    params: ClassVar[dict[str, str]] = {}  # extra constructor parameters -> doc
+    # The constructor's parameters, validated by `validate_params` and then set as attributes of the
+    # same names; subclasses extend the base's: `params = KVPress.params + (Param(...), ...)`.
+    params: ClassVar[tuple[Param, ...]] = (RATIO,)
 
-    def __init__(self, ratio: float = 0.0):
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-            raise ValueError(f"{self.name}: ratio must be a number in [0, 1), the fraction of KV entries removed "
-                             f"(0 = nothing removed); got {ratio!r}")
-        self.ratio = float(ratio)
+    def __init__(self, ratio: float = 0.0, **params):
+        config = validate_params(self.name, self.params, {"ratio": ratio, **params})
+        config["ratio"] = float(config["ratio"])
+        for key, value in config.items():
+            setattr(self, key, value)
+        self.validate_config()
+
+    def validate_config(self) -> None:
+        """Checks across parameters (each is an attribute by now); raise ValueError naming them."""
+
+    @property
+    def config(self) -> dict:
+        """The press's parameters and their current values, in declared order."""
+        return {p.name: getattr(self, p.name) for p in self.params}
+
+    @classmethod
+    def param_docs(cls) -> dict[str, str]:
+        """{parameter name: doc}, in declared order (what `params` was before it held `Param`s)."""
+        return {p.name: p.doc for p in cls.params}
 
     def __call__(self, model, tokenizer=None) -> "PressSession":
         """A context manager applying this press to `model` (`tokenizer`: used by presses that profile
@@ -210,8 +236,7 @@ class KVPress:
         return PressSession(self, model, tokenizer)
 
     def __repr__(self) -> str:
-        extra = "".join(f", {k}={getattr(self, k)!r}" for k in self.params)
-        return f"{type(self).__name__}(ratio={self.ratio}{extra})"
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
 
     @property
     def label(self) -> str:
@@ -238,28 +263,26 @@ class KVPress:
         return None
 
 
-_REGISTRY: dict[str, type[KVPress]] = {}
+PRESSES: Registry[type[KVPress]] = Registry("KV-cache method")
 
 
 def register(cls: type[KVPress]) -> type[KVPress]:
-    if not cls.name or cls.name in _REGISTRY:
-        raise ValueError(f"press name {cls.name!r} is empty or taken")
+    """Class decorator: adds a press to `PRESSES` under `cls.name`."""
     if cls.kind not in KINDS or not cls.stages or set(cls.stages) - set(STAGES):
         raise ValueError(f"{cls.name}: kind must be one of {KINDS}, stages a subset of {STAGES}")
-    _REGISTRY[cls.name] = cls
-    return cls
+    if "ratio" not in {p.name for p in cls.params}:
+        raise ValueError(f"{cls.name}: params must declare 'ratio' (extend the base's: KVPress.params + (...))")
+    return PRESSES.register(cls)
 
 
 def get(name: str, **params) -> KVPress:
     """A configured press: `get("snapkv", ratio=0.75)`."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown KV-cache method {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**params)
+    return PRESSES.get(name)(**params)
 
 
 def methods() -> list[type[KVPress]]:
     """Every registered press class, in registration order."""
-    return list(_REGISTRY.values())
+    return list(PRESSES)
 
 
 # ---- applying a press to a model ---------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import hf
-from ..core.info import Paper
+from ..core.info import Paper, nonneg_int, positive_int
 from . import profile
 from .base import KVPress, register, topk_mask
 from .scorers import recent_slots
@@ -119,14 +119,13 @@ class AttentionGatePress(KVPress):
                "in context, at prefill and as decoding adds tokens. Trained here on real text in under a "
                "minute on CPU with the LLM frozen, to predict the attention each token receives from later "
                "queries (the paper tunes gates by continual pre-training instead).")
-    params = {"recent": "newest entries always kept (their future attention is not yet known)",
-              "steps": "training steps (the gates are trained once per model and step count)"}
+    params = KVPress.params + (
+        nonneg_int("recent", 8, "newest entries always kept (their future attention is not yet known)"),
+        positive_int("steps", 60, "training steps (the gates are trained once per model and step count)"),
+    )
 
-    def __init__(self, ratio: float = 0.0, recent: int = 8, steps: int = 60):
-        super().__init__(ratio)
-        if recent < 0 or steps < 1:
-            raise ValueError(f"attention_gate: recent must be >= 0 and steps >= 1, got {recent}, {steps}")
-        self.recent, self.steps = recent, steps
+    def __init__(self, ratio: float = 0.0, **params):
+        super().__init__(ratio, **params)
         self.gates: EvictionGates | None = None
         self.training_report: dict = {}
 

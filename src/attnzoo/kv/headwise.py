@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..core.info import Paper
+from ..core.info import Paper, Param, nonneg_int, positive_int
 from . import profile
 from .base import KVPress, Selection, Step, keep_count, register, topk_mask
 from .scorers import first_slots, recent_slots
@@ -59,11 +59,11 @@ class HeadBudgetPress(KVPress):
 class WholeOrWindowPress(HeadBudgetPress):
     """The `split_budget` allocation over a ranking of heads computed once per model."""
 
-    def __init__(self, ratio: float = 0.0, sinks: int = 4, recent: int = 64):
-        super().__init__(ratio)
-        if sinks < 0 or recent < 1:
-            raise ValueError(f"{self.name}: sinks must be >= 0 and recent >= 1, got sinks={sinks}, recent={recent}")
-        self.sinks, self.recent = sinks, recent
+    params = KVPress.params + (nonneg_int("sinks", 4, "initial tokens the windowed heads keep"),
+                               positive_int("recent", 64, "recent window of the windowed heads"))
+
+    def __init__(self, ratio: float = 0.0, **params):
+        super().__init__(ratio, **params)
         self.scores: torch.Tensor | None = None
 
     def head_scores(self, model, tokenizer) -> torch.Tensor:
@@ -92,10 +92,8 @@ class DuoAttentionPress(WholeOrWindowPress):
                "while decoding. Head roles: needle-copy retrieval scores measured here on real text (not the "
                "paper's gate optimisation); the ratio sets how many heads stream. Defaults sinks 16, recent 64 "
                "(the paper's 64/256, scaled to 1-4k-token contexts).")
-    params = {"sinks": "initial tokens streaming heads keep", "recent": "recent window of streaming heads"}
-
-    def __init__(self, ratio: float = 0.0, sinks: int = 16, recent: int = 64):
-        super().__init__(ratio, sinks, recent)
+    params = KVPress.params + (nonneg_int("sinks", 16, "initial tokens streaming heads keep"),
+                               positive_int("recent", 64, "recent window of streaming heads"))
 
     def head_scores(self, model, tokenizer):
         return profile.needle_copy_scores(model, tokenizer)
@@ -108,7 +106,8 @@ class RazorAttentionPress(WholeOrWindowPress):
     summary = ("Retrieval heads (induction and echo heads, found by showing real text twice) keep the whole "
                "cache; the others keep sinks + a recent window plus one compensation token per head: the mean "
                "of the dropped keys and values, weighted in attention as the number of tokens it stands for.")
-    params = {"sinks": "initial tokens kept by non-retrieval heads", "recent": "their recent window"}
+    params = KVPress.params + (nonneg_int("sinks", 4, "initial tokens kept by non-retrieval heads"),
+                               positive_int("recent", 64, "their recent window"))
 
     def head_scores(self, model, tokenizer):
         induction, echo = profile.repeat_scores(model, tokenizer)
@@ -141,14 +140,11 @@ class MoAPress(HeadBudgetPress):
                "the input length (windows scale with length). Fractions are chosen by profiling the attention "
                "mass each window size captures on real text, then a greedy allocation that maximises total "
                "captured mass under the ratio (the paper's search uses gradient-weighted influence).")
-    params = {"sinks": "initial tokens every head keeps"}
+    params = KVPress.params + (nonneg_int("sinks", 4, "initial tokens every head keeps"),)
     FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
-    def __init__(self, ratio: float = 0.0, sinks: int = 4):
-        super().__init__(ratio)
-        if sinks < 0:
-            raise ValueError(f"moa: sinks must be >= 0, got {sinks}")
-        self.sinks = sinks
+    def __init__(self, ratio: float = 0.0, **params):
+        super().__init__(ratio, **params)
         self.coverage: torch.Tensor | None = None
         self._plans: dict[int, torch.Tensor] = {}
 
@@ -193,13 +189,11 @@ class TaskKVPress(HeadBudgetPress):
                "semantic vector; heads farthest from the layer's semantic centre (heterogeneous heads) keep the "
                "whole cache, the others keep sinks + recent tokens + 'middle activations' (the tokens the last "
                "prompt queries attend to most). The ratio sets how many heads are heterogeneous.")
-    params = {"window": "entries a non-heterogeneous head keeps", "queries": "last prompt tokens probed"}
-
-    def __init__(self, ratio: float = 0.0, window: int = 64, queries: int = 16):
-        super().__init__(ratio)
-        if window < self.sinks + 2 or queries < 1:
-            raise ValueError(f"task_kv: window must be >= {self.sinks + 2} and queries >= 1, got {window}, {queries}")
-        self.window, self.queries = window, queries
+    params = KVPress.params + (
+        Param("window", 64, "entries a non-heterogeneous head keeps", (int,),
+              lambda v: v >= HeadBudgetPress.sinks + 2, f"an int >= {HeadBudgetPress.sinks + 2} (sinks + 2)"),
+        positive_int("queries", 16, "last prompt tokens probed"),
+    )
 
     def keep(self, step):
         w = min(self.queries, step.query.shape[2])

@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from ..core.info import Paper
+from ..core.info import Paper, Param, positive_int
 from .base import KVPress, register, require_cache_api
 
 
@@ -81,15 +81,14 @@ class KVQuantPress(KVPress):
     summary = ("Keeps every entry, stored quantized: keys per channel over groups of `group` tokens (the "
                "newest partial group in full precision), values per token; int8 or int4 (two codes per byte). "
                "`ratio` must be 0: nothing is removed; the saving shows in the measured bytes.")
-    params = {"bits": "8 or 4", "group": "tokens per key-quantization group"}
+    params = KVPress.params + (
+        Param("bits", 8, "bits per stored number: 8 or 4", (int,), lambda v: v in (8, 4), "8 or 4"),
+        positive_int("group", 32, "tokens per key-quantization group"),
+    )
 
-    def __init__(self, ratio: float = 0.0, bits: int = 8, group: int = 32):
-        super().__init__(ratio)
+    def validate_config(self):
         if self.ratio != 0:
             raise ValueError("kv_quant removes no entries: ratio must be 0 (choose bits=8 or 4 instead)")
-        if bits not in (8, 4) or group < 1:
-            raise ValueError(f"kv_quant: bits must be 8 or 4 and group >= 1, got bits={bits}, group={group}")
-        self.bits, self.group = bits, group
 
     @property
     def label(self) -> str:

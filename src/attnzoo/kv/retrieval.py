@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..core.info import Paper
+from ..core.info import Paper, Param, nonneg_int, positive_int
 from ..variants.sparse import quest
 from . import profile
 from .base import KVPress, Step, keep_count, register, topk_mask
@@ -41,13 +41,8 @@ class QuestPress(ReadPress):
                "and the page holding the current token. No eviction. The first `dense_layers` layers read "
                "everything, as in the paper; the other layers read fewer pages so that the average over all "
                "layers still leaves `ratio` unread.")
-    params = {"page": "entries per page", "dense_layers": "first layers left dense"}
-
-    def __init__(self, ratio: float = 0.0, page: int = 16, dense_layers: int = 2):
-        super().__init__(ratio)
-        if page < 1 or dense_layers < 0:
-            raise ValueError(f"quest: page must be >= 1 and dense_layers >= 0, got {page}, {dense_layers}")
-        self.page, self.dense_layers = page, dense_layers
+    params = KVPress.params + (positive_int("page", 16, "entries per page"),
+                               nonneg_int("dense_layers", 2, "first layers left dense"))
 
     def readable(self, step: Step) -> torch.Tensor:
         dense = min(self.dense_layers, step.n_layers)
@@ -123,14 +118,14 @@ class A2ATSPress(ReadPress):
                "with k-means in the metric of the prompt queries' second moment (query-aware VQ: it minimises "
                "the error of q.k, not of k). Each decoding query reads the `window` most recent entries plus "
                "the top entries by q.centroid. No eviction (the paper offloads the full cache to the host).")
-    params = {"window": "recent entries always read (and the windowed-RoPE distance)",
-              "codes": "centroids per head", "iterations": "k-means iterations"}
+    params = KVPress.params + (
+        positive_int("window", 32, "recent entries always read (and the windowed-RoPE distance)"),
+        Param("codes", 64, "centroids per head", (int,), lambda v: v >= 2, "an int >= 2"),
+        positive_int("iterations", 8, "k-means iterations"),
+    )
 
-    def __init__(self, ratio: float = 0.0, window: int = 32, codes: int = 64, iterations: int = 8):
-        super().__init__(ratio)
-        if window < 1 or codes < 2 or iterations < 1:
-            raise ValueError(f"a2ats: window >= 1, codes >= 2, iterations >= 1; got {window}, {codes}, {iterations}")
-        self.window, self.codes, self.iterations = window, codes, iterations
+    def __init__(self, ratio: float = 0.0, **params):
+        super().__init__(ratio, **params)
         self.rotary = None
 
     def prepare(self, model, tokenizer):
@@ -200,8 +195,8 @@ class HyLRAPress(ReadPress):
                "dense layers that maximise the attention mass the reused sets capture, with k set so that "
                "the average entries read match the ratio. No eviction.")
 
-    def __init__(self, ratio: float = 0.0):
-        super().__init__(ratio)
+    def __init__(self, ratio: float = 0.0, **params):
+        super().__init__(ratio, **params)
         self.probe: list[torch.Tensor] | None = None
         self._policies: dict[float, tuple[list[bool], float, bool]] = {}
 

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..core.info import Paper
+from ..core.info import Paper, Param, nonneg_int, positive_int
 from .base import KVPress, Step, keep_count, register, topk_mask
 
 
@@ -75,11 +75,7 @@ class ScorePress(KVPress):
 class RandomPress(ScorePress):
     name = "random"
     summary = "Baseline: keeps a uniformly random subset of the prompt's entries."
-    params = {"seed": "random seed"}
-
-    def __init__(self, ratio: float = 0.0, seed: int = 0):
-        super().__init__(ratio)
-        self.seed = seed
+    params = KVPress.params + (Param("seed", 0, "random seed"),)
 
     def score(self, step):
         gen = torch.Generator().manual_seed(self.seed + step.layer)
@@ -102,13 +98,7 @@ class StreamingLLMPress(ScorePress):
     paper = Paper("Efficient Streaming Language Models with Attention Sinks", 2023, "2309.17453")
     stages = ("prefill", "decode")
     summary = "Attention sinks (the first tokens) plus a window of the most recent tokens; keys are not re-rotated."
-    params = {"sinks": "initial tokens always kept (kvpress: 4)"}
-
-    def __init__(self, ratio: float = 0.0, sinks: int = 4):
-        super().__init__(ratio)
-        if sinks < 0:
-            raise ValueError(f"streaming_llm: sinks must be >= 0, got {sinks}")
-        self.sinks = sinks
+    params = KVPress.params + (nonneg_int("sinks", 4, "initial tokens always kept (kvpress: 4)"),)
 
     def score(self, step):
         return step.index.double().masked_fill(first_slots(step, self.sinks), math.inf)
@@ -122,14 +112,9 @@ class H2OPress(ScorePress):
     stages = ("prefill", "decode")
     summary = ("Heavy hitters by accumulated attention (summed over every query so far and the query heads of "
                "a KV group) plus a recent window; half of the budget each, as in the paper.")
-    params = {"recent_share": "share of the budget given to the most recent tokens"}
+    params = KVPress.params + (Param("recent_share", 0.5, "share of the budget given to the most recent tokens",
+                                     (int, float), lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),)
     QUERY_CHUNK = 256
-
-    def __init__(self, ratio: float = 0.0, recent_share: float = 0.5):
-        super().__init__(ratio)
-        if not 0.0 <= recent_share <= 1.0:
-            raise ValueError(f"h2o: recent_share must be in [0, 1], got {recent_share}")
-        self.recent_share = recent_share
 
     def keep(self, step):
         received = torch.zeros_like(step.bias)
@@ -166,13 +151,10 @@ class SnapKVPress(ScorePress):
     summary = ("Attention of the last `window` prompt queries (the observation window), averaged over them, "
                "smoothed by average pooling and averaged over the query heads of each KV group; the window "
                "itself is always kept (kvpress's defaults: window 64, kernel 5).")
-    params = {"window": "observation window (last prompt queries)", "kernel": "average-pooling kernel"}
-
-    def __init__(self, ratio: float = 0.0, window: int = 64, kernel: int = 5):
-        super().__init__(ratio)
-        if window < 1 or kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"snapkv: window must be >= 1 and kernel odd >= 1, got window={window}, kernel={kernel}")
-        self.window, self.kernel = window, kernel
+    params = KVPress.params + (
+        positive_int("window", 64, "observation window (last prompt queries)"),
+        Param("kernel", 5, "average-pooling kernel", (int,), lambda v: v >= 1 and v % 2 == 1, "an odd int >= 1"),
+    )
 
     def score(self, step):
         w = max(1, min(self.window, step.query.shape[2] - 1))
@@ -196,13 +178,7 @@ class PyramidKVPress(SnapKVPress):
                "averaging to the same ratio; kvpress's schedule with beta 20, except that it is kept whenever it "
                "fits the prompt (kvpress falls back to SnapKV unless the top layer's budget exceeds the window, "
                "i.e. below ~5k tokens at ratio 0.75).")
-    params = {**SnapKVPress.params, "beta": "pyramid steepness (kvpress: 20)"}
-
-    def __init__(self, ratio: float = 0.0, window: int = 64, kernel: int = 5, beta: int = 20):
-        super().__init__(ratio, window, kernel)
-        if beta < 1:
-            raise ValueError(f"pyramidkv: beta must be >= 1, got {beta}")
-        self.beta = beta
+    params = SnapKVPress.params + (positive_int("beta", 20, "pyramid steepness (kvpress: 20)"),)
 
     def count(self, step):
         if not step.prefill:
@@ -234,14 +210,11 @@ class PromptDistillPress(KVPress):
                "averaged over heads); from the next layer on, during prefill, only those tokens are attended "
                "to, as if the others' hidden states were dropped, and only their entries are cached. Layers up "
                "to the selection layer keep everything, so later layers evict more to meet the ratio.")
-    params = {"select_layer": "selection layer as a fraction of depth", "window": "query tokens that select"}
-
-    def __init__(self, ratio: float = 0.0, select_layer: float = 0.4, window: int = 8):
-        super().__init__(ratio)
-        if not 0.0 <= select_layer < 1.0 or window < 1:
-            raise ValueError(f"promptdistill: select_layer must be in [0, 1) and window >= 1, got "
-                             f"{select_layer}, {window}")
-        self.select_layer, self.window = select_layer, window
+    params = KVPress.params + (
+        Param("select_layer", 0.4, "selection layer as a fraction of depth", (int, float), lambda v: 0.0 <= v < 1.0,
+              "a number in [0, 1)"),
+        positive_int("window", 8, "query tokens that select"),
+    )
 
     def plan(self, length: int, n_layers: int) -> tuple[int, int]:
         """(selection layer, tokens kept after it) for a row of `length`: the deepest selection layer at or

@@ -13,6 +13,7 @@ from collections import deque
 
 import torch
 
+from ...core.info import Paper
 from ..capture import capture_attention
 from ..session import Session
 from .base import Probe
@@ -119,7 +120,7 @@ def attribution_sentence(session: Session, max_tokens: int = 18) -> torch.Tensor
 
 class RolloutFlow(Probe):
     name = "rollout_flow"
-    paper = "Quantifying Attention Flow in Transformers (Abnar & Zuidema, 2020)"
+    paper = Paper("Quantifying Attention Flow in Transformers", 2020, "2005.00928")
     about = ("token attributions for one output position (the last token of a causal LM, [CLS] of an encoder) "
              "by raw last-layer attention, rollout and flow, with their Spearman correlation to |gradient x input|")
 

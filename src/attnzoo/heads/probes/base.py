@@ -1,4 +1,5 @@
-"""What every probe is: a name, the paper it comes from, and `run(session) -> ProbeResult` whose
+"""What every probe is: a name, the paper it comes from, its parameters (`Param`s, validated as the
+variants' and the KV presses' are) and `run(session) -> ProbeResult` whose
 main output is a (layers, heads) score map. Probes that only read attention maps (`MapProbe`)
 declare which shared inputs they read and reduce each layer's maps as they arrive, so several
 of them share one forward pass per input."""
@@ -9,6 +10,8 @@ from typing import ClassVar
 
 import torch
 
+from ...core.info import Paper, Param, validate_params
+from ...core.registry import Registry
 from ..capture import LayerAttention, watch_attention
 from ..session import Item, Session
 
@@ -36,9 +39,27 @@ class ProbeResult:
 
 class Probe:
     name: ClassVar[str]
-    paper: ClassVar[str]
+    paper: ClassVar[Paper]
     about: ClassVar[str] = ""
     models: ClassVar[str] = "any"  # "causal" (decoders only), "encoder" (bidirectional only) or "any"
+    # The constructor's parameters, validated by `validate_params` and set as attributes of the same names.
+    params: ClassVar[tuple[Param, ...]] = ()
+
+    def __init__(self, **params):
+        for key, value in validate_params(self.name, self.params, params).items():
+            setattr(self, key, value)
+        self.validate_config()
+
+    def validate_config(self) -> None:
+        """Checks across parameters (each is an attribute by now); raise ValueError naming them."""
+
+    @property
+    def config(self) -> dict:
+        """The probe's parameters and their current values, in declared order."""
+        return {p.name: getattr(self, p.name) for p in self.params}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
 
     def check(self, session: Session) -> None:
         if self.models == "causal" and not session.causal:
@@ -50,7 +71,15 @@ class Probe:
         raise NotImplementedError
 
     def result(self, maps=None, summary=None, details=None) -> ProbeResult:
-        return ProbeResult(self.name, self.paper, maps or {}, summary or {}, details or {})
+        return ProbeResult(self.name, str(self.paper), maps or {}, summary or {}, details or {})
+
+
+REGISTRY: Registry[type[Probe]] = Registry("probe")
+
+
+def register(cls: type[Probe]) -> type[Probe]:
+    """Adds a probe class to `REGISTRY` under `cls.name`."""
+    return REGISTRY.register(cls)
 
 
 class MapProbe(Probe):

@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from ...core.info import Paper
 from .. import tasks
 from ..ablate import gate_heads
 from ..session import Session
@@ -72,7 +73,7 @@ def pruning_curve(session: Session, order: list[tuple[int, int]], ids: torch.Ten
 
 class Importance(Probe):
     name = "importance"
-    paper = "Are Sixteen Heads Really Better than One? (Michel et al., 2019)"
+    paper = Paper("Are Sixteen Heads Really Better than One?", 2019, "1905.10650")
     about = ("|dL/dgate| per head on real prose (normalised per layer), and the loss on held-out prose as heads "
              "are pruned from the least important up, against a random order")
     models = "causal"

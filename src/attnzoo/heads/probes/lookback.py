@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from ...core.info import Paper, Param
 from ..capture import watch_attention
 from ..session import Session
 from ..tasks import chat_frame, split_ids
@@ -95,19 +96,21 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 class LookbackLens(Probe):
     name = "lookback_lens"
-    paper = ("Lookback Lens: Detecting and Mitigating Contextual Hallucinations in Large Language Models Using "
-             "Only Attention Maps (Chuang et al., 2024)")
+    paper = Paper("Lookback Lens: Detecting and Mitigating Contextual Hallucinations in Large Language Models Using "
+                  "Only Attention Maps", 2024, "2407.07071")
     about = ("lookback ratio (attention on the context vs on the generated tokens) per head, as features of a "
              "logistic-regression detector of ungrounded answers; trained on real-prose examples (a quoted span "
              "copied from the passage vs prose the passage lacks), scored by AUROC on held-out prose")
     models = "causal"
-    EXAMPLES = 16  # per split, half grounded
+    EXAMPLES = 16  # the default of `examples`
+    params = (Param("examples", EXAMPLES, "examples per split (train, held-out), half of them grounded", (int,),
+                    lambda v: v >= 2 and v % 2 == 0, "an even int >= 2"),)
 
     def run(self, session: Session):
         s = session.settings
         data = {}
         for split, seed in (("train", s.seed), ("heldout", s.seed + 1)):
-            rows = lookback_examples(session.tokenizer, self.EXAMPLES, split, seed)
+            rows = lookback_examples(session.tokenizer, self.examples, split, seed)
             feats = [lookback_features(session.model, ids, ctx, ans, session.layers, session.heads)
                      for ids, ctx, ans, _ in session.progress(rows, desc=f"lookback ratios ({split})")]
             data[split] = (torch.stack(feats).double(), torch.tensor([r[3] for r in rows], dtype=torch.float64))

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import torch
 
+from ...core.info import Paper
 from .. import tasks
 from ..capture import LayerAttention
 from ..session import Item, Session
 from .base import MapProbe, top_summary
 
-INDUCTION_PAPER = "In-context Learning and Induction Heads (Olsson et al., 2022)"
-BERT_PAPER = "What Does BERT Look At? An Analysis of BERT's Attention (Clark et al., 2019)"
+INDUCTION_PAPER = Paper("In-context Learning and Induction Heads", 2022, "2209.11895")
+BERT_PAPER = Paper("What Does BERT Look At? An Analysis of BERT's Attention", 2019, "1906.04341")
+DISTANCE_PAPER = Paper("Analyzing the Structure of Attention in a Transformer Language Model", 2019, "1906.04284")
 
 
 def _diagonal_mean(probs: torch.Tensor, offset: int, start: int = 0) -> torch.Tensor:
@@ -89,8 +91,9 @@ def _first_visible_row(session: Session) -> int:
 
 class Entropy(_MeanOfMaps):
     name = "entropy"
-    paper = "What Does BERT Look At? (Clark et al., 2019): broad vs focused attention"
-    about = "mean entropy (nats) of each attention row on real prose; normalized by log(visible keys) in the second map"
+    paper = BERT_PAPER
+    about = ("mean entropy (nats) of each attention row on real prose (broad vs focused attention); normalized by "
+             "log(visible keys) in the second map")
 
     def start(self, session):
         super().start(session)
@@ -116,8 +119,9 @@ class Entropy(_MeanOfMaps):
 
 class Distance(_MeanOfMaps):
     name = "distance"
-    paper = "Attention distance (Vig & Belinkov, 2019; Clark et al., 2019)"
-    about = "mean |query position - key position| weighted by attention, on real prose"
+    paper = DISTANCE_PAPER
+    about = ("mean |query position - key position| weighted by attention, on real prose (also in Clark et al., "
+             "2019, \"What Does BERT Look At?\")")
 
     def statistic(self, rec, item):
         s = rec.probs.shape[-1]

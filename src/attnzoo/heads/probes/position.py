@@ -14,6 +14,7 @@ import functools
 import torch
 
 from ... import hf
+from ...core.info import Paper
 from .. import tasks
 from ..capture import attention_probs, watch_attention
 from ..session import Session
@@ -75,8 +76,8 @@ def calibration_hooks(model, bias: torch.Tensor, context: tuple[int, int]) -> hf
 
 class PositionBias(Probe):
     name = "position_bias"
-    paper = ("Found in the Middle: Calibrating Positional Attention Bias Improves Long Context Utilization "
-             "(Hsieh et al., 2024)")
+    paper = Paper("Found in the Middle: Calibrating Positional Attention Bias Improves Long Context Utilization", 2024,
+                  "2406.16008")
     about = ("attention of the question's tokens over depth buckets of a needle-free real-prose context; score = "
              "attention per token in the first and last buckets over the middle ones (U-shape); passkey accuracy by "
              "needle depth with and without subtracting the bias (found-in-the-middle calibration)")

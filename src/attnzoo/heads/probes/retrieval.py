@@ -12,13 +12,14 @@ import math
 
 import torch
 
+from ...core.info import Paper, Param
 from .. import tasks
 from ..capture import head_grid, watch_attention
 from ..session import Session
 from .base import Probe, top_summary
 
-RETRIEVAL_PAPER = "Retrieval Head Mechanistically Explains Long-Context Factuality (Wu et al., 2024)"
-DECORE_PAPER = "DeCoRe: Decoding by Contrasting Retrieval Heads to Mitigate Hallucinations (Gema et al., 2024)"
+RETRIEVAL_PAPER = Paper("Retrieval Head Mechanistically Explains Long-Context Factuality", 2024, "2404.15574")
+DECORE_PAPER = Paper("DeCoRe: Decoding by Contrasting Retrieval Heads to Mitigate Hallucinations", 2024, "2410.18860")
 
 
 @torch.no_grad()
@@ -123,8 +124,12 @@ class DeCoRe(Probe):
              "QA task (which of several boxes' pass keys, in real prose); exact-match accuracy of plain greedy "
              "decoding, of DeCoRe with a static alpha, and with the entropy-scaled alpha")
     models = "causal"
-    DISTRACTORS = 3
-    ALPHA = 0.5
+    DISTRACTORS = 3  # the default of `distractors`
+    ALPHA = 0.5  # the default of `alpha`
+    params = (Param("distractors", DISTRACTORS, "keyed needles besides the one asked for (one colour each)", (int,),
+                    lambda v: 0 <= v < len(tasks._COLOURS), f"an int in [0, {len(tasks._COLOURS) - 1}]"),
+              Param("alpha", ALPHA, "static contrast strength (the entropy-scaled run sets its own)", (int, float),
+                    lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"))
 
     @torch.no_grad()
     def run(self, session):
@@ -133,7 +138,7 @@ class DeCoRe(Probe):
         n_masked = max(session.n_ablate, int((retrieval > s.retrieval_threshold).sum()))
         masked_heads = session.top_heads(retrieval, n_masked)
         examples = tasks.passkey_examples(session.tokenizer, s.eval_examples, 2 * s.passkey_tokens, split="heldout",
-                                          seed=s.seed + 2, distractors=self.DISTRACTORS)
+                                          seed=s.seed + 2, distractors=self.distractors)
         right = {"greedy": [], "decore_static": [], "decore_entropy": [], "masked_model": []}
         for ex in session.progress(examples, desc="DeCoRe"):
             rows = slice(ex.answer_start - 1, -1)
@@ -142,11 +147,11 @@ class DeCoRe(Probe):
                 masked = session.forward(ex.ids).logits[0, rows]
             gold = ex.ids[0, ex.answer_start:]
             for label, scores in (("greedy", base), ("masked_model", masked),
-                                  ("decore_static", contrast(base, masked, self.ALPHA)),
+                                  ("decore_static", contrast(base, masked, self.alpha)),
                                   ("decore_entropy", contrast(base, masked, None))):
                 right[label].append(bool((scores.argmax(-1) == gold).all()))
         acc = {k: round(sum(v) / len(v), 4) for k, v in right.items()}
-        summary = {"task": f"{self.DISTRACTORS + 1} keyed needles in {2 * s.passkey_tokens} tokens of held-out prose",
-                   "examples": len(examples), "masked_heads": n_masked, "alpha_static": self.ALPHA,
+        summary = {"task": f"{self.distractors + 1} keyed needles in {2 * s.passkey_tokens} tokens of held-out prose",
+                   "examples": len(examples), "masked_heads": n_masked, "alpha_static": self.alpha,
                    "accuracy": acc}
         return self.result({}, summary, {"masked_heads": [list(h) for h in masked_heads]})

@@ -15,13 +15,14 @@ from collections import Counter
 import torch
 
 from ... import hf
+from ...core.info import Paper, Param, positive_int
 from .. import tasks
 from ..capture import attention_probs
 from ..session import Session
 from .base import MapProbe, Probe, top_summary
 
-ACT_PAPER = ("Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models without Training "
-             "through Attention Calibration (Yu et al., 2024)")
+ACT_PAPER = Paper("Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models without Training "
+                  "through Attention Calibration", 2024, "2406.15765")
 SINK_THRESHOLD = 0.1   # a token is a sink for a head when it gets this much of each later row's attention on average
 MIN_VIEWERS = 16       # ...averaged over at least this many rows; the last tokens of a text are seen by too few
 ACT_BETA = 0.4         # ACT keeps this share of a hidden sink's attention and gives the rest to the other tokens
@@ -85,6 +86,13 @@ class Sink(MapProbe):
              f"{SINK_THRESHOLD:.0%} of every later row on average); ACT (beta={ACT_BETA}) applied to the heads its "
              "head search keeps, with held-out loss and passkey accuracy measured with and without it")
     inputs = ("prose",)
+    params = (
+        Param("threshold", SINK_THRESHOLD, "mean share of each later row's attention that makes a token a sink",
+              (int, float), lambda v: 0 < v < 1, "a number in (0, 1)"),
+        Param("beta", ACT_BETA, "share of a hidden sink's attention ACT keeps (the rest goes to the other tokens)",
+              (int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        positive_int("candidates", ACT_CANDIDATES, "heads with the most hidden-sink mass tried in ACT's head search"),
+    )
 
     def start(self, session):
         super().start(session)
@@ -95,7 +103,7 @@ class Sink(MapProbe):
         start = 1 if self.session.causal else 0
         p = rec.probs[0].double()  # (H, S, S)
         self.total[rec.layer] += p[:, start:, 0].mean(-1)
-        sink = hidden_sinks(p, self.session.causal)  # (H, S)
+        sink = hidden_sinks(p, self.session.causal, self.threshold)  # (H, S)
         self.hidden[rec.layer] += (p[:, start:] * sink[:, None, :]).sum(-1).mean(-1)
         self.sink_tokens.update(int(t) for t in item.ids[0][sink.any(0)])
         if rec.layer == 0:
@@ -114,12 +122,13 @@ class Sink(MapProbe):
             **top_summary(session, first, "first_token"), **top_summary(session, hidden, "hidden_sink"),
         }
         if session.causal and session.settings.validate:
-            summary["act"] = evaluate_act(session, hidden)
+            summary["act"] = evaluate_act(session, hidden, self.beta, self.threshold, self.candidates)
         return self.result({"first_token_sink": first, "hidden_sink": hidden}, summary)
 
 
 @torch.no_grad()
-def evaluate_act(session: Session, hidden: torch.Tensor) -> dict:
+def evaluate_act(session: Session, hidden: torch.Tensor, beta: float = ACT_BETA, threshold: float = SINK_THRESHOLD,
+                 candidates: int = ACT_CANDIDATES) -> dict:
     """ACT as the paper runs it: a head search on calibration text (keep the heads whose calibration
     alone lowers the loss), then the kept heads calibrated on held-out text and passkey questions."""
     s = session.settings
@@ -130,21 +139,21 @@ def evaluate_act(session: Session, hidden: torch.Tensor) -> dict:
         return float(tasks.lm_loss(session.forward(texts).logits, texts))
 
     base_calib = loss(calib)
-    candidates = [h for h in session.top_heads(hidden, ACT_CANDIDATES) if hidden[h] > 0]
+    candidates = [h for h in session.top_heads(hidden, candidates) if hidden[h] > 0]
     kept, tried = [], []
     for head in session.progress(candidates, desc="ACT head search"):
-        with act_hooks(session.model, [head]):
+        with act_hooks(session.model, [head], beta, threshold):
             delta = loss(calib) - base_calib
         tried.append([*head, round(delta, 5)])
         if delta < 0:
             kept.append(head)
-    out = {"beta": ACT_BETA, "threshold": SINK_THRESHOLD, "candidates_loss_change": tried,
+    out = {"beta": beta, "threshold": threshold, "candidates_loss_change": tried,
            "kept_heads": [list(h) for h in kept], "heldout_loss_base": round(loss(heldout), 4),
            "passkey_accuracy_base": session.passkey_baseline()}
     # the heads the search kept, as the paper runs it; if it kept none, all candidates, to show the effect
     label, heads = ("kept", kept) if kept else ("all_candidates", candidates)
     if heads:
-        with act_hooks(session.model, heads):
+        with act_hooks(session.model, heads, beta, threshold):
             out[f"heldout_loss_act_{label}"] = round(loss(heldout), 4)
             out[f"passkey_accuracy_act_{label}"] = session.passkey_accuracy(f"passkey (ACT, {label} heads)")
     return out
@@ -152,13 +161,16 @@ def evaluate_act(session: Session, hidden: torch.Tensor) -> dict:
 
 class ActiveDormant(MapProbe):
     name = "active_dormant"
-    paper = "Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs (Guo et al., 2024)"
-    DORMANT = 0.7
+    paper = Paper("Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs", 2024,
+                  "2410.13835")
+    DORMANT = 0.7  # the default of `dormant`
     about = (f"a head is dormant on an input when it parks at least {DORMANT:.0%} of its attention on the first "
              "token; share of inputs (real prose and Python source) on which each head is dormant, and the sink-mass "
              "gap between the two domains")
     inputs = ("prose", "code")
     models = "causal"
+    params = (Param("dormant", DORMANT, "share of a head's attention on the first token that makes it dormant on an "
+                    "input", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),)
 
     def start(self, session):
         super().start(session)
@@ -180,7 +192,7 @@ class ActiveDormant(MapProbe):
         keys = sorted(self.sink)
         sink = torch.stack([self.sink[k] for k in keys])        # (items, L, H)
         norm = torch.stack([self.norm[k] for k in keys])
-        dormant = sink >= self.DORMANT
+        dormant = sink >= self.dormant
         share = dormant.float().mean(0)
         by_domain = {kind: sink[[i for i, k in enumerate(keys) if k[0] == kind]].mean(0) for kind in ("prose", "code")}
         dorm_by = {kind: dormant[[i for i, k in enumerate(keys) if k[0] == kind]] for kind in ("prose", "code")}
@@ -189,7 +201,7 @@ class ActiveDormant(MapProbe):
         dormant_norm = norm[dormant].mean() if dormant.any() else torch.tensor(float("nan"))
         gap = by_domain["code"] - by_domain["prose"]
         summary = {
-            "dormant_threshold": self.DORMANT,
+            "dormant_threshold": self.dormant,
             "always_dormant": int((share == 1).sum()), "never_dormant": int((share == 0).sum()),
             "active_dormant": int(((share > 0) & (share < 1)).sum()),
             "domain_switching": int(switch.sum()),
@@ -203,10 +215,11 @@ class ActiveDormant(MapProbe):
 
 class MassiveActivations(Probe):
     name = "massive_activations"
-    paper = "Massive Activations in Large Language Models (Sun et al., 2024)"
+    paper = Paper("Massive Activations in Large Language Models", 2024, "2402.17762")
     about = ("the largest |hidden state| entries after each decoder layer (forward hooks), against the layer's "
              "median; 'massive' = above 100 and 1000x the median, as in the paper; their tokens and dimensions")
-    TOP = 4
+    TOP = 4  # the default of `top`
+    params = (positive_int("top", TOP, "largest |hidden state| entries reported per layer"),)
 
     def run(self, session):
         layers = decoder_layers(session.model)
@@ -216,7 +229,7 @@ class MassiveActivations(Probe):
         def make(i):
             def grab(module, args, output):
                 h = (output[0] if isinstance(output, tuple) else output)[0].detach().float().abs()  # (S, D)
-                top = h.flatten().topk(self.TOP)
+                top = h.flatten().topk(min(self.top, h.numel()))
                 stats[i] = (top.values.tolist(), (top.indices // h.shape[1]).tolist(),
                             (top.indices % h.shape[1]).tolist(), float(h.median()))
 
