@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from .registry import variant_class, variants  # noqa: F401  (re-exported)
-from .variant import Variant, _freeze, did_you_mean
+from .info import did_you_mean
+from .variant import Variant, _freeze
 
 
 def get(name: str, **params) -> Variant:

@@ -8,7 +8,6 @@ definition serves the dense reference, the blockwise `torch` path and compiled `
 """
 from __future__ import annotations
 
-import difflib
 import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -16,7 +15,8 @@ from typing import Any, ClassVar
 import torch
 
 from .checks import Shapes, check_causal, check_input_tensor, check_qkv, check_scale
-from .info import ALL_PATTERNS, Input, Paper, Param, VariantInfo, pattern_of, validate_params
+from .info import (ALL_PATTERNS, Input, Paper, Param, VariantInfo, close_names, did_you_mean,
+                   pattern_of, validate_params)
 from . import blocks as _blocks
 
 
@@ -33,21 +33,6 @@ class Call:
     @property
     def pattern(self) -> str:
         return pattern_of(self.causal, self.shapes.sq, self.shapes.sk)
-
-
-def close_names(unknown, valid) -> dict[str, str]:
-    """The closest valid name of each misspelled one (difflib), where one is close enough."""
-    close = {u: difflib.get_close_matches(u, sorted(valid), n=1, cutoff=0.6) for u in unknown}
-    return {u: c[0] for u, c in close.items() if c}
-
-
-def did_you_mean(unknown, valid) -> str:
-    """' (did you mean ...?)' naming the closest valid name of each misspelled one, or ''."""
-    close = close_names(unknown, valid)
-    if not close:
-        return ""
-    names = ", ".join(f"{c!r} for {u!r}" if len(unknown) > 1 else repr(c) for u, c in close.items())
-    return f" (did you mean {names}?)"
 
 
 def _freeze(value):
