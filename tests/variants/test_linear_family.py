@@ -20,6 +20,7 @@ CASES = {
     "linear-elu1": ("linear", {"feature_map": "elu1"}),
     "linear-relu": ("linear", {"feature_map": "relu"}),
     "linear-identity-unnormalised": ("linear", {"feature_map": "identity", "normalize": False}),
+    "cosine": ("cosine", {}),
 }
 IDS = list(CASES)
 

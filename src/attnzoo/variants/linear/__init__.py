@@ -3,3 +3,4 @@ one package with its definition (`naive.py`: the paper's formula, quadratic, and
 recurrence) next to its chunked form (`chunk.py`), as fla's ops/<name>/."""
 from . import gla  # noqa: F401
 from . import linear  # noqa: F401
+from . import cosine  # noqa: F401
