@@ -21,6 +21,7 @@ CASES = {
     "linear-relu": ("linear", {"feature_map": "relu"}),
     "linear-identity-unnormalised": ("linear", {"feature_map": "identity", "normalize": False}),
     "cosine": ("cosine", {}),
+    "retention": ("retention", {}),
 }
 IDS = list(CASES)
 

@@ -4,3 +4,4 @@ recurrence) next to its chunked form (`chunk.py`), as fla's ops/<name>/."""
 from . import gla  # noqa: F401
 from . import linear  # noqa: F401
 from . import cosine  # noqa: F401
+from . import retention  # noqa: F401
