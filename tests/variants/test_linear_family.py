@@ -22,6 +22,7 @@ CASES = {
     "linear-identity-unnormalised": ("linear", {"feature_map": "identity", "normalize": False}),
     "cosine": ("cosine", {}),
     "retention": ("retention", {}),
+    "lightning": ("lightning", {"layer_idx": 1, "num_layers": 4}),
 }
 IDS = list(CASES)
 

@@ -5,3 +5,4 @@ from . import gla  # noqa: F401
 from . import linear  # noqa: F401
 from . import cosine  # noqa: F401
 from . import retention  # noqa: F401
+from . import lightning  # noqa: F401
