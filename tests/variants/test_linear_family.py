@@ -23,6 +23,8 @@ CASES = {
     "cosine": ("cosine", {}),
     "retention": ("retention", {}),
     "lightning": ("lightning", {"layer_idx": 1, "num_layers": 4}),
+    "based": ("based", {}),
+    "based-unnormalised": ("based", {"normalize": False}),
 }
 IDS = list(CASES)
 

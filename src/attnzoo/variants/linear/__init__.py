@@ -6,3 +6,4 @@ from . import linear  # noqa: F401
 from . import cosine  # noqa: F401
 from . import retention  # noqa: F401
 from . import lightning  # noqa: F401
+from . import based  # noqa: F401
