@@ -1,0 +1,73 @@
+"""Independent definitions of the content-sparse and approximate variants, written plainly: one query at a
+time, Python loops and lists, no code shared with attnzoo. Each returns (mask, out): the keys the query
+reads (bool (B, Hq, Sq, Sk), causality included) and the output (B, Hq, Sq, Dv) in float64."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def softmax_over(qi, keys, values, scale):
+    """softmax(scale q.k) v over the given key rows; zeros when there are none."""
+    if len(keys) == 0:
+        return torch.zeros(values.shape[-1], dtype=torch.float64)
+    w = torch.softmax(scale * (keys @ qi), 0)
+    return w @ values
+
+
+def _loop(q, k):
+    b, hq, sq, _ = q.shape
+    sk, g = k.shape[2], hq // k.shape[1]
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(sq):
+                yield bi, h, h // g, i, i + sk - sq
+
+
+# ---- nsa ----------------------------------------------------------------------------------------------
+
+
+def nsa(q, k, v, causal, params, gates, scale):
+    assert causal
+    bs, top_k, window = params["block_size"], params["top_k"], params["window"]
+    b, hq, sq, _ = q.shape
+    sk, g = k.shape[2], hq // k.shape[1]
+    n = math.ceil(sk / bs)
+    mask = torch.zeros(b, hq, sq, sk, dtype=torch.bool)
+    out = torch.zeros(b, hq, sq, v.shape[-1], dtype=torch.float64)
+
+    def compressed(bi, h, pos):
+        kv = h // g
+        seen = [c for c in range(n) if (c + 1) * bs - 1 <= pos]
+        kc = torch.stack([k[bi, kv, c * bs:(c + 1) * bs].mean(0) for c in range(n)])
+        vc = torch.stack([v[bi, kv, c * bs:(c + 1) * bs].mean(0) for c in range(n)])
+        probs = [0.0] * n
+        if seen:
+            w = torch.softmax(scale * (kc[seen] @ q[bi, h, pos - (sk - sq)]), 0)
+            for c, p in zip(seen, w.tolist()):
+                probs[c] = p
+        return probs, softmax_over(q[bi, h, pos - (sk - sq)], kc[seen], vc[seen], scale)
+
+    for bi, h, kvh, i, pos in _loop(q, k):
+        probs_cmp, o_cmp = compressed(bi, h, pos)
+        # the group's vote: the compressed probabilities summed over the query heads sharing kv head kvh
+        votes = [0.0] * n
+        for h2 in range(kvh * g, (kvh + 1) * g):
+            for c, p in enumerate(compressed(bi, h2, pos)[0]):
+                votes[c] += p
+        own = pos // bs
+        chosen = []
+        for c in (own, own - 1, 0):
+            if c >= 0 and c not in chosen:
+                chosen.append(c)
+        rest = sorted((c for c in range(own) if c not in chosen), key=lambda c: -votes[c])
+        chosen = (chosen + rest)[:top_k]
+        keys = sorted(t for c in chosen for t in range(c * bs, min((c + 1) * bs, sk)) if t <= pos)
+        mask[bi, h, i, keys] = True
+        o_slc = softmax_over(q[bi, h, i], k[bi, kvh, keys], v[bi, kvh, keys], scale)
+        lo = max(0, pos - window)
+        o_win = softmax_over(q[bi, h, i], k[bi, kvh, lo:pos + 1], v[bi, kvh, lo:pos + 1], scale)
+        gc, gs, gw = gates[bi, h, i].tolist()
+        out[bi, h, i] = gc * o_cmp + gs * o_slc + gw * o_win
+    return mask, out

@@ -1,0 +1,186 @@
+"""The content-sparse and approximate family beyond moba/quest/topk: each variant's fast path and reference
+against its independent per-query definition (tests/variants/sparse_defs.py) on every pattern it claims,
+GQA and lengths that are not multiples of its blocks; budgets at the edges; gradients; bad inputs."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+from harness import PATTERN_SHAPES, qkv
+
+import attnzoo as az
+import sparse_defs
+
+
+def _gates(q, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    return {"gates": torch.rand(*q.shape[:3], 3, generator=g, dtype=q.dtype)}
+
+
+def _no_inputs(q):
+    return {}
+
+
+@dataclass
+class Case:
+    params: dict                                  # a small configuration, odd blocks
+    define: Callable                              # sparse_defs function
+    inputs: Callable = _no_inputs                 # q -> extra inputs
+    all_params: Callable = None                   # sk -> params selecting everything
+    all_inputs: Callable = None                   # q -> inputs under which select-all is full attention
+    smallest: dict = field(default_factory=dict)  # params of the smallest budget
+    own: Callable = None                          # (params, pos) -> keys of the query's own block
+    bad: tuple = ()                               # (params, exception, message)
+
+
+CASES = {
+    "nsa": Case(
+        params={"block_size": 6, "top_k": 4, "window": 5},
+        define=sparse_defs.nsa,
+        inputs=_gates,
+        all_params=lambda sk: {"block_size": 6, "top_k": math.ceil(sk / 6), "window": 5},
+        all_inputs=lambda q: {"gates": torch.tensor([0.0, 1.0, 0.0], dtype=q.dtype).expand(*q.shape[:3], 3)},
+        smallest={"block_size": 6, "top_k": 1, "window": 5},
+        own=lambda p, pos: set(range(pos // p["block_size"] * p["block_size"], pos + 1)),
+        bad=(({"top_k": 0}, ValueError, "'top_k' must be a positive int"),
+             ({"block_size": 0}, ValueError, "'block_size' must be a positive int"),
+             ({"window": -1}, ValueError, "'window' must be a non-negative int"),
+             ({"top_k": 2.0}, TypeError, "'top_k' must be int")),
+    ),
+}
+NAMES = list(CASES)
+
+
+def _call(name, pattern, b=2, hq=4, hkv=2, d=8, seed=0, params=None):
+    causal, sq, sk = PATTERN_SHAPES[pattern]
+    q, k, v = qkv(b, hq, hkv, sq, sk, d, seed=seed)
+    case = CASES[name]
+    return az.get(name, **(params or case.params)), q, k, v, causal, case.inputs(q)
+
+
+@pytest.mark.parametrize("pattern", list(PATTERN_SHAPES))
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_path_and_reference_equal_the_independent_definition(name, pattern):
+    attn, q, k, v, causal, inputs = _call(name, pattern)
+    if pattern not in attn.info.patterns:
+        with pytest.raises(ValueError, match=pattern):
+            attn(q, k, v, causal=causal, **inputs)
+        return
+    mask, expected = CASES[name].define(q, k, v, causal, attn.config, scale=8 ** -0.5, **inputs)
+    assert torch.equal(attn.dense_mask(q.shape[2], k.shape[2], causal=causal, q=q, k=k, **inputs), mask)
+    assert (attn.reference(q, k, v, causal=causal, **inputs) - expected).abs().max() < 1e-10
+    out = attn(q, k, v, causal=causal, **inputs)
+    assert out.shape == expected.shape and out.dtype == q.dtype
+    assert (out - expected).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_selections_are_per_batch_row_and_kv_head(name):
+    attn, q, k, v, causal, inputs = _call(name, next(p for p in PATTERN_SHAPES if p in az.get(name).info.patterns))
+    sel = attn.selection(q, k, causal=causal, **inputs)
+    assert sel.indices.shape[:3] == q.shape[:3]
+    mask = attn.dense_mask(q.shape[2], k.shape[2], causal=causal, q=q, k=k, **inputs)
+    assert not torch.equal(mask[0], mask[1])            # rows choose apart
+    assert not torch.equal(mask[:, 0], mask[:, 2])      # kv heads choose apart
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if CASES[n].all_params])
+def test_a_budget_that_selects_everything_is_full_attention(name):
+    case = CASES[name]
+    for pattern in az.get(name).info.patterns:
+        causal, sq, sk = PATTERN_SHAPES[pattern]
+        q, k, v = qkv(1, 4, 2, sq, sk, 8, seed=2)
+        attn = az.get(name, **case.all_params(sk))
+        inputs = case.all_inputs(q) if case.all_inputs else case.inputs(q)
+        full = az.attention(q, k, v, variant="full", causal=causal)
+        assert (attn(q, k, v, causal=causal, **inputs) - full).abs().max() < 1e-10
+        assert (attn.reference(q, k, v, causal=causal, **inputs) - full).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if CASES[n].own])
+def test_the_smallest_budget_still_reads_the_queries_own_block(name):
+    case = CASES[name]
+    for pattern in az.get(name).info.patterns:
+        causal, sq, sk = PATTERN_SHAPES[pattern]
+        q, k, v = qkv(1, 2, 1, sq, sk, 8, seed=5)
+        attn = az.get(name, **case.smallest)
+        mask = attn.dense_mask(sq, sk, causal=causal, q=q, k=k, **case.inputs(q))
+        for i in range(sq):
+            pos = i + sk - sq
+            for h in range(2):
+                keys = set(mask[0, h, i].nonzero().flatten().tolist())
+                assert pos in keys and keys <= case.own(attn.config, pos), (pattern, i, h)
+        assert torch.isfinite(attn(q, k, v, causal=causal, **case.inputs(q))).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_of_the_fast_path_equal_the_references(name):
+    pattern = next(p for p in ("causal_cross", "noncausal_self") if p in az.get(name).info.patterns)
+    attn, q, k, v, causal, inputs = _call(name, pattern, b=1)
+    leaves = [q, k, v] + [t for t in inputs.values() if t.is_floating_point()]
+    for t in leaves:
+        t.requires_grad_(True)
+    grads = torch.autograd.grad(attn(q, k, v, causal=causal, **inputs).square().sum(), leaves)
+    ref = torch.autograd.grad(attn.reference(q, k, v, causal=causal, **inputs).square().sum(), leaves)
+    for a, b in zip(grads, ref):
+        assert a.abs().max() > 0 and (a - b).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_parameters_raise_naming_them(name):
+    for params, exc, message in CASES[name].bad:
+        with pytest.raises(exc, match=message):
+            az.get(name, **params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_info_cites_the_paper_and_declares_the_budget(name):
+    info = az.get(name).info
+    assert info.paper.title and info.paper.arxiv and info.family in ("sparse", "approx")
+    assert type(az.get(name)).budget_param in {p.name for p in info.params}
+
+
+# ---- nsa -----------------------------------------------------------------------------------------------
+
+
+def test_nsa_needs_gates_to_attend_but_not_to_choose():
+    attn, q, k, v, causal, inputs = _call("nsa", "causal_self")
+    with pytest.raises(TypeError, match="missing required input 'gates'"):
+        attn(q, k, v, causal=True)
+    with pytest.raises(ValueError, match=r"'gates' must have shape \(B, H, Sq, 3\)"):
+        attn(q, k, v, causal=True, gates=torch.zeros(2, 4, 77, 2, dtype=torch.float64))
+    assert torch.equal(attn.dense_mask(77, 77, causal=True, q=q, k=k),
+                       attn.dense_mask(77, 77, causal=True, q=q, k=k, **inputs))
+
+
+def test_nsa_selection_is_shared_by_a_gqa_group_and_forces_first_previous_own():
+    attn, q, k, v, causal, inputs = _call("nsa", "causal_self")
+    sel = attn.selection(q, k, causal=True)
+    assert torch.equal(sel.indices[:, 0], sel.indices[:, 1]) and torch.equal(sel.indices[:, 2], sel.indices[:, 3])
+    for i in range(77):
+        own = i // 6
+        chosen = set(sel.indices[0, 0, i].tolist()) - {-1}
+        assert {own, max(own - 1, 0), 0} <= chosen and len(chosen) == min(4, own + 1)
+
+
+def test_nsa_matches_fla_naive_nsa():
+    """fla's naive compression, top-k and selection (float32) on the same mean-pooled blocks; optional."""
+    naive = pytest.importorskip("fla.ops.nsa.naive")
+    from attnzoo.variants.sparse.nsa import block_means
+
+    q, k, v = qkv(1, 16, 1, 45, 45, 8, seed=4)
+    gates = _gates(q)["gates"].clone()
+    gates[..., 2] = 0  # fla's naive window branch needs flash-attn
+    attn = az.get("nsa", block_size=6, top_k=4, window=5)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731  fla's (B, T, H, D)
+    k_cmp, v_cmp = block_means(k, 6), block_means(v, 6)
+    o_cmp, _ = naive.naive_nsa_compression(t(q), t(k_cmp), t(v_cmp), 6, 8 ** -0.5)
+    idx = naive.naive_nsa_topk(t(q), t(k_cmp), 4, 6, 8 ** -0.5)             # (B, T, Hkv, S)
+    o_slc = naive.naive_nsa_selection(t(q), t(k), t(v), idx, 6, 8 ** -0.5)
+    ours = attn.selection(q, k, causal=True).indices[:, ::16].transpose(1, 2)
+    assert [set(r) - {-1} for r in ours.reshape(-1, 4).tolist()] == [set(r) - {-1} for r in idx.reshape(-1, 4).tolist()]
+    expected = gates[..., :1] * t(o_cmp).double() + gates[..., 1:2] * t(o_slc).double()
+    assert (attn(q, k, v, causal=True, gates=gates) - expected).abs().max() < 1e-5
