@@ -67,7 +67,7 @@ def test_equals_fla_naive_parallel_based_when_installed(use_norm):
     naive = pytest.importorskip("fla.ops.based.naive")
     q, k, v = make(b=2, hq=2, hkv=2, s=40, d=16, dv=8, dtype=torch.float32)
     ours = az.get("based", normalize=use_norm)(q, k, v, causal=True)
-    theirs = naive.naive_parallel_based(q, k, v, use_norm=use_norm)   # head-first (B, H, T, D); +1e-6 in its denominator
+    theirs = naive.naive_parallel_based(q, k, v, use_norm=use_norm)   # (B, H, T, D); 1e-6 added to its denominator
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 

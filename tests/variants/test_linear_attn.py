@@ -38,7 +38,8 @@ def test_state_is_s_then_z_and_scale_cancels_when_normalised():
     assert torch.allclose(state[..., 3], phi_k.sum(2), atol=1e-12, rtol=0)
     assert (attn(q, k, v, causal=True, scale=0.37) - o).abs().max() < 1e-12
     unnorm = az.get("linear", normalize=False)
-    assert (unnorm(q, k, v, causal=True, scale=0.25) - 0.5 * unnorm(q, k, v, causal=True)).abs().max() < 1e-12  # D**-0.5 = 0.5
+    half = unnorm(q, k, v, causal=True, scale=0.25)                    # D**-0.5 = 0.5 by default
+    assert (half - 0.5 * unnorm(q, k, v, causal=True)).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("mode", ["parallel", "chunk", "recurrent"])

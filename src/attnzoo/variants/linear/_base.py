@@ -30,7 +30,8 @@ class LinearVariant(RecurrentVariant):
         b, hkv, d = k_t.shape
         if q_t.shape[0] != b or q_t.shape[1] % hkv or q_t.shape[2] != d or tuple(v_t.shape[:2]) != (b, hkv):
             raise ValueError(f"{self.name}: step needs q_t (B, Hq, D), k_t (B, Hkv, D), v_t (B, Hkv, Dv) with "
-                             f"Hq % Hkv == 0; got q_t {tuple(q_t.shape)}, k_t {tuple(k_t.shape)}, v_t {tuple(v_t.shape)}")
+                             f"Hq % Hkv == 0; got q_t {tuple(q_t.shape)}, k_t {tuple(k_t.shape)}, "
+                             f"v_t {tuple(v_t.shape)}")
         want = self.state_shape(b, hkv, d, v_t.shape[-1])
         if tuple(state.shape) != want:
             raise ValueError(f"{self.name}: state must be {self.state_doc} = {want}, got {tuple(state.shape)}")

@@ -91,6 +91,11 @@ def normalise(o: torch.Tensor) -> torch.Tensor:
     return safe_divide(o[..., :-1], o[..., -1:])
 
 
+def constant_log_gates(decays: torch.Tensor, s: int, dtype) -> torch.Tensor:
+    """(Hkv,) fixed decays in (0, 1] -> (1, Hkv, S) scalar log gates (the same at every position)."""
+    return decays.to(dtype).log().view(1, -1, 1).expand(1, -1, s)
+
+
 def per_head(value, heads: int, like: torch.Tensor) -> torch.Tensor:
     """A scalar or a per-head sequence -> a (heads,) tensor of `like`'s dtype and device."""
     if isinstance(value, (int, float)):

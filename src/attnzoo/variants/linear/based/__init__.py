@@ -12,13 +12,14 @@ from .naive import based_parallel, based_step, feature_dim
 class Based(LinearVariant):
     name = "based"
     summary = ("Based's linear attention: o_i = sum_{j<=i} K(q_i,k_j) v_j / sum_{j<=i} K(q_i,k_j) with "
-               "K = 1 + s + s^2/2, s = scale * q_i . k_j (the Taylor approximation of exp), computed through the feature "
-               "map phi(x) = [1, x', x' ⊗ x' / sqrt 2], x' = x d^-1/4, on q/k projected to a small dimension d (16 in "
-               "the paper: 273 features). normalize=False drops the denominator. State (B, Hkv, 1 + D + D^2, Dv + 1). "
-               "Based's full architecture also has sliding-window softmax attention, in separate layers (the released "
-               "360M model: linear attention in layers 1, 6, 11, 16, 21, a 256-token window in layers 2, 7, 12, 17, 22, "
-               "gated convolutions elsewhere): build those with az.get('sliding_window', window=w - 1, right=0), "
-               "causal=True (window=w - 1 admits w keys). Parallel, chunk and recurrent forms give the same outputs.")
+               "K = 1 + s + s^2/2, s = scale * q_i . k_j (the Taylor approximation of exp), computed through the "
+               "feature map phi(x) = [1, x', x' ⊗ x' / sqrt 2], x' = x d^-1/4, on q/k projected to a small dimension "
+               "d (16 in the paper: 273 features). normalize=False drops the denominator. State "
+               "(B, Hkv, 1 + D + D^2, Dv + 1). Based's full architecture also has sliding-window softmax attention, "
+               "in separate layers (the released 360M model: linear attention in layers 1, 6, 11, 16, 21, a "
+               "256-token window in layers 2, 7, 12, 17, 22, gated convolutions elsewhere): build those with "
+               "az.get('sliding_window', window=w - 1, right=0), causal=True (window=w - 1 admits w keys). "
+               "Parallel, chunk and recurrent forms give the same outputs.")
     paper = Paper("Simple linear attention language models balance the recall-throughput tradeoff", 2024, "2402.18668")
     params = (
         Param("normalize", True, "divide by the sum of the kernel values (the paper); False = fla's use_norm=False",

@@ -15,19 +15,21 @@ from .naive import lightning_decays, lightning_parallel, lightning_step
 @register
 class Lightning(LinearVariant):
     name = "lightning"
-    summary = ("Lightning attention: o_t = scale * sum_{s<=t} lambda^(t-s) (q_t . k_s) v_s, i.e. S_t = lambda S_{t-1} + "
-               "k_t^T v_t; one decay per KV head, by default TransNormerLLM's schedule as fla's lightning_attn, "
-               "lambda_h = exp(-(8h/H)(1 - layer_idx/num_layers)) (head 0 does not decay), or `decay` (e.g. "
-               "MiniMax-01's slopes exp(-slope_h)). The chunk form is Lightning Attention-2's intra-block tile plus "
-               "inter-block state. No normaliser (TransNormerLLM's SRMSNorm belongs to the layer). Paper: Lightning "
-               "Attention-2; also 'Scaling TransNormer to 175 Billion Parameters' (2023, arXiv:2307.14995) and "
-               "'MiniMax-01: Scaling Foundation Models with Lightning Attention' (2025, arXiv:2501.08313).")
-    paper = Paper("Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large Language Models",
-                  2024, "2401.04658")
+    summary = ("Lightning attention: o_t = scale * sum_{s<=t} lambda^(t-s) (q_t . k_s) v_s, i.e. "
+               "S_t = lambda S_{t-1} + k_t^T v_t; one decay per KV head, by default TransNormerLLM's schedule as "
+               "fla's lightning_attn, lambda_h = exp(-(8h/H)(1 - layer_idx/num_layers)) (head 0 does not decay), or "
+               "`decay` (e.g. MiniMax-01's slopes exp(-slope_h)). The chunk form is Lightning Attention-2's "
+               "intra-block tile plus inter-block state. No normaliser (TransNormerLLM's SRMSNorm belongs to the "
+               "layer). Paper: Lightning Attention-2; also 'Scaling TransNormer to 175 Billion Parameters' (2023, "
+               "arXiv:2307.14995) and 'MiniMax-01: Scaling Foundation Models with Lightning Attention' (2025, "
+               "arXiv:2501.08313).")
+    paper = Paper("Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large "
+                  "Language Models", 2024, "2401.04658")
     params = (
         nonneg_int("layer_idx", 0, "this layer's index l in the decay schedule (0 = first layer, fastest decay)"),
         positive_int("num_layers", 1, "the model's number of layers L in the decay schedule (layer_idx < num_layers)"),
-        per_head_param("decay", None, "lambda per KV head instead of the schedule: one float for all heads or one per "
+        per_head_param("decay", None, "lambda per KV head instead of the schedule (layer_idx and num_layers then unused): one "
+                       "float for all heads or one per "
                        "KV head, each in (0, 1] (1 = no decay)", 0.0, 1.0, False,
                        "None, a float in (0, 1] or a non-empty tuple of floats in (0, 1] (one per KV head)"),
         positive_int("chunk_size", 64, "tokens per block of the chunk form (Lightning Attention-2's block size)"),
