@@ -28,9 +28,9 @@ class Lightning(LinearVariant):
     params = (
         nonneg_int("layer_idx", 0, "this layer's index l in the decay schedule (0 = first layer, fastest decay)"),
         positive_int("num_layers", 1, "the model's number of layers L in the decay schedule (layer_idx < num_layers)"),
-        per_head_param("decay", None, "lambda per KV head instead of the schedule (layer_idx and num_layers then unused): one "
-                       "float for all heads or one per "
-                       "KV head, each in (0, 1] (1 = no decay)", 0.0, 1.0, False,
+        per_head_param("decay", None, "lambda per KV head instead of the schedule (layer_idx and num_layers are "
+                       "then unused): one float for all heads or one per KV head, each in (0, 1] (1 = no decay)",
+                       0.0, 1.0, False,
                        "None, a float in (0, 1] or a non-empty tuple of floats in (0, 1] (one per KV head)"),
         positive_int("chunk_size", 64, "tokens per block of the chunk form (Lightning Attention-2's block size)"),
     )
