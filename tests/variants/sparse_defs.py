@@ -71,3 +71,53 @@ def nsa(q, k, v, causal, params, gates, scale):
         gc, gs, gw = gates[bi, h, i].tolist()
         out[bi, h, i] = gc * o_cmp + gs * o_slc + gw * o_win
     return mask, out
+
+
+def exact_over_blocks(q, k, v, causal, scale, choose):
+    """Exact softmax over the blocks `choose(bi, h, kv_head, i, pos)` returns as lists of key indices."""
+    b, hq, sq, _ = q.shape
+    sk = k.shape[2]
+    mask = torch.zeros(b, hq, sq, sk, dtype=torch.bool)
+    out = torch.zeros(b, hq, sq, v.shape[-1], dtype=torch.float64)
+    for bi, h, kvh, i, pos in _loop(q, k):
+        keys = sorted(t for t in choose(bi, h, kvh, i, pos) if not causal or t <= pos)
+        mask[bi, h, i, keys] = True
+        out[bi, h, i] = softmax_over(q[bi, h, i], k[bi, kvh, keys], v[bi, kvh, keys], scale)
+    return mask, out
+
+
+# ---- hip ----------------------------------------------------------------------------------------------
+
+
+def hip(q, k, v, causal, params, scale):
+    """HiP's tree search, one query at a time: top_k spans of the visible blocks, halved round by round,
+    the top_k halves by the query's score on the key at each half's centre kept (own block's span forced)."""
+    bs, top_k = params["block_size"], params["top_k"]
+    sk = k.shape[2]
+    n = math.ceil(sk / bs)
+
+    def choose(bi, h, kvh, i, pos):
+        own = pos // bs
+        seen = own + 1 if causal else n
+        spans = [(j * seen // top_k, (j + 1) * seen // top_k) for j in range(top_k)]
+        spans = [(lo, hi) for lo, hi in spans if hi > lo]
+
+        def score(span):
+            lo, hi = span
+            if lo <= own < hi:
+                return math.inf
+            centre = (lo * bs + min(hi * bs, sk) - 1) // 2
+            return float(q[bi, h, i] @ k[bi, kvh, centre])
+
+        while any(hi - lo > 1 for lo, hi in spans):
+            halves = []
+            for lo, hi in spans:
+                if hi - lo > 1:
+                    mid = lo + (hi - lo + 1) // 2
+                    halves += [(lo, mid), (mid, hi)]
+                else:
+                    halves.append((lo, hi))
+            spans = sorted(halves, key=score, reverse=True)[:top_k]
+        return [t for lo, hi in spans for t in range(lo * bs, min(hi * bs, sk))]
+
+    return exact_over_blocks(q, k, v, causal, scale, choose)

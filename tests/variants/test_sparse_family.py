@@ -24,6 +24,11 @@ def _no_inputs(q):
     return {}
 
 
+def _own_block(p, pos, sk):
+    start = pos // p["block_size"] * p["block_size"]
+    return set(range(start, min(start + p["block_size"], sk)))
+
+
 @dataclass
 class Case:
     params: dict                                  # a small configuration, odd blocks
@@ -32,7 +37,7 @@ class Case:
     all_params: Callable = None                   # sk -> params selecting everything
     all_inputs: Callable = None                   # q -> inputs under which select-all is full attention
     smallest: dict = field(default_factory=dict)  # params of the smallest budget
-    own: Callable = None                          # (params, pos) -> keys of the query's own block
+    own: Callable = None                          # (params, pos, sk) -> keys of the query's own block
     bad: tuple = ()                               # (params, exception, message)
 
 
@@ -44,11 +49,21 @@ CASES = {
         all_params=lambda sk: {"block_size": 6, "top_k": math.ceil(sk / 6), "window": 5},
         all_inputs=lambda q: {"gates": torch.tensor([0.0, 1.0, 0.0], dtype=q.dtype).expand(*q.shape[:3], 3)},
         smallest={"block_size": 6, "top_k": 1, "window": 5},
-        own=lambda p, pos: set(range(pos // p["block_size"] * p["block_size"], pos + 1)),
+        own=_own_block,
         bad=(({"top_k": 0}, ValueError, "'top_k' must be a positive int"),
              ({"block_size": 0}, ValueError, "'block_size' must be a positive int"),
              ({"window": -1}, ValueError, "'window' must be a non-negative int"),
              ({"top_k": 2.0}, TypeError, "'top_k' must be int")),
+    ),
+    "hip": Case(
+        params={"block_size": 5, "top_k": 3},
+        define=sparse_defs.hip,
+        all_params=lambda sk: {"block_size": 5, "top_k": math.ceil(sk / 5)},
+        smallest={"block_size": 5, "top_k": 1},
+        own=_own_block,
+        bad=(({"top_k": 0}, ValueError, "'top_k' must be a positive int"),
+             ({"block_size": -3}, ValueError, "'block_size' must be a positive int"),
+             ({"top_k": None}, TypeError, "'top_k' must be int")),
     ),
 }
 NAMES = list(CASES)
@@ -112,7 +127,7 @@ def test_the_smallest_budget_still_reads_the_queries_own_block(name):
             pos = i + sk - sq
             for h in range(2):
                 keys = set(mask[0, h, i].nonzero().flatten().tolist())
-                assert pos in keys and keys <= case.own(attn.config, pos), (pattern, i, h)
+                assert pos in keys and keys <= case.own(attn.config, pos, sk), (pattern, i, h)
         assert torch.isfinite(attn(q, k, v, causal=causal, **case.inputs(q))).all()
 
 
@@ -184,3 +199,27 @@ def test_nsa_matches_fla_naive_nsa():
     assert [set(r) - {-1} for r in ours.reshape(-1, 4).tolist()] == [set(r) - {-1} for r in idx.reshape(-1, 4).tolist()]
     expected = gates[..., :1] * t(o_cmp).double() + gates[..., 1:2] * t(o_slc).double()
     assert (attn(q, k, v, causal=True, gates=gates) - expected).abs().max() < 1e-5
+
+
+# ---- hip -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_hip_reads_top_k_distinct_blocks_its_own_among_them(causal):
+    q, k, v = qkv(1, 2, 2, 83, 83, 8, seed=9)
+    sel = az.get("hip", block_size=4, top_k=5).selection(q, k, causal=causal)
+    for i in range(83):
+        own, seen = i // 4, (i // 4 + 1 if causal else 21)
+        for h in range(2):
+            chosen = [b for b in sel.indices[0, h, i].tolist() if b >= 0]
+            assert len(set(chosen)) == len(chosen) == min(5, seen) and own in chosen and max(chosen) < seen
+
+
+def test_hip_finds_a_far_block_whose_keys_match_the_query():
+    """Attention locality: a run of keys aligned with the query, far from it, is found by the tree search."""
+    q, k, v = qkv(1, 1, 1, 1, 256, 16, seed=3)
+    attn, run = az.get("hip", block_size=4, top_k=4), {10, 11, 12, 13}
+    k = k * 0.1
+    assert not run & set(attn.selection(q, k, causal=True).indices[0, 0, 0].tolist())
+    k[0, 0, 40:56] = 3 * q[0, 0, 0]  # blocks 10-13 of 4 keys
+    assert len(run & set(attn.selection(q, k, causal=True).indices[0, 0, 0].tolist())) >= 2
