@@ -121,3 +121,27 @@ def hip(q, k, v, causal, params, scale):
         return [t for lo, hi in spans for t in range(lo * bs, min(hi * bs, sk))]
 
     return exact_over_blocks(q, k, v, causal, scale, choose)
+
+
+# ---- tokenselect --------------------------------------------------------------------------------------
+
+
+def tokenselect(q, k, v, causal, params, scale):
+    """Per-head softmax of each voting head over the keys the query sees, summed; own position first, then
+    the keys with the most votes."""
+    top_k, vote = params["top_k"], params["vote"]
+    hq, sk = q.shape[1], k.shape[2]
+    g = hq // k.shape[1]
+
+    def choose(bi, h, kvh, i, pos):
+        seen = list(range(pos + 1)) if causal else list(range(sk))
+        voters = range(kvh * g, (kvh + 1) * g) if vote == "group" else range(hq)
+        votes = [0.0] * sk
+        for h2 in voters:
+            w = torch.softmax(scale * (k[bi, h2 // g, seen] @ q[bi, h2, i]), 0)
+            for j, p in zip(seen, w.tolist()):
+                votes[j] += p
+        rest = sorted((j for j in seen if j != pos), key=lambda j: -votes[j])
+        return [pos] + rest[: top_k - 1]
+
+    return exact_over_blocks(q, k, v, causal, scale, choose)

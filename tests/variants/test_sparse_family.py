@@ -65,6 +65,16 @@ CASES = {
              ({"block_size": -3}, ValueError, "'block_size' must be a positive int"),
              ({"top_k": None}, TypeError, "'top_k' must be int")),
     ),
+    "tokenselect": Case(
+        params={"top_k": 7, "vote": "group"},
+        define=sparse_defs.tokenselect,
+        all_params=lambda sk: {"top_k": sk},
+        smallest={"top_k": 1},
+        own=lambda p, pos, sk: {pos},
+        bad=(({"top_k": 0}, ValueError, "'top_k' must be a positive int"),
+             ({"vote": "heads"}, ValueError, "'vote' must be 'group' or 'all'"),
+             ({"vote": 1}, TypeError, "'vote' must be str")),
+    ),
 }
 NAMES = list(CASES)
 
@@ -223,3 +233,28 @@ def test_hip_finds_a_far_block_whose_keys_match_the_query():
     assert not run & set(attn.selection(q, k, causal=True).indices[0, 0, 0].tolist())
     k[0, 0, 40:56] = 3 * q[0, 0, 0]  # blocks 10-13 of 4 keys
     assert len(run & set(attn.selection(q, k, causal=True).indices[0, 0, 0].tolist())) >= 2
+
+
+# ---- tokenselect ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["causal_cross", "noncausal_self"])
+def test_tokenselect_layer_wide_vote_equals_its_independent_definition(pattern):
+    attn, q, k, v, causal, _ = _call("tokenselect", pattern, params={"top_k": 5, "vote": "all"})
+    mask, expected = sparse_defs.tokenselect(q, k, v, causal, attn.config, scale=8 ** -0.5)
+    assert torch.equal(attn.dense_mask(q.shape[2], k.shape[2], causal=causal, q=q, k=k), mask)
+    assert torch.equal(mask[:, 0], mask[:, 3])  # one choice for every head
+    assert (attn(q, k, v, causal=causal) - expected).abs().max() < 1e-10
+
+
+def test_tokenselect_votes_are_normalised_per_head():
+    """One head sure of key 3 loses to three heads that lean to key 5: each head has one vote to spread."""
+    from attnzoo.variants.sparse.tokenselect import soft_votes
+
+    probs = torch.zeros(1, 4, 1, 8)
+    probs[0, 0, 0, 3] = 1.0
+    probs[0, 1:, 0, 5] = 0.6
+    probs[0, 1:, 0, 6] = 0.4
+    assert soft_votes(probs, 4)[0, 0, 0].argmax() == 5 and soft_votes(probs, 2).shape == (1, 2, 1, 8)
+    with pytest.raises(ValueError, match="heads=3 must divide the 4 query heads"):
+        soft_votes(probs, 3)

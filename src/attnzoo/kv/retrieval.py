@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..core.info import Paper, Param, nonneg_int, positive_int
-from ..variants.sparse import quest
+from ..variants.sparse import quest, tokenselect
 from . import profile
 from .base import KVPress, Step, keep_count, register, topk_mask
 
@@ -73,8 +73,7 @@ class QuestPress(ReadPress):
 @register
 class TokenSelectPress(ReadPress):
     name = "token_select"
-    paper = Paper("TokenSelect: Efficient Long-Context Inference and Length Extrapolation for LLMs via Dynamic "
-                  "Token-Level KV Cache Selection", 2024, "2411.02886")
+    paper = tokenselect.PAPER
     summary = ("Token-level selection per decoding step: each head's softmax of q.k over the cache votes, the "
                "votes are summed over the heads of the layer, and every head reads the top-voted entries. "
                "No eviction.")
@@ -82,7 +81,9 @@ class TokenSelectPress(ReadPress):
     def read(self, step):
         if step.prefill:
             return None
-        votes = step.attention().sum(1, keepdim=True)  # (B, 1, Sq, S): per-head softmax, summed
+        # The `tokenselect` variant's soft vote, over every head of the layer: (B, 1, Sq, S).
+        probs = step.attention()
+        votes = tokenselect.soft_votes(probs, probs.shape[1])
         votes = votes.expand(-1, step.keys.shape[1], -1, -1)
         votes = votes.masked_fill(self.forced(step), math.inf).masked_fill(~step.valid.unsqueeze(2), -math.inf)
         return topk_mask(votes, self.readable(step))
