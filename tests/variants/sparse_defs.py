@@ -145,3 +145,34 @@ def tokenselect(q, k, v, causal, params, scale):
         return [pos] + rest[: top_k - 1]
 
     return exact_over_blocks(q, k, v, causal, scale, choose)
+
+
+# ---- landmark -----------------------------------------------------------------------------------------
+
+
+def landmark(q, k, v, causal, params, scale):
+    """The paper's grouped softmax over the blocks a query reads: its own block's tokens and the read blocks'
+    landmarks in one softmax group, each read block's tokens in a group of their own, their weights scaled
+    by their landmark's; landmarks carry no value. Read blocks: the top_k - 1 by landmark score."""
+    assert causal
+    period, top_k = params["block_size"] + 1, params["top_k"]
+    b, hq, sq, _ = q.shape
+    sk = k.shape[2]
+    mask = torch.zeros(b, hq, sq, sk, dtype=torch.bool)
+    out = torch.zeros(b, hq, sq, v.shape[-1], dtype=torch.float64)
+    for bi, h, kvh, i, pos in _loop(q, k):
+        qi = q[bi, h, i]
+        own = pos // period
+        mark = [c * period + period - 1 for c in range(own)]       # earlier blocks are complete
+        read = sorted(range(own), key=lambda c: -float(qi @ k[bi, kvh, mark[c]]))[: top_k - 1]
+        mine = [j for j in range(own * period, pos + 1) if j % period != period - 1]
+        local = mine + [mark[c] for c in read]
+        w = torch.softmax(scale * (k[bi, kvh, local] @ qi), 0).tolist()
+        o = sum((w[n] * v[bi, kvh, j] for n, j in enumerate(mine)), torch.zeros(v.shape[-1], dtype=torch.float64))
+        for n, c in enumerate(read):
+            tokens = list(range(c * period, c * period + period - 1))
+            o = o + w[len(mine) + n] * softmax_over(qi, k[bi, kvh, tokens], v[bi, kvh, tokens], scale)
+            mask[bi, h, i, tokens + [mark[c]]] = True
+        mask[bi, h, i, mine] = True
+        out[bi, h, i] = o
+    return mask, out

@@ -29,6 +29,12 @@ def _own_block(p, pos, sk):
     return set(range(start, min(start + p["block_size"], sk)))
 
 
+def _own_landmark_block(p, pos, sk):
+    """The tokens of the query's block up to itself; a landmark query ignores its own key."""
+    period = p["block_size"] + 1
+    return set(range(pos // period * period, pos + 1)) - ({pos} if pos % period == period - 1 else set())
+
+
 @dataclass
 class Case:
     params: dict                                  # a small configuration, odd blocks
@@ -37,7 +43,7 @@ class Case:
     all_params: Callable = None                   # sk -> params selecting everything
     all_inputs: Callable = None                   # q -> inputs under which select-all is full attention
     smallest: dict = field(default_factory=dict)  # params of the smallest budget
-    own: Callable = None                          # (params, pos, sk) -> keys of the query's own block
+    own: Callable = None                          # (params, pos, sk) -> keys of the query's own block it may read
     bad: tuple = ()                               # (params, exception, message)
 
 
@@ -74,6 +80,15 @@ CASES = {
         bad=(({"top_k": 0}, ValueError, "'top_k' must be a positive int"),
              ({"vote": "heads"}, ValueError, "'vote' must be 'group' or 'all'"),
              ({"vote": 1}, TypeError, "'vote' must be str")),
+    ),
+    "landmark": Case(
+        params={"block_size": 5, "top_k": 3},
+        define=sparse_defs.landmark,
+        all_params=lambda sk: {"block_size": sk, "top_k": 1},   # no landmark fits: one block, full causal
+        smallest={"block_size": 5, "top_k": 1},
+        own=_own_landmark_block,
+        bad=(({"top_k": 0}, ValueError, "'top_k' must be a positive int"),
+             ({"block_size": 0}, ValueError, "'block_size' must be a positive int")),
     ),
 }
 NAMES = list(CASES)
@@ -137,7 +152,8 @@ def test_the_smallest_budget_still_reads_the_queries_own_block(name):
             pos = i + sk - sq
             for h in range(2):
                 keys = set(mask[0, h, i].nonzero().flatten().tolist())
-                assert pos in keys and keys <= case.own(attn.config, pos, sk), (pattern, i, h)
+                own = case.own(attn.config, pos, sk)
+                assert keys and keys <= own and (pos in keys) == (pos in own), (pattern, i, h)
         assert torch.isfinite(attn(q, k, v, causal=causal, **case.inputs(q))).all()
 
 
@@ -258,3 +274,27 @@ def test_tokenselect_votes_are_normalised_per_head():
     assert soft_votes(probs, 4)[0, 0, 0].argmax() == 5 and soft_votes(probs, 2).shape == (1, 2, 1, 8)
     with pytest.raises(ValueError, match="heads=3 must divide the 4 query heads"):
         soft_votes(probs, 3)
+
+
+# ---- landmark ------------------------------------------------------------------------------------------
+
+
+def test_landmark_training_form_reads_every_block_and_its_weights_sum_to_one():
+    attn, q, k, v, causal, _ = _call("landmark", "causal_self", params={"block_size": 4, "top_k": 100})
+    mask, expected = sparse_defs.landmark(q, k, v, True, attn.config, scale=8 ** -0.5)
+    assert (attn(q, k, v, causal=True) - expected).abs().max() < 1e-10
+    assert (attn.reference(q, k, v, causal=True) - expected).abs().max() < 1e-10
+    ones = torch.ones_like(v)
+    assert (attn(q, k, ones, causal=True) - 1).abs().max() < 1e-12
+
+
+def test_landmark_a_block_is_read_through_its_landmark():
+    """Raising one landmark's score moves weight onto its block's tokens, not onto the landmark's value."""
+    q, k, v = qkv(1, 1, 1, 1, 30, 8, seed=1)
+    attn = az.get("landmark", block_size=4, top_k=2)       # period 5: landmarks at 4, 9, 14, 19, 24
+    v = torch.zeros_like(v)
+    v[0, 0, 10:14, 0] = 1.0                                  # block 2's tokens
+    v[0, 0, 14, 0] = 100.0                                   # its landmark's value is never used
+    k[0, 0, 14] = 4 * q[0, 0, 0]
+    assert set(attn.selection(q, k, causal=True).indices[0, 0, 0].tolist()) == {2, 5}
+    assert 0.9 < attn(q, k, v, causal=True)[0, 0, 0, 0] < 1.0
