@@ -176,3 +176,29 @@ def landmark(q, k, v, causal, params, scale):
         mask[bi, h, i, mine] = True
         out[bi, h, i] = o
     return mask, out
+
+
+# ---- biformer -----------------------------------------------------------------------------------------
+
+
+def biformer(q, k, v, causal, params, scale):
+    """Regions of the grid, their mean queries and keys, affinity summed over heads, each region's own region
+    plus its top_k - 1 others by affinity; every query reads all keys of its region's regions."""
+    assert not causal
+    (hh, ww), (rh, rw), top_k = params["grid"], params["regions"], params["top_k"]
+    hq, g = q.shape[1], q.shape[1] // k.shape[1]
+
+    def region(t):
+        return (t // ww) // (hh // rh) * rw + (t % ww) // (ww // rw)
+
+    members = [[t for t in range(hh * ww) if region(t) == r] for r in range(rh * rw)]
+    kept = []
+    for bi in range(q.shape[0]):
+        rows = []
+        for i in range(rh * rw):
+            affinity = {j: sum(float(q[bi, h, members[i]].mean(0) @ k[bi, h // g, members[j]].mean(0)) for h in range(hq))
+                        for j in range(rh * rw) if j != i}
+            rows.append([i] + sorted(affinity, key=lambda j: -affinity[j])[: top_k - 1])
+        kept.append(rows)
+    return exact_over_blocks(q, k, v, False, scale,
+                             lambda bi, h, kvh, i, pos: [t for r in kept[bi][region(pos)] for t in members[r]])

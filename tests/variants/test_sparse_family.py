@@ -45,6 +45,8 @@ class Case:
     smallest: dict = field(default_factory=dict)  # params of the smallest budget
     own: Callable = None                          # (params, pos, sk) -> keys of the query's own block it may read
     bad: tuple = ()                               # (params, exception, message)
+    shapes: dict = field(default_factory=dict)    # pattern -> (causal, Sq, Sk) where PATTERN_SHAPES do not fit
+    shared_by_heads: bool = False                 # one choice for every head (the paper's routing)
 
 
 CASES = {
@@ -90,12 +92,30 @@ CASES = {
         bad=(({"top_k": 0}, ValueError, "'top_k' must be a positive int"),
              ({"block_size": 0}, ValueError, "'block_size' must be a positive int")),
     ),
+    "biformer": Case(
+        params={"grid": (9, 10), "regions": (3, 2), "top_k": 2},
+        define=sparse_defs.biformer,
+        shapes={"noncausal_self": (False, 90, 90)},
+        shared_by_heads=True,
+        all_params=lambda sk: {"grid": (9, 10), "regions": (3, 2), "top_k": 6},
+        smallest={"grid": (9, 10), "regions": (3, 2), "top_k": 1},
+        own=lambda p, pos, sk: {t for t in range(90) if (t // 10 // 3, t % 10 // 5) == (pos // 10 // 3, pos % 10 // 5)},
+        bad=(({"grid": (9, 10), "top_k": 0}, ValueError, "'top_k' must be a positive int"),
+             ({"grid": (9, 10), "regions": (2, 2)}, ValueError, r"regions=\(2, 2\) must divide grid=\(9, 10\)"),
+             ({"grid": 90}, TypeError, "'grid' must be tuple or list or None"),
+             ({"grid": (9, 0)}, ValueError, "'grid' must be None or \\(H, W\\)"),
+             ({"regions": (3,)}, ValueError, "'regions' must be \\(rh, rw\\)")),
+    ),
 }
 NAMES = list(CASES)
 
 
+def _shape(name, pattern):
+    return CASES[name].shapes.get(pattern, PATTERN_SHAPES[pattern])
+
+
 def _call(name, pattern, b=2, hq=4, hkv=2, d=8, seed=0, params=None):
-    causal, sq, sk = PATTERN_SHAPES[pattern]
+    causal, sq, sk = _shape(name, pattern)
     q, k, v = qkv(b, hq, hkv, sq, sk, d, seed=seed)
     case = CASES[name]
     return az.get(name, **(params or case.params)), q, k, v, causal, case.inputs(q)
@@ -118,20 +138,23 @@ def test_fast_path_and_reference_equal_the_independent_definition(name, pattern)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_selections_are_per_batch_row_and_kv_head(name):
+def test_selections_are_per_batch_row_and_kv_head_unless_the_paper_shares_them(name):
     attn, q, k, v, causal, inputs = _call(name, next(p for p in PATTERN_SHAPES if p in az.get(name).info.patterns))
     sel = attn.selection(q, k, causal=causal, **inputs)
     assert sel.indices.shape[:3] == q.shape[:3]
     mask = attn.dense_mask(q.shape[2], k.shape[2], causal=causal, q=q, k=k, **inputs)
     assert not torch.equal(mask[0], mask[1])            # rows choose apart
-    assert not torch.equal(mask[:, 0], mask[:, 2])      # kv heads choose apart
+    if CASES[name].shared_by_heads:                     # one routing for the layer, as the paper
+        assert all(torch.equal(mask[:, 0], mask[:, h]) for h in range(1, 4))
+    else:
+        assert not torch.equal(mask[:, 0], mask[:, 2])  # kv heads choose apart
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if CASES[n].all_params])
 def test_a_budget_that_selects_everything_is_full_attention(name):
     case = CASES[name]
     for pattern in az.get(name).info.patterns:
-        causal, sq, sk = PATTERN_SHAPES[pattern]
+        causal, sq, sk = _shape(name, pattern)
         q, k, v = qkv(1, 4, 2, sq, sk, 8, seed=2)
         attn = az.get(name, **case.all_params(sk))
         inputs = case.all_inputs(q) if case.all_inputs else case.inputs(q)
@@ -144,7 +167,7 @@ def test_a_budget_that_selects_everything_is_full_attention(name):
 def test_the_smallest_budget_still_reads_the_queries_own_block(name):
     case = CASES[name]
     for pattern in az.get(name).info.patterns:
-        causal, sq, sk = PATTERN_SHAPES[pattern]
+        causal, sq, sk = _shape(name, pattern)
         q, k, v = qkv(1, 2, 1, sq, sk, 8, seed=5)
         attn = az.get(name, **case.smallest)
         mask = attn.dense_mask(sq, sk, causal=causal, q=q, k=k, **case.inputs(q))
@@ -298,3 +321,28 @@ def test_landmark_a_block_is_read_through_its_landmark():
     k[0, 0, 14] = 4 * q[0, 0, 0]
     assert set(attn.selection(q, k, causal=True).indices[0, 0, 0].tolist()) == {2, 5}
     assert 0.9 < attn(q, k, v, causal=True)[0, 0, 0, 0] < 1.0
+
+
+# ---- biformer ------------------------------------------------------------------------------------------
+
+
+def test_biformer_refuses_a_grid_that_does_not_hold_the_sequence():
+    q, k, v = qkv(1, 2, 1, 90, 90, 8)
+    with pytest.raises(ValueError, match=r"grid=\(9, 11\) holds 99 tokens, but Sq = Sk = 90"):
+        az.get("biformer", grid=(9, 11), regions=(3, 1))(q, k, v)
+    with pytest.raises(ValueError, match=r"needs grid=\(H, W\)"):
+        az.get("biformer")(q, k, v)
+    with pytest.raises(ValueError, match="cannot serve the causal_self pattern"):
+        az.get("biformer", grid=(9, 10), regions=(3, 2))(q, k, v, causal=True)
+
+
+def test_biformer_routes_a_query_region_to_the_region_its_keys_match():
+    q, k, v = qkv(1, 2, 2, 36, 36, 8, seed=6)
+    attn = az.get("biformer", grid=(6, 6), regions=(2, 2), top_k=2)   # regions of 3 x 3 tokens
+    region_of = lambda t: (t // 6 // 3) * 2 + (t % 6) // 3  # noqa: E731
+    k = k * 0.01
+    for t in range(36):
+        if region_of(t) == 3:                                          # bottom-right region's keys follow
+            k[0, :, t] = q[0, :, 0] * 5                                # the first query (region 0)
+    sel = attn.selection(q, k)
+    assert {region_of(t) for t in sel.indices[0, 0, 0].tolist()} == {0, 3}
