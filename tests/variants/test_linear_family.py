@@ -160,9 +160,12 @@ def test_low_precision_is_finite_and_close_to_the_definition(case):
     attn = get(case, chunk_size=32)
     rounded = [t.to(torch.bfloat16) for t in (q, k, v)]
     ref = attn.reference(*(t.double() for t in rounded), causal=True)
-    got = attn(*rounded, causal=True).double()
+    got = attn(*rounded, causal=True)
+    assert got.dtype == torch.bfloat16  # the state accumulates in float32; the output comes back in bf16
+    got = got.double()
     assert torch.isfinite(got).all()
-    assert ((got - ref).norm() / ref.norm()).item() < 1e-5  # the state accumulates in float32
+    # No worse than twice the unavoidable error: rounding the exact output to bf16.
+    assert (got - ref).norm() <= 2 * (ref.to(torch.bfloat16).double() - ref).norm() + 1e-12
 
 
 @settings(max_examples=8, deadline=None)

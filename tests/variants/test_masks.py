@@ -774,3 +774,11 @@ def test_window_convention_against_hugging_face():
     for name in ("sliding_window", "sink_window", "multi_scale_window", "dilated_window"):
         info = az.get(name).info
         assert "w + 1" in info.summary + info.param("window").doc + info.param("window").expected, name
+
+
+@pytest.mark.parametrize("sq,sk,block,stride", [(10, 1, 1, 1), (70, 5, 2, 3), (40, 17, 4, 2)])
+def test_strided_shards_relative_positions_with_more_queries_than_keys(sq, sk, block, stride):
+    """Non-causal Sq > Sk puts queries before key 0: their relative shards reach further than Sk blocks."""
+    q, k, v = qkv(1, 2, 1, sq, sk, 8)
+    attn = az.get("strided_shards", block_size=block, local_blocks=1, vert_stride=stride)
+    assert_exact(attn, q, k, v, False)

@@ -109,7 +109,7 @@ class RecurrentVariant(Variant):
                 outs.append(o_i)
                 states.append(st_i)
             o, state = torch.cat(outs, dim=2), torch.cat(states, dim=0)
-        o = o[:, :, s.sk - s.sq:]
+        o = o[:, :, s.sk - s.sq:].to(q.dtype)
         return (o, state) if opts.get("output_final_state") else o
 
     def _recurrent(self, q, k, v, call: Call, state, inputs):
