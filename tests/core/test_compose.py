@@ -91,3 +91,18 @@ def test_composition_errors():
     q, k, v = qkv(1, 2, 1, 10, 10, 4)
     with pytest.raises(TypeError, match="missing required input 'document_ids'"):
         inside_documents(az.get("sliding_window", window=2))(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("pattern", list(PATTERN_SHAPES))
+def test_sink_window_is_the_composition_of_sinks_and_a_window(pattern):
+    from attnzoo.variants.masks.local import Sinks
+
+    causal, sq, sk = PATTERN_SHAPES[pattern]
+    q, k, v = qkv(1, 4, 2, sq, sk, 8)
+    named = az.get("sink_window", sinks=3, window=7)
+    composed = or_masks(Sinks(sinks=3), az.get("sliding_window", window=7))
+    assert torch.equal(named.dense_mask(sq, sk, causal=causal), composed.dense_mask(sq, sk, causal=causal))
+    i, j = positions(sq, sk)
+    plain = (j < 3) | ((j >= i - 7) & (j <= i + 7))
+    assert torch.equal(named.dense_mask(sq, sk, causal=False), plain)
+    assert torch.equal(named(q, k, v, causal=causal), composed(q, k, v, causal=causal))

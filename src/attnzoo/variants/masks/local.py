@@ -6,6 +6,7 @@ import torch
 
 from ...core.info import ALL_PATTERNS, Input, Paper, Param, nonneg_int
 from ...core.registry import register
+from ...core.compose import or_masks
 from ...core.variant import Call, SoftmaxVariant
 
 STREAMING_LLM = Paper("Efficient Streaming Language Models with Attention Sinks", 2023, "2309.17453")
@@ -75,6 +76,22 @@ class SlidingWindow(_Window):
         return [(_rows(lo), _rows(hi))]
 
 
+class Sinks(SoftmaxVariant):
+    """The first `sinks` keys (a part for compositions such as sink_window; not a variant of its own)."""
+
+    name = "sinks"
+    summary = "Every query sees the first `sinks` keys."
+    paper = STREAMING_LLM
+    has_mask = True
+    params = (nonneg_int("sinks", 4, "number of initial tokens every query sees (attention sinks)"),)
+
+    def mask(self, call, b, h, q_pos, kv_pos):
+        return kv_pos < self.config["sinks"]
+
+    def kv_intervals(self, call, q_pos):
+        return [(_rows(torch.zeros_like(q_pos)), _rows(torch.full_like(q_pos, self.config["sinks"])))]
+
+
 @register
 class SinkWindow(_Window):
     name = "sink_window"
@@ -91,13 +108,16 @@ class SinkWindow(_Window):
     )
     cost = "O(Sq (sinks + window) D) time"
 
+    # A composition: the attention sinks OR the sliding window (their intervals give the block structure).
+    def validate_config(self) -> None:
+        c = self.config
+        self._parts = or_masks(Sinks(sinks=c["sinks"]), SlidingWindow(window=c["window"], right=c["right"]))
+
     def mask(self, call, b, h, q_pos, kv_pos):
-        return (kv_pos < self.config["sinks"]) | self.window_mask(q_pos, kv_pos, self.config["window"], self._right())
+        return self._parts.mask(call, b, h, q_pos, kv_pos)
 
     def kv_intervals(self, call, q_pos):
-        lo, hi = self.window_interval(q_pos, self.config["window"], self._right())
-        sinks = torch.full_like(q_pos, self.config["sinks"])
-        return [(_rows(torch.zeros_like(q_pos)), _rows(sinks)), (_rows(lo), _rows(hi))]
+        return self._parts.kv_intervals(call, q_pos)
 
 
 @register
