@@ -202,3 +202,12 @@ def test_bad_inputs_raise_naming_the_argument():
         attn.step(q[:, :, 0], k[:, :, 0], v[:, :, 0], torch.zeros(2, 2, 8, 8, dtype=F64), g=g[:, :, 0])
     with pytest.raises(TypeError, match="needs g"):
         attn.step(q[:, :, 0], k[:, :, 0], v[:, :, 0], attn.init_state(2, 2, 8, 6, dtype=F64))
+
+
+def test_one_call_api_takes_the_recurrent_options():
+    q, k, v, g = make(s=20)
+    o, state = az.attention(q, k, v, variant="gla", causal=True, g=g, mode="recurrent", output_final_state=True)
+    expected, final = loop_definition(q, k, v, g)
+    assert (o - expected).abs().max() < 1e-10 and (state - final).abs().max() < 1e-10
+    with pytest.raises(TypeError, match="did you mean 'mode'"):
+        az.attention(q, k, v, variant="gla", causal=True, g=g, mdoe="chunk")

@@ -34,11 +34,13 @@ def attention(q, k, v, variant: str = "full", *, causal: bool = False, scale: fl
     """Attention of any registered variant in SDPA layout.
 
     q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv); keyword arguments are the variant's
-    parameters (see `az.get(name).info.params`) and extra input tensors (`info.inputs`).
+    parameters (see `az.get(name).info.params`), extra input tensors (`info.inputs`) and, for the
+    recurrent family, its call options (`mode`, `initial_state`, `output_final_state`, `cu_seqlens`).
     """
     cls = variant_class(variant)
     param_names = {p.name for p in cls.params}
-    input_names = {i.name for i in cls.inputs}
+    # call options: how to run rather than what to compute (the recurrent family's mode, states...)
+    input_names = {i.name for i in cls.inputs} | set(getattr(cls, "call_options", ()))
     unknown = sorted(set(kwargs) - param_names - input_names)
     if unknown:
         what = f"parameter or input {unknown[0]!r}" if len(unknown) == 1 else f"parameters or inputs {unknown}"
