@@ -1,13 +1,15 @@
-"""The torch backend: tiles skipped, memory linear in S (measured), no Sq x Sk tensor."""
+"""The torch backend: tiles skipped, memory linear in S (measured), no Sq x Sk tensor, its two paths."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import attnzoo as az
+from attnzoo.backends import torch_blockwise as tb
 from attnzoo.core import blocks
 from harness import qkv
 
@@ -76,7 +78,7 @@ def test_interval_and_evaluated_structures_agree():
 
 
 def test_no_sq_by_sk_tensor_is_built(monkeypatch):
-    """Every matmul in the torch path is at most one tile wide."""
+    """The tiles path: every matmul is at most one tile wide."""
     seen = []
     orig = torch.matmul
 
@@ -86,7 +88,120 @@ def test_no_sq_by_sk_tensor_is_built(monkeypatch):
 
     monkeypatch.setattr(torch, "matmul", spy)
     q, k, v = qkv(1, 2, 1, 1500, 1500, 8, dtype=torch.float32)
-    az.attention(q, k, v, "full", causal=True, backend="torch")
-    from attnzoo.backends.torch_blockwise import KV_BLOCK, Q_BLOCK
+    with tb.use_path("tiles"):
+        az.attention(q, k, v, "full", causal=True, backend="torch")
+    assert seen and all(m <= tb.Q_BLOCK and n <= max(tb.KV_BLOCK, 8) for m, _, n in seen)
 
-    assert seen and all(m <= Q_BLOCK and n <= max(KV_BLOCK, 8) for m, _, n in seen)
+
+def _spy_kernel(monkeypatch):
+    """Every call of the CPU flash kernel (forward and backward): (query rows, key run, mask shape or None)."""
+    calls = []
+    fwd, bwd = tb._FLASH_CPU, tb._FLASH_CPU_BWD
+
+    def spy_fwd(q, k, v, *args, attn_mask=None, **kw):
+        calls.append(("fwd", q.shape[-2], k.shape[-2], None if attn_mask is None else tuple(attn_mask.shape)))
+        return fwd(q, k, v, *args, attn_mask=attn_mask, **kw)
+
+    def spy_bwd(g, q, k, v, *args, attn_mask=None, **kw):
+        calls.append(("bwd", q.shape[-2], k.shape[-2], None if attn_mask is None else tuple(attn_mask.shape)))
+        return bwd(g, q, k, v, *args, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(tb, "_FLASH_CPU", spy_fwd)
+    monkeypatch.setattr(tb, "_FLASH_CPU_BWD", spy_bwd)
+    return calls
+
+
+@pytest.mark.parametrize("name,params,causal,sq,sk,inputs", [
+    ("sliding_window", {"window": 700}, True, 1500, 1500, None),
+    ("sink_window", {"sinks": 4, "window": 800}, True, 400, 1500, None),
+    ("document", {}, True, 1500, 1500, "docs"),
+    ("prefix_lm", {"prefix": 700}, False, 1500, 1500, None),
+    ("full", {}, True, 1500, 1500, None),
+])
+def test_fused_path_masks_only_partial_runs_and_never_sq_by_sk(monkeypatch, name, params, causal, sq, sk, inputs):
+    """The fused path: one kernel call per run of tiles, masks only on partial runs (rows x at most
+    MASK_SPAN keys), every key range inside what the block needs; forward and backward exact."""
+    extra = {"document_ids": torch.arange(sk).div(sk / 5, rounding_mode="floor").long().view(1, -1)} if inputs else {}
+    attn = az.get(name, **params)
+    q, k, v = qkv(1, 6, 2, sq, sk, 16, requires_grad=True)
+    calls = _spy_kernel(monkeypatch)
+    out = attn(q, k, v, causal=causal, backend="torch", **extra)
+    ref = attn.reference(q, k, v, causal=causal, **extra)
+    assert (out - ref).abs().max() < 1e-10
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    ref_grads = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
+    assert all((a - b).abs().max() < 1e-10 for a, b in zip(grads, ref_grads))
+    assert calls and {c[0] for c in calls} == {"fwd", "bwd"}
+    for _, rows, keys, mask in calls:
+        assert rows <= tb.Q_BLOCK
+        if mask is not None:
+            assert mask[-2:] == (rows, keys) and keys <= tb.MASK_SPAN
+    masked = sum(c[2] for c in calls if c[3] is not None and c[0] == "fwd")
+    computed = sum(c[2] for c in calls if c[0] == "fwd")
+    assert masked < computed or name == "document"  # runs of full tiles go without a mask
+    if name == "full":
+        assert all(c[3] is None for c in calls)  # the diagonal uses the kernel's causal flag
+
+
+def test_path_choice_and_forcing():
+    q, k, v = qkv(1, 2, 1, 64, 64, 8, dtype=torch.float32)
+    window = az.get("sliding_window", window=8)
+    call = window.prepare(q, k, v, True, None, {})
+    assert tb.path_for(window, call, q)[0] == "fused"
+    softcap = az.get("softcap")
+    path, why = tb.path_for(softcap, softcap.prepare(q, k, v, True, None, {}), q)
+    assert path == "tiles" and "modifies scores" in why
+    with tb.use_path("tiles"):
+        assert tb.path_for(window, call, q)[0] == "tiles"
+        tiles = window(q, k, v, causal=True, backend="torch")
+    assert tb.PATH == "auto"
+    with tb.use_path("fused"):
+        with pytest.raises(ValueError, match="fused torch path cannot serve"):
+            softcap(q, k, v, causal=True, backend="torch")
+    fused = window(q, k, v, causal=True, backend="torch")
+    assert (fused - tiles).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="path must be one of"):
+        with tb.use_path("fast"):
+            pass
+
+
+@pytest.mark.parametrize("name,params", [("sliding_window", {"window": 9}), ("sink_window", {"sinks": 3, "window": 7}),
+                                         ("strided_shards", {"block_size": 4, "local_blocks": 2, "vert_stride": 3})])
+def test_tiles_path_still_exact_for_masks(small_blocks, name, params):
+    """Mask variants take the fused path by default; the tiles engine stays exact for them too."""
+    attn = az.get(name, **params)
+    q, k, v = qkv(2, 6, 2, 77, 77, 16, dv=24, requires_grad=True)
+    with tb.use_path("tiles"):
+        out = attn(q, k, v, causal=True, backend="torch")
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref = attn.reference(q, k, v, causal=True)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    assert (out - ref).abs().max() < 1e-10
+    assert all((a - b).abs().max() < 1e-10 for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_low_precision_accumulates_in_float32(dtype):
+    attn = az.get("sliding_window", window=100)
+    q, k, v = qkv(1, 4, 2, 700, 700, 32, seed=3)
+    ref = attn.reference(q, k, v, causal=True)
+    out = attn(q.to(dtype), k.to(dtype), v.to(dtype), causal=True, backend="torch")
+    assert out.dtype == dtype
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.to(dtype), k.repeat_interleave(2, 1).to(dtype), v.repeat_interleave(2, 1).to(dtype),
+        attn_mask=attn.dense_mask(700, 700, causal=True))
+    assert (out.double() - ref).abs().max() <= 2 * (sdpa.double() - ref).abs().max() + 1e-6
+
+
+def test_sdpa_backend_bottom_right_causal_on_cpu_builds_no_mask(monkeypatch):
+    """Causal cross-attention (decode, chunked prefill) on the sdpa backend: two kernel calls per query
+    block (keys before the block unmasked, the block's own keys with the causal flag), no Sq x Sk mask."""
+    calls = _spy_kernel(monkeypatch)
+    q, k, v = qkv(2, 6, 2, 19, 1000, 16, requires_grad=True)
+    out = az.attention(q, k, v, "full", causal=True, backend="sdpa")
+    ref = az.get("full").reference(q, k, v, causal=True)
+    assert (out - ref).abs().max() < 1e-10
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert all((a - b).abs().max() < 1e-10 for a, b in zip(grads, ref_grads))
+    assert [c[1:] for c in calls if c[0] == "fwd"] == [(19, 981, None), (19, 19, None)]

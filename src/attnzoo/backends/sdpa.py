@@ -1,8 +1,11 @@
 """The `sdpa` backend: PyTorch's scaled_dot_product_attention where it expresses a variant exactly.
 
 Only variants with no mask beyond causality and no score modifier: a mask tensor would be
-Sq x Sk, which no fast path may build. Bottom-right causal (Sq < Sk) uses PyTorch's
-`causal_lower_right` bias, which the flash and memory-efficient kernels take without a mask tensor.
+Sq x Sk, which no fast path may build. Bottom-right causal (Sq < Sk): on CUDA PyTorch's
+`causal_lower_right` bias, which the flash and memory-efficient kernels take without a mask
+tensor; on CPU that bias would be materialised (an Sq x Sk mask, and keys repeated per query
+head), so there the call is the CPU flash kernel twice, merged by log-sum-exp: keys before the
+first query unmasked, the last Sq keys with the kernel's causal flag (torch_blockwise's fused path).
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.variant import Call
+from . import torch_blockwise
 
 
 def can_run(variant, call: Call) -> str | None:
@@ -22,6 +26,8 @@ def can_run(variant, call: Call) -> str | None:
 def sdpa(variant, q, k, v, call: Call) -> torch.Tensor:
     s = call.shapes
     if call.causal and s.sq != s.sk:
+        if torch_blockwise.fused_why_not(variant, call, q) is None:  # CPU
+            return torch_blockwise.softmax_fused(variant, q, k, v, call)
         from torch.nn.attention.bias import causal_lower_right
 
         k = k.repeat_interleave(s.group, dim=1) if s.group > 1 else k
