@@ -11,7 +11,7 @@ from attnzoo.bench import report
 from attnzoo.bench import run as bench_run
 from attnzoo.cli import app
 
-VARIANTS = "full,sliding_window,document,prefix_lm"
+VARIANTS = "full,sliding_window,sink_window,document,prefix_lm"
 RESULT_KEYS = {"schema", "meta", "config", "model", "capture", "variants", "fidelity", "quality", "speed",
                "timings_s", "leaderboard", "failures"}
 
@@ -33,22 +33,57 @@ def quick_run(smollm2, tmp_path_factory):
 @pytest.mark.model
 def test_quick_run_writes_both_files_and_prints_the_leaderboard(quick_run):
     out, output, results = quick_run
-    assert "attnzoo bench" in output and "sliding_window" in output and "report.html" in _flat(output)
+    assert "keeping 1/4 of the keys" in output and "sliding_window" in output and "report.html" in _flat(output)
     assert set(results) == RESULT_KEYS
     meta = results["meta"]
     assert {"versions", "device", "dtype", "seed", "memory_method", "timer"} <= set(meta)
     assert {"attnzoo", "torch", "transformers", "python"} <= set(meta["versions"])
     assert results["model"]["q_heads"] == 9 and results["capture"]["layers"] == [0, 29]
-    assert [r["variant"] for r in results["leaderboard"]][0] == "full"
     assert {r["source"] for r in results["fidelity"]} == {"captured", "gaussian"}
     sweep = [r for r in results["fidelity"] if r["variant"] == "sliding_window" and r["source"] == "captured"]
     assert len(sweep) >= 3 and all(r["budget_param"] == "window" for r in sweep)
-    patterns = {r["pattern"] for r in results["speed"] if r["variant"] == "document" and r["error"] is None}
-    assert patterns == {"causal_self", "causal_cross", "noncausal_self", "noncausal_cross"}
-    assert {r["pattern"] for r in results["speed"] if r["variant"] == "prefix_lm"} == {"noncausal_self", "noncausal_cross"}
+    # by default each variant is timed in its own pattern (--patterns all for the four)
+    assert {r["pattern"] for r in results["speed"] if r["variant"] == "document"} == {"causal_self"}
+    assert {r["pattern"] for r in results["speed"] if r["variant"] == "prefix_lm"} == {"noncausal_self"}
     assert any(f["variant"] == "prefix_lm" and f["section"] == "quality" for f in results["failures"])
     anchor = next(r for r in results["speed"] if r["variant"] == "full" and r["backend"] == "sdpa")
     assert anchor["time_vs_sdpa"] == 1.0 and anchor["peak_mib"] is not None
+
+
+@pytest.mark.model
+def test_budgets_are_shares_of_the_keys_and_copies_of_full_are_not_ranked(quick_run):
+    _, _, results = quick_run
+    assert results["config"]["keep_fractions"] == [0.25, 0.125]
+    # sink_window's default window (1024) keeps every key of 128 tokens: detected, and never compared
+    default = next(r for r in results["fidelity"] if r["variant"] == "sink_window" and r["default"]
+                   and r["source"] == "captured")
+    assert default["kept"] == 1.0 and "keeps every pair" in default["equals_full"]
+    board = results["leaderboard"]
+    for name in ("sliding_window", "sink_window"):
+        rows = {r["board"]: r for r in board if r["variant"] == name}
+        assert set(rows) == {"1/4", "1/8"}
+        assert abs(rows["1/4"]["kept"] - 0.25) < 0.08 and abs(rows["1/8"]["kept"] - 0.125) < 0.05
+        assert rows["1/4"]["rank"] is not None and rows["1/4"]["equals_full"] is None
+        assert rows["1/4"]["ppl_ratio"] > 1
+    full = next(r for r in board if r["variant"] == "full")
+    assert full["board"] == "fixed" and full["rank"] is None and full["equals_full"]
+    # speed at each length is timed at the budget keeping the same share there, on every CPU path
+    sw = [r for r in results["speed"] if r["variant"] == "sliding_window" and r["error"] is None]
+    assert {r["backend"] for r in sw} == {"torch", "torch:tiles", "sdpa_mask"}
+    assert {r["path"] for r in sw if r["backend"] == "torch"} == {"fused"}
+    assert all(r["time_vs_sdpa_mask"] is not None for r in sw if r["keep_target"] == 0.25)
+    assert {r["keep_target"] for r in sw if r["backend"] == "torch"} == {0.25, 0.125}
+
+
+def test_terminal_leaderboard_fits_80_columns(quick_run):
+    from rich.console import Console
+
+    _, _, results = quick_run
+    console = Console(width=80, record=True, force_terminal=False)
+    report.print_leaderboard(results, console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text and "sliding_window" in text and "lower is faster" in text
 
 
 @pytest.mark.model
@@ -68,7 +103,9 @@ def test_html_report_is_self_contained_with_every_plot(quick_run):
         assert f'id="{div_id}"' in html, div_id
     assert "Plotly.newPlot" in html and "<script src=" not in html  # plotly inlined: renders offline
     assert "sliding_window (window)" in html  # the budget curve's data
-    assert "Leaderboard" in html and "What could not run" in html
+    assert "Leaderboard" in html and "What could not run" in html and "Which CPU path wins" in html
+    assert "<p class='headline'>Ran 5 variants" in html and "Keeping 1/4 of the keys" in html
+    assert "lower is faster" in html and "ln(ppl ÷ unchanged ppl)" in html  # column meanings beside the table
 
 
 def test_report_degrades_without_plotly(monkeypatch, quick_run, tmp_path):

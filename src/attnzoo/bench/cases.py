@@ -5,6 +5,12 @@ declared (`Variant.budget_param`) or found by name, its sweep values come from i
 the sequence length, a `grid` parameter is fitted to the length, and its extra inputs are built
 from `info.inputs` (shape strings, dtypes). What cannot be built raises `Unrunnable`, which the
 bench records with its reason instead of stopping.
+
+Budgets are compared at the same share of the keys, never at defaults: a parameter fixed in tokens
+(window=1024) keeps everything at 512 tokens and would rank a copy of full attention first.
+`budget_for(name, length, fraction)` picks the value whose mask keeps the share of the (query, key)
+pairs exact attention uses closest to `fraction` (KEEP_FRACTIONS), measured on the mask itself
+(`kept_fraction`); `equals_full` says when a configuration is full attention in disguise.
 """
 from __future__ import annotations
 
@@ -18,6 +24,14 @@ from ..core.info import ALL_PATTERNS, CAUSAL_CROSS, CAUSAL_SELF, NONCAUSAL_CROSS
 # Names that, in this order, mark the parameter trading cost for fidelity when none is declared.
 BUDGET_NAMES = ("window", "top_k", "k", "block_count", "density", "rank", "sinks", "kernel_size")
 SWEEP_POINTS = 5
+# Shares of the keys (of the (query, key) pairs exact causal attention uses) at which budgeted
+# variants are compared; the leaderboard ranks each share apart.
+KEEP_FRACTIONS = (1 / 4, 1 / 8)
+# Past this many queries, kept_fraction counts the mask on this many evenly spaced query rows.
+COUNT_ROWS = 2048
+SAMPLE_ROWS = 256
+# Head layout the masks are counted with (SmolLM2's: per-head masks differ per head).
+COUNT_HEADS = (9, 3)
 # Cross patterns: a chunk of the last Sq = length / CROSS_FRACTION queries against all keys.
 CROSS_FRACTION = 4
 # Generic inputs: packed sequences become this many contiguous documents; a dimension no size
@@ -253,3 +267,137 @@ def _long_input(spec, shape: list[int], last: str, sizes: dict, device) -> torch
     row = pos if kind == "positions" else pos * DOCUMENTS // max(sizes["Sk"], 1)
     return row.expand(*shape).contiguous()
 
+
+
+# ---- budgets relative to the length ------------------------------------------------------------------
+
+_kept_memo: dict = {}
+_budget_memo: dict = {}
+
+
+def kept_fraction(name: str, length: int, params: dict | None = None, q=None, k=None) -> float | None:
+    """Share of the (query, key) pairs that exact attention uses in `name`'s fidelity pattern at
+    `length` which the configured variant keeps: its mask's allowed pairs over the pairs causality
+    allows, averaged over batch and heads (SmolLM2's 9 query / 3 kv heads). 1.0 for variants with
+    no mask (score modifiers); for content-sparse variants, counted on their selection from `q`, `k`
+    (B, H, Sq, D) when given (else Gaussian). None where the variant has no mask to count (linear
+    attention, pooled heads) or at lengths it cannot serve."""
+    key = (name, length, _freeze_params(params), None if q is None else (id(q), tuple(q.shape)))
+    if key not in _kept_memo:
+        try:
+            _kept_memo[key] = _kept(name, length, params or {}, q, k)
+        except (Unrunnable, TypeError, ValueError):
+            _kept_memo[key] = None
+    return _kept_memo[key]
+
+
+def _freeze_params(params: dict | None) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (params or {}).items()))
+
+
+def _kept(name: str, length: int, params: dict, q, k) -> float | None:
+    from ..core.selection import SelectionVariant
+    from ..core.variant import SoftmaxVariant
+
+    pattern = fidelity_pattern(name)
+    if pattern is None:
+        return None
+    n, _ = fit(name, length)
+    causal, sq, sk = pattern_shape(pattern, n)
+    attn = configure(name, n, params)
+    hq, hkv = COUNT_HEADS
+    if isinstance(attn, SelectionVariant):
+        if q is None or k is None or q.shape[2] < sk or sq > COUNT_ROWS:
+            g = torch.Generator().manual_seed(0)
+            q, k = torch.randn(1, hq, sq, 64, generator=g), torch.randn(1, hkv, sk, 64, generator=g)
+        else:
+            q, k = q[:, :, sk - sq:sk], k[:, :, :sk]
+        m = attn.dense_mask(sq, sk, causal=causal, q=q, k=k, **make_inputs(attn, q, k, k))
+        visible = _visible(causal, torch.arange(sq) + sk - sq, sk).sum() * m.shape[0] * m.shape[1]
+        return float(m.sum()) / float(visible)
+    if not isinstance(attn, SoftmaxVariant):
+        return None  # not one softmax over a subset of the keys (pooled heads, linear attention)
+    if not attn.has_mask:
+        return 1.0
+    one = torch.empty(1)
+    dq, dk = one.expand(1, hq, sq, 8), one.expand(1, hkv, sk, 8)
+    call = attn.prepare(dq, dk, dk, causal, None, make_inputs(attn, dq, dk, dk))
+    rows = torch.arange(sq) if sq <= COUNT_ROWS else torch.linspace(0, sq - 1, SAMPLE_ROWS).round().long()
+    q_pos = rows + sk - sq
+    b = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    h = torch.arange(hq).view(1, -1, 1, 1)
+    allowed = 0
+    for chunk in q_pos.split(max(1, (1 << 22) // (sk * hq))):
+        m = attn.full_mask(call, b, h, chunk.view(1, 1, -1, 1), torch.arange(sk).view(1, 1, 1, -1))
+        allowed += hq * chunk.numel() * sk if m is None else int(torch.broadcast_to(m, (1, hq, chunk.numel(), sk)).sum())
+    return allowed / float(_visible(causal, q_pos, sk).sum() * hq)
+
+
+def _visible(causal: bool, q_pos: torch.Tensor, sk: int) -> torch.Tensor:
+    return (q_pos + 1).clamp(max=sk) if causal else torch.full_like(q_pos, sk)
+
+
+def budget_for(name: str, length: int, fraction: float, q=None, k=None) -> tuple | None:
+    """(value, kept share) of `name`'s budget parameter keeping the share of the keys closest to
+    `fraction` at `length` (nearest on a log scale; ties to the smaller budget), or None when the
+    variant has no budget parameter or its keys cannot be counted. Values are searched on a ladder
+    of factors of sqrt(2) over [1, length] (fractions for float parameters), each accepted by the
+    variant, assuming more budget never keeps fewer keys."""
+    key = (name, length, fraction, None if q is None else id(q))
+    if key in _budget_memo:
+        return _budget_memo[key]
+    param = budget_param(name)
+    result = None
+    if param is not None and kept_fraction(name, length, {}, q, k) is not None:
+        ladder = _ladder(name, param, fit(name, length)[0])
+        lo, hi = 0, len(ladder) - 1
+        kept = {}
+
+        def at(i):
+            if i not in kept:
+                kept[i] = kept_fraction(name, length, {param: ladder[i]}, q, k)
+            return kept[i]
+
+        # smallest ladder index keeping >= fraction (bisection; kept is non-decreasing in the budget)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            f = at(mid)
+            if f is not None and f >= fraction:
+                hi = mid
+            else:
+                lo = mid + 1
+        best = None
+        for i in (lo - 1, lo):
+            if 0 <= i < len(ladder) and at(i):
+                d = abs(math.log(at(i) / fraction))
+                if best is None or d < best[0] - 1e-12:
+                    best = (d, ladder[i], at(i))
+        if best is not None:
+            result = (best[1], best[2])
+    _budget_memo[key] = result
+    return result
+
+
+def _ladder(name: str, param: str, length: int) -> list:
+    default = variant_class(name).class_info().param(param).default
+    if isinstance(default, float):
+        raw = [2.0 ** (-i / 2) for i in range(0, 2 * max(1, int(math.log2(length))) + 1)]
+    else:
+        raw = sorted({max(1, round(2 ** (i / 2))) for i in range(0, 2 * int(math.log2(max(length, 2))) + 2)} | {0})
+    values = {_nearest_valid(name, param, v, length) for v in raw}
+    return sorted(v for v in values if v is not None)
+
+
+def equals_full(name: str, params: dict, kept: float | None) -> str | None:
+    """Why this configuration is exact full attention at this length (its mask keeps every pair the
+    exact causal attention uses, and it modifies no score), or None. Outputs equal to full's are
+    detected on the outputs themselves (fidelity's `full_diff`)."""
+    from ..core.variant import SoftmaxVariant
+
+    cls = variant_class(name)
+    plain = (issubclass(cls, SoftmaxVariant) and not cls.has_score and not cls.carries
+             and cls.normalization == "softmax" and cls.forward_torch is SoftmaxVariant.forward_torch
+             and cls._reference is SoftmaxVariant._reference)
+    if kept is not None and kept >= 1.0 and plain and name != "full":
+        return "its mask keeps every pair at this length"
+    return None

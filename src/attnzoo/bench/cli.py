@@ -39,27 +39,34 @@ def _dtype(text: str, device: str) -> str:
 
 
 def bench(
-    quick: bool = typer.Option(False, "--quick", help="smoke run: short lengths, 2 layers, few repeats"),
+    quick: bool = typer.Option(False, "--quick", help="try this first: every step in about a minute (128 tokens, "
+                                                      "2 layers, one timed call a row)"),
+    speed_only: bool = typer.Option(False, "--speed-only", help="only speed and memory (no fidelity, no perplexity), "
+                                                                "e.g. with --lengths 1024,2048,4096,8192,16384"),
     variants: str = typer.Option(None, help="comma-separated variant names (default: every registered variant)"),
-    lengths: str = typer.Option(None, help="sequence lengths for speed and memory, e.g. 256,512,1024"),
+    lengths: str = typer.Option(None, help="sequence lengths for speed and memory (default 512,1024), e.g. 1024,4096"),
     text_length: int = typer.Option(None, "--text-length", min=8, help="tokens of real text for fidelity and perplexity"),
     layers: str = typer.Option(None, help="model layers whose q/k/v are captured, e.g. 0,10,20 (default: 4 spread)"),
     model: str = opts.model_option(),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16, float64"),
     backends: str = typer.Option(None, help="comma-separated: torch, sdpa, flex (default: torch,sdpa on CPU; all on CUDA)"),
-    patterns: str = typer.Option(None, help=f"comma-separated CAB patterns (default: all four: {','.join(ALL_PATTERNS)})"),
+    patterns: str = typer.Option(None, help="comma-separated CAB patterns, or all (default: each variant's own, causal "
+                                            f"self for most; all four: {','.join(ALL_PATTERNS)})"),
     out: Path = opts.out_option("results/bench"),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="where captured q/k/v are cached (default ~/.cache/attnzoo)"),
     seed: int = opts.seed_option("seed of the Gaussian inputs"),
     threads: int = opts.threads_option(),
 ):
-    """Fidelity (real and noise q/k/v), in-model perplexity, speed and memory of every variant."""
+    """Fidelity (real and noise q/k/v), in-model perplexity, speed and memory of every variant.
+
+    Start with --quick (about a minute); the default run takes about 5 minutes on 2 idle CPU cores."""
     with opts.status("starting (importing torch) ..."):
         from . import run as bench_run
 
         dev = opts.device(device, auto=True)
     overrides = {"device": dev, "dtype": _dtype(dtype, dev), "model": model, "seed": seed, "threads": threads,
+                 "speed_only": speed_only,
                  "cache_dir": cache_dir, "backends": tuple(opts.name_list(backends, "--backends", BACKENDS)) if backends
                  else bench_run.default_backends(dev)}
     if variants:
@@ -71,7 +78,8 @@ def bench(
     if layers:
         overrides["layers"] = opts.int_list(layers, "--layers", 0)
     if patterns:
-        overrides["patterns"] = tuple(opts.name_list(patterns, "--patterns", ALL_PATTERNS))
+        overrides["patterns"] = ALL_PATTERNS if patterns.strip() == "all" else tuple(
+            opts.name_list(patterns, "--patterns", ALL_PATTERNS))
     config = bench_run.quick_config(**overrides) if quick else bench_run.Config(**overrides)
     results = _run(config)
     from . import report

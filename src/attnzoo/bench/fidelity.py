@@ -8,6 +8,10 @@ Per (variant configuration, source of q/k/v, layer):
   in PROBS_MAX_BYTES).
 o_exact is exact softmax attention (`full`) in float64 under the same causality. The variant runs
 in the bench's dtype on its automatic backend, so `full` shows the floor that dtype sets.
+- `full_diff`: ||o - o_full|| / ||o_full|| against `full` run the same way (same dtype, same
+  inputs): at most EQUAL_TOL (that dtype's rounding between two kernels) marks a configuration
+  whose output is full attention's (`equals_full`), whatever its parameters say;
+- `kept`: the share of the keys its mask keeps (`cases.kept_fraction`).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from ..core.reference import repeat_kv
 from . import cases
 
 PROBS_MAX_BYTES = 1 << 30
+# full_diff at most this is rounding between two exact kernels, not a different attention.
+EQUAL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 @dataclass
@@ -34,6 +40,7 @@ class Reference:
     causal: bool
     exact: torch.Tensor  # float64 (B, Hq, Sq, Dv)
     probs: torch.Tensor | None  # float32 (B, Hq, Sq, Sk) exact softmax probabilities, or None when too large
+    full_out: torch.Tensor | None = None  # `full` in the measured dtype, as the variants run (set by measure)
 
 
 def reference(q, k, v, causal: bool) -> Reference:
@@ -88,7 +95,10 @@ def measure(attn, ref: Reference, dtype: torch.dtype, generator: torch.Generator
     q, k, v = (t.to(dtype) for t in (ref.q, ref.k, ref.v))
     inputs = cases.make_inputs(attn, q, k, v, generator)
     o = attn(q, k, v, causal=ref.causal, **inputs)
-    per_layer = {"rel_err": relative_error(o, ref.exact).tolist(), "cosine": mean_cosine(o, ref.exact).tolist()}
+    if ref.full_out is None or ref.full_out.dtype != dtype:
+        ref.full_out = get("full")(q, k, v, causal=ref.causal)
+    per_layer = {"rel_err": relative_error(o, ref.exact).tolist(), "cosine": mean_cosine(o, ref.exact).tolist(),
+                 "full_diff": relative_error(o, ref.full_out).tolist()}
     row = {"mass_note": None}
     if ref.probs is None:
         row["mass_note"] = "exact probabilities too large for this length"
@@ -104,15 +114,32 @@ def measure(attn, ref: Reference, dtype: torch.dtype, generator: torch.Generator
     return row
 
 
-def cases_for(name: str, length: int, sweep_points: int) -> list[dict]:
-    """The default configuration, then the budget sweep (each a dict of explicit parameters)."""
+def cases_for(name: str, length: int, sweep_points: int, q=None, k=None) -> list[dict]:
+    """The default configuration, the budgets keeping each of cases.KEEP_FRACTIONS of the keys
+    (`keep_target`), then the rest of the budget sweep (each a dict of explicit parameters)."""
     param = cases.budget_param(name)
-    out = [{"params": {}, "default": True, "budget_param": param,
+    out = [{"params": {}, "default": True, "budget_param": param, "keep_target": None,
             "budget": None if param is None else cases.configure(name, length).config[param]}]
-    if param is not None and sweep_points > 0:
+    if param is None:
+        return out
+    seen = {out[0]["budget"]: out[0]}
+    for fraction in cases.KEEP_FRACTIONS:
+        found = cases.budget_for(name, length, fraction, q, k)
+        if found is None:
+            continue
+        value = found[0]
+        if value in seen and seen[value]["keep_target"] is None:  # the default (or a sweep point) is this budget
+            seen[value]["keep_target"] = fraction
+        elif value not in seen:
+            seen[value] = {"params": {param: value}, "default": False, "budget_param": param, "budget": value,
+                           "keep_target": fraction}
+            out.append(seen[value])
+    if sweep_points > 0:
         for value in cases.sweep_values(name, length, sweep_points):
-            if value != out[0]["budget"]:
-                out.append({"params": {param: value}, "default": False, "budget_param": param, "budget": value})
+            if value not in seen:
+                seen[value] = {"params": {param: value}, "default": False, "budget_param": param, "budget": value,
+                               "keep_target": None}
+                out.append(seen[value])
     return out
 
 
@@ -120,11 +147,12 @@ def run(names: list[str], sources: dict[str, tuple], length: int, dtype: torch.d
         seed: int = 0, tick: Callable[[], None] = lambda: None) -> list[dict]:
     """Fidelity rows for every variant, configuration and source of q/k/v ((B, H, S, D) each)."""
     rows = []
+    first_q, first_k, _ = next(iter(sources.values()))  # budgets are chosen once, on the first source
     for source, (q, k, v) in sources.items():
         refs: dict[tuple, Reference] = {}  # (pattern, length) -> exact attention, shared by variants
         for name in names:
             try:
-                todo = cases_for(name, length, sweep_points)
+                todo = cases_for(name, length, sweep_points, first_q, first_k)
             except Exception as e:  # a variant the bench cannot configure: one row says why
                 rows.append({"variant": name, "source": source, "pattern": None, "params": {}, "default": True,
                              "budget_param": None, "budget": None, "error": f"{type(e).__name__}: {e}"})
@@ -146,6 +174,10 @@ def _row(name, case, source, q, k, v, refs, dtype, seed) -> dict:
         attn = cases.configure(name, sk, case["params"])
         row.update(sq=sq, sk=sk, config=_plain(attn.config))
         row.update(measure(attn, refs[(pattern, sk)], dtype, torch.Generator().manual_seed(seed)))
+        row["kept"] = cases.kept_fraction(name, q.shape[2], case["params"], q, k)
+        row["equals_full"] = cases.equals_full(name, case["params"], row["kept"])
+        if row["equals_full"] is None and name != "full" and row["full_diff"] <= EQUAL_TOL.get(dtype, 1e-5):
+            row["equals_full"] = f"its output equals full attention's (relative difference {row['full_diff']:.1e})"
     except Exception as e:  # recorded with its reason; the bench goes on
         row["error"] = f"{type(e).__name__}: {e}"
     return row

@@ -36,25 +36,31 @@ def variant_loss(model, ids: torch.Tensor, name: str, params: dict | None = None
         return next_token_loss(model, ids)
 
 
-def run(model, ids: torch.Tensor, names: list[str], tick: Callable[[], None] = lambda: None) -> dict:
-    """{"tokens", "baseline": {loss, ppl}, "rows": [{variant, tokens, loss, ppl, delta_loss, delta_ppl, error}]}.
+def run(model, ids: torch.Tensor, configs: list, tick: Callable[[], None] = lambda: None) -> dict:
+    """{"tokens", "baseline": {loss, ppl}, "rows": [{variant, params, keep_target, tokens, loss, ppl,
+    delta_loss, ppl_ratio, delta_ppl, error}]}.
 
+    `configs`: variant names (default parameters) or dicts {"variant", "params", "keep_target"}.
+    `delta_loss` = log(ppl / ppl of the unchanged model) (nats per token) and `ppl_ratio` its exp: a
+    model given a foreign positional scheme can lose orders of magnitude, which differences hide.
     A variant that runs only at a shorter length (a grid) reads the first tokens of `ids`, and is
     compared with the unchanged model on those same tokens.
     """
     baselines = {ids.shape[1]: next_token_loss(model, ids)}
     tick()
     rows = []
-    for name in names:
-        row = {"variant": name, "tokens": None, "loss": None, "ppl": None, "delta_loss": None, "delta_ppl": None,
-               "error": None}
+    for c in configs:
+        c = {"variant": c, "params": {}, "keep_target": None} if isinstance(c, str) else c
+        name, params = c["variant"], c.get("params") or {}
+        row = {"variant": name, "params": params, "keep_target": c.get("keep_target"), "tokens": None, "loss": None,
+               "ppl": None, "delta_loss": None, "ppl_ratio": None, "delta_ppl": None, "error": None}
         try:
             n = cases.fit(name, ids.shape[1])[0]
             if n not in baselines:
                 baselines[n] = next_token_loss(model, ids[:, :n])
-            loss, base = variant_loss(model, ids[:, :n], name), baselines[n]
+            loss, base = variant_loss(model, ids[:, :n], name, params), baselines[n]
             row.update(tokens=n, loss=loss, ppl=math.exp(loss), delta_loss=loss - base,
-                       delta_ppl=math.exp(loss) - math.exp(base))
+                       ppl_ratio=math.exp(loss - base), delta_ppl=math.exp(loss) - math.exp(base))
         except Exception as e:  # recorded with its reason; the bench goes on
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)

@@ -19,7 +19,6 @@ import torch
 
 from .. import models
 from ..core.api import variant_class, variants
-from ..core.info import ALL_PATTERNS
 from . import capture, cases, fidelity, quality, speed
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -28,17 +27,22 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @dataclass
 class Config:
     variants: list[str] | None = None  # None: every registered variant
-    lengths: tuple[int, ...] = (128, 256, 512)  # speed and memory
+    # Speed and memory. The default stops at 1024 to keep the run short; the CPU paths are compared at
+    # 1k-16k with e.g. --speed-only --lengths 1024,2048,4096,8192,16384 --variants full,sliding_window,...
+    lengths: tuple[int, ...] = (512, 1024)
     text_length: int = 512  # tokens of real text for capture, fidelity and in-model quality
     layers: list[int] | None = None  # None: LAYERS evenly spaced over the model
     model: str = models.DEFAULT_MODEL
     device: str = "cpu"
     dtype: str = "float32"
     backends: tuple[str, ...] = ("torch", "sdpa")
-    patterns: tuple[str, ...] = ALL_PATTERNS
+    patterns: tuple[str, ...] | None = None  # None: each variant's fidelity pattern (causal self for most)
     modes: tuple[str, ...] = speed.MODES
-    sweep_points: int = 5
-    timing: speed.Timing = field(default_factory=speed.Timing)
+    sweep_points: int = 3  # budget values swept for the error-vs-budget plot, besides KEEP_FRACTIONS
+    # Per budget-comparable configuration, also time the torch engine's tiles and SDPA with the dense mask.
+    paths: bool = True
+    speed_only: bool = False  # skip fidelity and in-model quality
+    timing: speed.Timing = field(default_factory=lambda: speed.Timing(repeats=5, min_repeats=2, max_seconds=0.25))
     seed: int = 0
     cache_dir: Path | None = None
     quick: bool = False
@@ -53,8 +57,8 @@ class BadConfig(ValueError):
 
 
 def quick_config(**overrides) -> Config:
-    """A smoke run of every step: one short length, 2 layers, 3 sweep points, one timed call a row."""
-    base = dict(lengths=(128,), text_length=128, sweep_points=3, quick=True,
+    """A smoke run of every step: one short length, 2 layers, 2 sweep points, one timed call a row."""
+    base = dict(lengths=(128,), text_length=128, sweep_points=2, quick=True,
                 timing=speed.Timing(repeats=1, min_repeats=1, max_seconds=0.0))
     return Config(**{**base, **overrides})
 
@@ -134,12 +138,15 @@ def _run(config: Config, steps: Steps) -> dict:
                                          cache_dir=config.cache_dir)
     timings["capture"] = cap_info["seconds"]
     q, k, v = (x.to(device) for x in capture.stacked(qkv, m.layers))
-    with _timed(timings, "fidelity"):
-        fid = _fidelity(names, (q, k, v), config, dtype, steps)
-    with _timed(timings, "quality"):
-        steps.start("in-model quality", len(names) + 1)
-        with _placed(m.lm, device, dtype):
-            qual = quality.run(m.lm, m.held.to(device), names, steps.tick)
+    fid, qual = [], {"tokens": 0, "baseline": None, "baselines_by_length": {}, "rows": []}
+    if not config.speed_only:
+        with _timed(timings, "fidelity"):
+            fid = _fidelity(names, (q, k, v), config, dtype, steps)
+        with _timed(timings, "quality"):
+            configs = quality_configs(names, fid)
+            steps.start("in-model quality", len(configs) + 1)
+            with _placed(m.lm, device, dtype):
+                qual = quality.run(m.lm, m.held.to(device), configs, steps.tick)
     with _timed(timings, "speed"):
         spd = _speed(names, (q[:1], k[:1], v[:1]), config, device, dtype, steps)
     steps.start("done", 1)
@@ -179,7 +186,7 @@ def _load(config: Config) -> _Model:
 
 def _fidelity(names: list[str], captured: tuple, config: Config, dtype: torch.dtype, steps: Steps) -> list[dict]:
     sources = {"captured": captured, "gaussian": _gaussian_like(*captured, config.seed)}
-    steps.start("fidelity", sum(_case_count(n, config) for n in names) * len(sources))
+    steps.start("fidelity", sum(_case_count(n, config, captured) for n in names) * len(sources))
     return fidelity.run(names, sources, config.text_length, dtype, config.sweep_points, config.seed, steps.tick)
 
 
@@ -198,21 +205,67 @@ def _speed(names: list[str], captured: tuple, config: Config, device: torch.devi
     return out
 
 
+def quality_configs(names: list[str], fid: list[dict]) -> list[dict]:
+    """What runs in the model: each budgeted variant at the budgets keeping cases.KEEP_FRACTIONS of
+    the keys (as chosen by fidelity on the captured q/k/v), every other variant at its defaults."""
+    out = []
+    for name in names:
+        keep = {}
+        for r in fid:
+            if r["variant"] == name and r["source"] == "captured" and r.get("keep_target") and not r["error"]:
+                keep.setdefault(r["keep_target"], r["params"])
+        if keep:
+            out += [{"variant": name, "params": p, "keep_target": f} for f, p in sorted(keep.items(), reverse=True)]
+        else:
+            out.append({"variant": name, "params": {}, "keep_target": None})
+    return out
+
+
+def budget_configs(name: str, length: int) -> list[tuple[dict, float | None]]:
+    """(params, keep_target) a variant is timed at, at `length`: its budgets keeping each of
+    cases.KEEP_FRACTIONS of the keys there, or its defaults when it has no countable budget."""
+    out = []
+    for fraction in cases.KEEP_FRACTIONS:
+        try:
+            found = cases.budget_for(name, length, fraction)
+        except Exception:  # the row records why the variant cannot run
+            found = None
+        if found is not None and all(p != {cases.budget_param(name): found[0]} for p, _ in out):
+            out.append(({cases.budget_param(name): found[0]}, fraction))
+    return out or [({}, None)]
+
+
+def patterns_for(name: str, config: Config) -> list[str]:
+    """The requested patterns the variant serves; by default its fidelity pattern alone."""
+    served = variant_class(name).class_info().patterns
+    if config.patterns is None:
+        p = cases.fidelity_pattern(name)
+        return [p] if p else []
+    return [p for p in config.patterns if p in served]
+
+
 def speed_rows(names: list[str], config: Config, device: torch.device) -> list[speed.Row]:
     """Anchors (SDPA's exact attention; on CUDA also its cuDNN and flash kernels) first, then every
-    variant on every requested backend it lists, in every requested pattern it serves, at each
-    length (fitted to the variant, see cases.fit; anchors are added at fitted lengths too)."""
+    variant on every requested backend it lists, in its patterns (see patterns_for), at each
+    length (fitted to the variant, see cases.fit; anchors are added at fitted lengths too), at the
+    budgets keeping cases.KEEP_FRACTIONS of the keys there. With `config.paths`, the first of those
+    budgets is also timed on the torch engine's tiles and as SDPA with the dense boolean mask."""
     rows, needed = [], set()
     for name in names:
         info = variant_class(name).class_info()
         for n in config.lengths:
             length = _fitted(name, n)
-            for backend in (b for b in config.backends if b in info.backends):
-                for p in (p for p in config.patterns if p in info.patterns):
-                    for m in config.modes:
-                        rows.append(speed.Row(name, backend, p, length, m))
-                        needed.add((p, length, m))
-    needed |= {(p, n, m) for p in config.patterns for n in config.lengths for m in config.modes}
+            for i, (params, keep) in enumerate(budget_configs(name, length)):
+                backends = [b for b in config.backends if b in info.backends]
+                if config.paths and i == 0 and "torch" in backends and _fused_capable(name):
+                    backends += list(speed.PATH_ROWS)
+                for backend in backends:
+                    for p in patterns_for(name, config):
+                        for m in config.modes:
+                            rows.append(speed.Row(name, backend, p, length, m, params, keep))
+                            needed.add((p, length, m))
+    if config.patterns is not None:
+        needed |= {(p, n, m) for p in config.patterns for n in config.lengths for m in config.modes}
     kernels = ["sdpa"] + (list(speed.SDPA_KERNELS) if device.type == "cuda" else [])
     anchors = [speed.Row("full", k, p, n, m) for k in kernels for p, n, m in sorted(needed)]
     unique = {}
@@ -221,9 +274,19 @@ def speed_rows(names: list[str], config: Config, device: torch.device) -> list[s
     return list(unique.values())
 
 
-def _case_count(name: str, config: Config) -> int:
+def _fused_capable(name: str) -> bool:
+    """A softmax variant defined by a mask alone: the one kind the torch backend's fused path, its
+    tiles and SDPA with a dense mask all compute."""
+    from ..core.variant import SoftmaxVariant
+
+    cls = variant_class(name)
+    return (issubclass(cls, SoftmaxVariant) and cls.has_mask and not cls.has_score and not cls.carries
+            and cls.normalization == "softmax")
+
+
+def _case_count(name: str, config: Config, captured: tuple) -> int:
     try:
-        return len(fidelity.cases_for(name, config.text_length, config.sweep_points))
+        return len(fidelity.cases_for(name, config.text_length, config.sweep_points, captured[0], captured[1]))
     except Exception:  # fidelity.run records the reason in one row
         return 1
 
@@ -304,6 +367,7 @@ def _meta(config: Config, device: torch.device, dtype: torch.dtype) -> dict:
 def _config_dict(config: Config, names: list[str], layers: list[int]) -> dict:
     d = asdict(config)
     d.update(variants=names, layers=layers, cache_dir=str(config.cache_dir or models.cache_dir()),
-             lengths=list(config.lengths), backends=list(config.backends), patterns=list(config.patterns),
-             modes=list(config.modes))
+             lengths=list(config.lengths), backends=list(config.backends),
+             patterns=None if config.patterns is None else list(config.patterns), modes=list(config.modes),
+             keep_fractions=list(cases.KEEP_FRACTIONS))
     return d

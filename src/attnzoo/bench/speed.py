@@ -13,6 +13,14 @@ Work: `pairs` counts the (query, key) pairs the variant's mask allows, over batc
 TFLOP/s count only unmasked work: 2 (D + Dv) FLOPs a pair forward, 3.5 times that forward and
 backward (FlashAttention's convention). Variants with no mask count all pairs under causality.
 
+Paths (a row's `backend`): an attnzoo backend (`torch`, `sdpa`, `flex`; `torch` records which of its
+paths ran, `fused` or `tiles`), `torch:tiles` (the torch backend forced onto its online-softmax
+engine, to show what the fused path gains), and the anchors measured in the same run: `sdpa`
+rows of `full` (PyTorch's exact attention, no mask tensor) and, per variant, `sdpa_mask`: what a
+CPU user would otherwise write, `F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask)` with
+the variant's (Sq, Sk) boolean mask built before the timed calls (as a model reusing it across
+layers would; its size is `mask_mib`).
+
 Only torch and attnzoo are imported here, so benchmarks/gpu_bench.py runs on a bare GPU machine.
 """
 from __future__ import annotations
@@ -30,6 +38,9 @@ from ..core.api import get
 from . import cases
 
 MODES = ("fwd", "fwd+bwd")
+TILES = "torch:tiles"  # the torch backend forced onto its online-softmax engine
+SDPA_MASK = "sdpa_mask"  # F.scaled_dot_product_attention with the variant's dense boolean mask
+PATH_ROWS = (TILES, SDPA_MASK)
 BWD_FLOP_FACTOR = 3.5
 # Anchors: PyTorch's own kernels computing exact (full) attention, measured in the same run.
 SDPA_KERNELS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION"}
@@ -63,6 +74,7 @@ class Row:
     length: int
     mode: str
     params: dict = field(default_factory=dict)
+    keep_target: float | None = None  # the share of the keys `params` were chosen to keep (cases.budget_for)
 
     @property
     def key(self) -> tuple:
@@ -229,25 +241,73 @@ def _kernel_context(backend: str):
     return sdpa_kernel([getattr(SDPBackend, SDPA_KERNELS[backend])])
 
 
-def _runner(attn, backend: str, q, k, v, causal: bool, inputs: dict, mode: str):
-    """A no-argument function running one call (and its backward for fwd+bwd)."""
-    call_backend = "sdpa" if backend in SDPA_KERNELS else backend
+def _context(backend: str):
+    if backend == TILES:
+        from ..backends.torch_blockwise import use_path
+
+        return use_path("tiles")
+    return _kernel_context(backend)
+
+
+def dense_mask(attn, q, k, causal: bool, inputs: dict) -> torch.Tensor:
+    """The variant's allowed pairs as one boolean tensor (B|1, Hq|1, Sq, Sk), from its mask function."""
+    if not getattr(attn, "has_mask", False) or getattr(attn, "has_score", False) or getattr(attn, "carries", False) \
+            or getattr(attn, "normalization", "softmax") != "softmax":
+        raise cases.Unrunnable(f"{attn.info.name}: {SDPA_MASK} needs a softmax variant defined by a mask alone")
+    call = attn.prepare(q, k, k, causal, None, inputs)
+    s = call.shapes
+    b = torch.arange(s.batch, device=q.device).view(-1, 1, 1, 1)
+    h = torch.arange(s.q_heads, device=q.device).view(1, -1, 1, 1)
+    q_pos = (torch.arange(s.sq, device=q.device) + s.offset).view(1, 1, -1, 1)
+    m = attn.full_mask(call, b, h, q_pos, torch.arange(s.sk, device=q.device).view(1, 1, 1, -1))
+    return m.expand(*m.shape[:2], s.sq, s.sk).contiguous()
+
+
+def _runner(attn, backend: str, q, k, v, causal: bool, inputs: dict, mode: str, mask: torch.Tensor | None = None):
+    """A no-argument function running one call (and its backward for fwd+bwd); `mask` for SDPA_MASK rows."""
+    call_backend = "sdpa" if backend in SDPA_KERNELS else "torch" if backend == TILES else backend
+    if backend == SDPA_MASK:
+        import torch.nn.functional as F
+
+        mask = dense_mask(attn, q, k, causal, inputs) if mask is None else mask
+        group = q.shape[1] // k.shape[1]
+
+        def call(q_, k_, v_):
+            return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, enable_gqa=group > 1)
+    else:
+        def call(q_, k_, v_):
+            return attn(q_, k_, v_, causal=causal, backend=call_backend, **inputs)
+
     if mode == "fwd":
         def fwd():
-            with torch.no_grad(), _kernel_context(backend):
-                attn(q, k, v, causal=causal, backend=call_backend, **inputs)
+            with torch.no_grad(), _context(backend):
+                call(q, k, v)
 
         return fwd
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     grad = _randn(q.shape[:3] + (v.shape[3],), torch.Generator(q.device).manual_seed(1), q.device).to(q.dtype)
 
     def fwd_bwd():
-        with _kernel_context(backend):
-            attn(*leaves, causal=causal, backend=call_backend, **inputs).backward(grad)
+        with _context(backend):
+            call(*leaves).backward(grad)
         for t in leaves:  # freed here, so the next call starts from the inputs alone
             t.grad = None
 
     return fwd_bwd
+
+
+def path_of(attn, backend: str, q, k, v, causal: bool, inputs: dict) -> str | None:
+    """Which code a row ran: for the torch backend its path (fused / tiles) or the variant's own."""
+    if backend == TILES:
+        return "tiles"
+    if backend != "torch":
+        return None
+    from ..backends import torch_blockwise
+    from ..core.variant import SoftmaxVariant
+
+    if not isinstance(attn, SoftmaxVariant):
+        return "own"  # the variant's own torch code (selection, linear, pooled heads)
+    return torch_blockwise.path_for(attn, attn.prepare(q, k, v, causal, None, inputs), q)[0]
 
 
 def measure(row: Row, geometry: Geometry, dtype: torch.dtype, device: torch.device, timing: Timing,
@@ -262,7 +322,12 @@ def measure(row: Row, geometry: Geometry, dtype: torch.dtype, device: torch.devi
         g = torch.Generator(device).manual_seed(seed)
         (q, k, v), source = make_qkv(geometry, sq, sk, dtype, device, g, captured)
         inputs = cases.make_inputs(attn, q, k, v, g)
-        fn = _runner(attn, row.backend, q, k, v, causal, inputs, row.mode)
+        out["path"] = path_of(attn, row.backend, q, k, v, causal, inputs)
+        mask = None
+        if row.backend == SDPA_MASK:
+            mask = dense_mask(attn, q, k, causal, inputs)
+            out["mask_mib"] = mask.numel() / 2**20
+        fn = _runner(attn, row.backend, q, k, v, causal, inputs, row.mode, mask)
         first, samples = time_ms(fn, device, timing)
         median = statistics.median(samples)
         pairs, basis = allowed_pairs(attn, geometry, causal, sq, sk, inputs, device)
@@ -275,26 +340,35 @@ def measure(row: Row, geometry: Geometry, dtype: torch.dtype, device: torch.devi
 
 
 ANCHORS = ("sdpa",) + tuple(SDPA_KERNELS)
+# CPU peak memory is read in KiB pages; below this many MiB a ratio would divide noise by noise.
+MEMORY_FLOOR_MIB = 0.25
 
 
 def add_ratios(results: list[dict]) -> None:
     """Time and memory of each row as ratios to the anchors measured in the same run, same pattern,
-    length and mode: `time_vs_<anchor>` for SDPA and its kernels (exact attention), `time_vs_flex`
-    to the same variant on compiled Flex, `time_vs_flex_full` to exact attention on compiled Flex,
+    length and mode: `time_vs_<anchor>` for SDPA and its kernels (exact attention, no mask),
+    `time_vs_sdpa_mask` / `memory_vs_sdpa_mask` to SDPA with the same configuration's dense boolean
+    mask, `time_vs_tiles` to the same configuration on the torch engine's tiles, `time_vs_flex` to
+    the same variant on compiled Flex, `time_vs_flex_full` to exact attention on compiled Flex,
     `memory_vs_sdpa`. None where the anchor is missing."""
     ok = [r for r in results if r["error"] is None]
     by_key = {(r["variant"], r["backend"], r["pattern"], r["length"], r["mode"], _frozen(r["params"])): r for r in ok}
     for r in results:
         shape = (r["pattern"], r["length"], r["mode"])
+        mine_key = (*shape, _frozen(r["params"]))
         base = {a: by_key.get(("full", a, *shape, ())) for a in ANCHORS}
-        base["flex"] = by_key.get((r["variant"], "flex", *shape, _frozen(r["params"])))
+        base["sdpa_mask"] = by_key.get((r["variant"], SDPA_MASK, *mine_key))
+        base["tiles"] = by_key.get((r["variant"], TILES, *mine_key))
+        base["flex"] = by_key.get((r["variant"], "flex", *mine_key))
         base["flex_full"] = by_key.get(("full", "flex", *shape, ()))
         mine = r["error"] is None
         for name, anchor in base.items():
             r[f"time_vs_{name}"] = r["median_ms"] / anchor["median_ms"] if mine and anchor else None
-        sdpa = base["sdpa"]
-        r["memory_vs_sdpa"] = (r["peak_mib"] / sdpa["peak_mib"] if mine and sdpa and sdpa["peak_mib"]
-                               and r["peak_mib"] is not None else None)
+        for name in ("sdpa", "sdpa_mask"):
+            a = base[name]
+            r[f"memory_vs_{name}"] = (max(r["peak_mib"], MEMORY_FLOOR_MIB) / max(a["peak_mib"], MEMORY_FLOOR_MIB)
+                                      if mine and a and a["peak_mib"] is not None and r["peak_mib"] is not None
+                                      else None)
 
 
 def _frozen(params: dict) -> tuple:
