@@ -51,6 +51,7 @@ def bench(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16, float64"),
     backends: str = typer.Option(None, help="comma-separated: torch, sdpa, flex (default: torch,sdpa on CPU; all on CUDA)"),
+    modes: str = typer.Option(None, help="comma-separated: fwd, fwd+bwd (default both)"),
     patterns: str = typer.Option(None, help="comma-separated CAB patterns, or all (default: each variant's own, causal "
                                             f"self for most; all four: {','.join(ALL_PATTERNS)})"),
     out: Path = opts.out_option("results/bench"),
@@ -77,6 +78,10 @@ def bench(
         overrides["text_length"] = text_length
     if layers:
         overrides["layers"] = opts.int_list(layers, "--layers", 0)
+    if modes:
+        from . import speed
+
+        overrides["modes"] = tuple(opts.name_list(modes, "--modes", speed.MODES))
     if patterns:
         overrides["patterns"] = ALL_PATTERNS if patterns.strip() == "all" else tuple(
             opts.name_list(patterns, "--patterns", ALL_PATTERNS))

@@ -141,6 +141,8 @@ def headline(results: dict) -> str:
         what = (f"{n} variants on {m['name']}'s real q/k/v ({results['capture']['length']} tokens, layers "
                 f"{results['capture']['layers']}), in-model perplexity on {results['quality']['tokens']} held-out "
                 f"tokens, speed at {lengths} tokens on {meta['device']} ({meta['dtype']})")
+    if cfg.get("speed_only"):
+        return f"Ran {what}. " + (paths_line(results) or "")
     parts = []
     for board, w in winners(results).items():
         if board == FIXED or not w["best"]:
@@ -207,12 +209,62 @@ def _rank_cell(r: dict) -> str:
     return "=" if r["equals_full"] is not None else cell(r["rank"], str)
 
 
+def paths_line(results: dict) -> str | None:
+    """One sentence on the CPU paths at the longest length: how often the fused path beats SDPA given
+    the dense mask, and the median time and memory ratios."""
+    summary = [s_ for s_ in path_summary(results) if "torch fused" in s_["paths"]]
+    if not summary:
+        return None
+    longest = max(s_["length"] for s_ in summary)
+    parts = []
+    for mode in dict.fromkeys(s_["mode"] for s_ in summary):
+        rows = [s_["paths"]["torch fused"] for s_ in summary if s_["length"] == longest and s_["mode"] == mode]
+        if not rows:
+            continue
+        wins = sum(r["vs_mask"] < 1 for r in rows)
+        mem = [r["mem_vs_mask"] for r in rows if r["mem_vs_mask"] is not None]
+        parts.append(f"{mode}: faster in {wins} of {len(rows)} (median time ×{_median([r['vs_mask'] for r in rows]):.2f}"
+                     + (f", peak memory ×{_median(mem):.2f}" if mem else "") + ")")
+    return (f"CPU paths at {longest} tokens, the torch backend's fused path vs SDPA given the dense mask: "
+            + "; ".join(parts) + ".")
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def print_paths(results: dict, console) -> None:
+    """Per configuration with a path comparison: each path's time (and fused memory) ÷ SDPA with the
+    dense mask, and the fused path ÷ SDPA's exact attention. Fits 80 columns."""
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title="CPU paths: time ÷ SDPA given the dense boolean mask (lower is faster)", box=box.SIMPLE_HEAD,
+              pad_edge=False, title_justify="left")
+    for head in ("variant", "budget", "len", "mode", "fused", "tiles", "f×sdpa", "mem"):
+        t.add_column(head, justify="left" if head in ("variant", "budget", "mode") else "right", no_wrap=True)
+    for s_ in path_summary(results):
+        p = s_["paths"]
+        t.add_row(s_["variant"], _params_text(s_["params"]), str(s_["length"]), s_["mode"],
+                  cell(p.get("torch fused", {}).get("vs_mask"), "{:.2f}"),
+                  cell(p.get("torch tiles", {}).get("vs_mask"), "{:.2f}"),
+                  cell(p.get("torch fused", {}).get("vs_sdpa"), "{:.2f}"),
+                  cell(p.get("torch fused", {}).get("mem_vs_mask"), "{:.2g}"))
+    console.print(t)
+    console.print("fused / tiles: the torch backend's two paths; f×sdpa: fused time ÷ SDPA's exact attention "
+                  "(no mask); mem: fused peak memory ÷ the masked SDPA's.", highlight=False, style="dim")
+
+
 def print_leaderboard(results: dict, console) -> None:
     """One narrow table per board (fits 80 columns), abbreviations in the caption."""
     from rich import box
     from rich.table import Table
 
     console.print(headline(results), highlight=False)
+    if results["config"].get("speed_only"):
+        print_paths(results, console)
+        return
     columns = [c for c in COLUMNS if c[0] in TERMINAL_COLUMNS]
     rows = leaderboard(results)
     length = max(results["config"]["lengths"])
@@ -235,6 +287,9 @@ def print_leaderboard(results: dict, console) -> None:
         f"err: relative error vs exact attention on real q/k/v. Δln ppl: ln(ppl ÷ {base}). "
         f"fwd×, f+b×: time ÷ SDPA's exact attention at {length} tokens (lower is faster). "
         f"Every column: results.json and report.html.", highlight=False, style="dim")
+    line = paths_line(results)
+    if line:
+        console.print(line, highlight=False)
     problems = failures(results)
     if problems:
         console.print(f"[yellow]{len(problems)} measurements could not run; reasons in results.json and the report.[/yellow]")

@@ -126,6 +126,12 @@ def _figures(results: dict) -> list[tuple[str, str, object]]:
                 fig.add_hline(y=acc, line_dash="dash", line_color="black", row=1, col=col,
                               annotation_text=f"uncompressed {acc:.0%}", annotation_position="bottom left")
             fig.update_xaxes(title_text=x_title if col == 1 else None, row=1, col=col)
+        # Both x quantities are shares of the cache: a fixed [0, 1] axis (wider if some method holds more
+        # bytes than the uncompressed cache), padded so markers at the ends are not cut, and the same
+        # scale in every setting's panel (one ratio alone would otherwise get an arbitrary span).
+        xs = [r[x_key] for r in summary if r["method"] != BASELINE and isinstance(r.get(x_key), (int, float))]
+        top = max([1.0] + xs)
+        fig.update_xaxes(range=[-0.03 * top, 1.03 * top], tickformat=".0%")
         fig.update_yaxes(title_text="accuracy (string match)", tickformat=".0%", range=[-0.05, 1.05], row=1, col=1)
         fig.update_layout(height=480, margin={"t": 60, "b": 60}, legend={"font": {"size": 11}})
         figs.append((key, title, fig))
@@ -162,6 +168,9 @@ def _figures(results: dict) -> list[tuple[str, str, object]]:
         go.Bar(name="decode per token ×uncompressed", x=labels, y=[r["decode_vs_full"] for r in aware]),
     ])
     fig.add_hline(y=1.0, line_dash="dash", line_color="black")
+    ratios = [y for r in aware for y in (r["prefill_vs_full"], r["decode_vs_full"]) if isinstance(y, (int, float)) and y > 0]
+    if ratios and max(ratios) / min(ratios) > 8:  # one slow outlier would flatten every other bar on a linear axis
+        fig.update_yaxes(type="log")
     fig.update_layout(barmode="group", height=460, yaxis_title=f"time relative to the uncompressed model "
                       f"({settings[-1].replace('_', '-')})", xaxis_tickangle=-45, margin={"b": 160})
     figs.append(("plot-latency", "Latency vs the uncompressed model", fig))
