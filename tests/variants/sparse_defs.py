@@ -202,3 +202,81 @@ def biformer(q, k, v, causal, params, scale):
         kept.append(rows)
     return exact_over_blocks(q, k, v, False, scale,
                              lambda bi, h, kvh, i, pos: [t for r in kept[bi][region(pos)] for t in members[r]])
+
+
+# ---- hyper --------------------------------------------------------------------------------------------
+
+
+def causal_pieces(sq, sk, min_seq_len):
+    """The paper's causal recursion: diagonal halves recurse, the block below the diagonal (and, with
+    Sq < Sk, the keys before the first query) is non-causal, pieces of at most min_seq_len keys exact."""
+    if sk <= min_seq_len:
+        return [("exact", 0, sq, 0, sk)]
+    if sq < sk:
+        return [("hyper", 0, sq, 0, sk - sq)] + [(kind, a, b, c + sk - sq, d + sk - sq)
+                                                  for kind, a, b, c, d in causal_pieces(sq, sq, min_seq_len)]
+    h = sq // 2
+    top = causal_pieces(h, h, min_seq_len)
+    bottom = causal_pieces(sq - h, sq - h, min_seq_len)
+    return top + [("hyper", h, sq, 0, h)] + [(kind, a + h, b + h, c + h, d + h) for kind, a, b, c, d in bottom]
+
+
+def _gray_position(code):
+    position, shift = code, code >> 1
+    while shift:
+        position ^= shift
+        shift >>= 1
+    return position
+
+
+def _lsh_positions(rows, projections):
+    """Sorted position of every row: codes from the signs of the projections, ranked along the Gray code,
+    ties by index."""
+    codes = [sum(1 << b for b in range(projections.shape[1]) if float(r @ projections[:, b]) > 0) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: (_gray_position(codes[i]), i))
+    return {i: p for p, i in enumerate(order)}
+
+
+def hyper(q, k, v, causal, params, scale, projections, pieces):
+    """N / D per query from its pieces: exact causal terms; or the keys of its sorted-LSH block plus the
+    sampled keys outside it, each sampled occurrence weighted n / m. `pieces`: (kind, q0, q1, k0, k1,
+    samples) with the variant's random draws."""
+    bs = params["block_size"]
+    b, hq, sq, _ = q.shape
+    sk, g = k.shape[2], hq // k.shape[1]
+    expect = causal_pieces(sq, sk, params["min_seq_len"]) if causal else [("hyper", 0, sq, 0, sk)]
+    assert [p[:5] for p in pieces] == expect
+    weight = [[[dict() for _ in range(sq)] for _ in range(hq)] for _ in range(b)]
+    for kind, q0, q1, k0, k1, samples in pieces:
+        for bi in range(b):
+            for h in range(hq):
+                if kind == "exact":
+                    for i in range(q0, q1):
+                        for j in range(k0, min(k1, i + sk - sq + 1)):
+                            weight[bi][h][i][j] = weight[bi][h][i].get(j, 0.0) + 1.0
+                    continue
+                nq, nk = q1 - q0, k1 - k0
+                blocks = math.ceil(nk / bs)
+                kpos = _lsh_positions(k[bi, h // g, k0:k1], projections)
+                qpos = _lsh_positions(q[bi, h, q0:q1], projections)
+                for i in range(nq):
+                    mine = qpos[i] * blocks // nq
+                    heavy = [j for j in range(nk) if kpos[j] // bs == mine]
+                    row = weight[bi][h][q0 + i]
+                    for j in heavy:
+                        row[k0 + j] = row.get(k0 + j, 0.0) + 1.0
+                    if samples is not None:
+                        m = samples.shape[-1]
+                        for j in samples[bi, h].tolist():
+                            if j not in heavy:
+                                row[k0 + j] = row.get(k0 + j, 0.0) + nk / m
+    mask = torch.zeros(b, hq, sq, sk, dtype=torch.bool)
+    out = torch.zeros(b, hq, sq, v.shape[-1], dtype=torch.float64)
+    for bi, h, kvh, i, pos in _loop(q, k):
+        row = weight[bi][h][i]
+        keys = sorted(row)
+        mask[bi, h, i, keys] = True
+        e = torch.tensor([row[j] for j in keys], dtype=torch.float64) * torch.softmax(
+            scale * (k[bi, kvh, keys] @ q[bi, h, i]), 0)
+        out[bi, h, i] = (e / e.sum()) @ v[bi, kvh, keys]
+    return mask, out

@@ -35,6 +35,12 @@ def _own_landmark_block(p, pos, sk):
     return set(range(pos // period * period, pos + 1)) - ({pos} if pos % period == period - 1 else set())
 
 
+def _hyper_draws(attn, q, k, v, causal):
+    plan = attn.plan(q, k, attn.prepare(q, k, v, causal, None, {}))
+    return {"projections": plan.projections,
+            "pieces": [(p.kind, p.q0, p.q1, p.k0, p.k1, p.samples) for p in plan.pieces]}
+
+
 @dataclass
 class Case:
     params: dict                                  # a small configuration, odd blocks
@@ -47,6 +53,7 @@ class Case:
     bad: tuple = ()                               # (params, exception, message)
     shapes: dict = field(default_factory=dict)    # pattern -> (causal, Sq, Sk) where PATTERN_SHAPES do not fit
     shared_by_heads: bool = False                 # one choice for every head (the paper's routing)
+    draws: Callable = None                        # (attn, q, k, v, causal) -> the random draws define needs
 
 
 CASES = {
@@ -106,6 +113,17 @@ CASES = {
              ({"grid": (9, 0)}, ValueError, "'grid' must be None or \\(H, W\\)"),
              ({"regions": (3,)}, ValueError, "'regions' must be \\(rh, rw\\)")),
     ),
+    "hyper": Case(
+        params={"block_size": 6, "sample_size": 5, "lsh_bits": 3, "min_seq_len": 9, "seed": 1},
+        define=sparse_defs.hyper,
+        draws=_hyper_draws,
+        all_params=lambda sk: {"block_size": sk, "sample_size": 5, "lsh_bits": 3, "min_seq_len": 9},
+        bad=(({"block_size": 0}, ValueError, "'block_size' must be a positive int"),
+             ({"sample_size": -1}, ValueError, "'sample_size' must be a non-negative int"),
+             ({"lsh_bits": 0}, ValueError, r"'lsh_bits' must be an int in \[1, 30\]"),
+             ({"min_seq_len": 0}, ValueError, "'min_seq_len' must be a positive int"),
+             ({"seed": 1.5}, TypeError, "'seed' must be int")),
+    ),
 }
 NAMES = list(CASES)
 
@@ -129,7 +147,9 @@ def test_fast_path_and_reference_equal_the_independent_definition(name, pattern)
         with pytest.raises(ValueError, match=pattern):
             attn(q, k, v, causal=causal, **inputs)
         return
-    mask, expected = CASES[name].define(q, k, v, causal, attn.config, scale=8 ** -0.5, **inputs)
+    case = CASES[name]
+    draws = case.draws(attn, q, k, v, causal) if case.draws else {}
+    mask, expected = case.define(q, k, v, causal, attn.config, scale=8 ** -0.5, **inputs, **draws)
     assert torch.equal(attn.dense_mask(q.shape[2], k.shape[2], causal=causal, q=q, k=k, **inputs), mask)
     assert (attn.reference(q, k, v, causal=causal, **inputs) - expected).abs().max() < 1e-10
     out = attn(q, k, v, causal=causal, **inputs)
@@ -346,3 +366,79 @@ def test_biformer_routes_a_query_region_to_the_region_its_keys_match():
             k[0, :, t] = q[0, :, 0] * 5                                # the first query (region 0)
     sel = attn.selection(q, k)
     assert {region_of(t) for t in sel.indices[0, 0, 0].tolist()} == {0, 3}
+
+
+# ---- hyper: what the paper proves about its estimator, with fixed seeds -------------------------------
+
+
+@pytest.fixture(scope="module")
+def hyper_draws():
+    """Estimates of one small problem under seeds 0..299, for 4 and 64 samples: row sums D~, numerators
+    N~, the sampling variance of D~ given each draw's heavy blocks, and the output's relative error."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 600 tiny problems: two OpenMP threads only spin against each other
+    try:
+        return _hyper_runs()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _hyper_runs():
+    from attnzoo.core.registry import variant_class
+
+    q, k, v = qkv(1, 1, 1, 8, 40, 8, seed=3)
+    e = torch.exp(8 ** -0.5 * q[0, 0] @ k[0, 0].T)                     # (Sq, Sk) exact e^{s_ij}
+    exact = az.attention(q, k, v)
+    runs = {}
+    for m in (4, 64):
+        rows, nums, variances, errors = [], [], [], []
+        for seed in range(300):
+            attn = variant_class("hyper")(block_size=8, sample_size=m, lsh_bits=2, seed=seed)
+            call = attn.prepare(q, k, v, False, None, {})
+            plan = attn.plan(q, k, call)
+            out, log_rows = attn.estimate_from(plan, q, k, v, call)
+            rows.append(log_rows.exp()[0, 0])
+            nums.append((out * log_rows.exp().unsqueeze(-1))[0, 0])
+            piece = plan.pieces[0]
+            light = e.masked_fill(piece.q_block[0, 0].view(-1, 1) == piece.k_block[0, 0].view(1, -1), 0)
+            variances.append((40 * light.square().sum(-1) - light.sum(-1).square()) / m)
+            errors.append(float((out - exact).norm() / exact.norm()))
+        runs[m] = torch.stack(rows), torch.stack(nums), torch.stack(variances), sum(errors) / len(errors)
+    return e.sum(-1), e @ v[0, 0], runs
+
+
+def test_hyper_row_sum_and_numerator_estimates_are_unbiased(hyper_draws):
+    row_sum, numerator, runs = hyper_draws
+    for m, (rows, nums, _, _) in runs.items():
+        n = rows.shape[0]
+        assert ((rows.mean(0) - row_sum) / (rows.std(0) / n ** 0.5)).abs().max() < 4.5, m
+        assert ((nums.mean(0) - numerator) / (nums.std(0) / n ** 0.5)).abs().max() < 4.5, m
+
+
+def test_hyper_row_sum_variance_is_the_uniform_sampling_variance(hyper_draws):
+    """Var(D~) = E over heavy blocks of (n sum_light e^2 - (sum_light e)^2) / m: the concentration the paper's
+    ApproxD bound rests on (with replacement, weight n / m)."""
+    _, _, runs = hyper_draws
+    for m, (rows, _, variances, _) in runs.items():
+        ratio = rows.var(0) / variances.mean(0)
+        assert 0.7 < float(ratio.min()) and float(ratio.max()) < 1.4, (m, ratio)
+        assert 0.85 < float(rows.var(0).sum() / variances.mean(0).sum()) < 1.18, m
+
+
+def test_hyper_error_falls_like_one_over_root_samples(hyper_draws):
+    _, _, runs = hyper_draws
+    assert runs[64][3] < runs[4][3] / 2.5           # 16x the samples: about 4x less error
+
+
+def test_hyper_without_samples_reads_its_block_and_the_causal_base_reads_itself():
+    q, k, v = qkv(1, 2, 1, 45, 70, 8, seed=8)
+    attn = az.get("hyper", block_size=7, sample_size=0, lsh_bits=3)
+    mask = attn.dense_mask(45, 70, q=q, k=k)
+    assert (mask.sum(-1) == 7).all()                                  # 70 keys in 10 blocks of 7
+    draws = _hyper_draws(attn, q, k, v, False)
+    _, expected = sparse_defs.hyper(q, k, v, False, attn.config, 8 ** -0.5, **draws)
+    assert (attn(q, k, v) - expected).abs().max() < 1e-10
+    q, k, v = qkv(1, 2, 1, 40, 40, 8, seed=8)
+    attn = az.get("hyper", block_size=1, sample_size=0, lsh_bits=2, min_seq_len=1)
+    mask = attn.dense_mask(40, 40, causal=True, q=q, k=k)
+    assert mask.diagonal(dim1=-2, dim2=-1).all() and torch.isfinite(attn(q, k, v, causal=True)).all()
