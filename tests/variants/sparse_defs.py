@@ -50,7 +50,7 @@ def nsa(q, k, v, causal, params, gates, scale):
         return probs, softmax_over(q[bi, h, pos - (sk - sq)], kc[seen], vc[seen], scale)
 
     for bi, h, kvh, i, pos in _loop(q, k):
-        probs_cmp, o_cmp = compressed(bi, h, pos)
+        _, o_cmp = compressed(bi, h, pos)
         # the group's vote: the compressed probabilities summed over the query heads sharing kv head kvh
         votes = [0.0] * n
         for h2 in range(kvh * g, (kvh + 1) * g):
@@ -246,7 +246,7 @@ def hyper(q, k, v, causal, params, scale, projections, pieces):
     sk, g = k.shape[2], hq // k.shape[1]
     expect = causal_pieces(sq, sk, params["min_seq_len"]) if causal else [("hyper", 0, sq, 0, sk)]
     assert [p[:5] for p in pieces] == expect
-    weight = [[[dict() for _ in range(sq)] for _ in range(hq)] for _ in range(b)]
+    weight = [[[{} for _ in range(sq)] for _ in range(hq)] for _ in range(b)]
     for kind, q0, q1, k0, k1, samples in pieces:
         for bi in range(b):
             for h in range(hq):

@@ -4,15 +4,15 @@ GQA and lengths that are not multiples of its blocks; budgets at the edges; grad
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
+import sparse_defs
 import torch
-from harness import PATTERN_SHAPES, qkv
+from harness import PATTERN_SHAPES, assert_reference_rule, qkv
 
 import attnzoo as az
-import sparse_defs
 
 
 def _gates(q, seed=11):
@@ -213,6 +213,17 @@ def test_gradients_of_the_fast_path_equal_the_references(name):
         assert a.abs().max() > 0 and (a - b).abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", NAMES)
+def test_low_precision_follows_flashattention_rule_against_the_definition(name, dtype):
+    """Fast path in dtype vs float64 <= 2x the variant's own definition run on dtype inputs (both choose from
+    the rounded q and k)."""
+    pattern = next(p for p in ("causal_self", "noncausal_self") if p in az.get(name).info.patterns)
+    attn, q, k, v, causal, inputs = _call(name, pattern, b=1, d=16, seed=7)
+    q, k, v = (t.to(dtype).double() for t in (q, k, v))   # representable in dtype: one choice in both
+    assert_reference_rule(attn, q, k, v, causal, dtype, **inputs)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_parameters_raise_naming_them(name):
     for params, exc, message in CASES[name].bad:
@@ -259,7 +270,7 @@ def test_nsa_matches_fla_naive_nsa():
     gates = _gates(q)["gates"].clone()
     gates[..., 2] = 0  # fla's naive window branch needs flash-attn
     attn = az.get("nsa", block_size=6, top_k=4, window=5)
-    t = lambda x: x.transpose(1, 2)  # noqa: E731  fla's (B, T, H, D)
+    t = lambda x: x.transpose(1, 2)  # fla's (B, T, H, D)
     k_cmp, v_cmp = block_means(k, 6), block_means(v, 6)
     o_cmp, _ = naive.naive_nsa_compression(t(q), t(k_cmp), t(v_cmp), 6, 8 ** -0.5)
     idx = naive.naive_nsa_topk(t(q), t(k_cmp), 4, 6, 8 ** -0.5)             # (B, T, Hkv, S)
@@ -359,7 +370,7 @@ def test_biformer_refuses_a_grid_that_does_not_hold_the_sequence():
 def test_biformer_routes_a_query_region_to_the_region_its_keys_match():
     q, k, v = qkv(1, 2, 2, 36, 36, 8, seed=6)
     attn = az.get("biformer", grid=(6, 6), regions=(2, 2), top_k=2)   # regions of 3 x 3 tokens
-    region_of = lambda t: (t // 6 // 3) * 2 + (t % 6) // 3  # noqa: E731
+    region_of = lambda t: (t // 6 // 3) * 2 + (t % 6) // 3
     k = k * 0.01
     for t in range(36):
         if region_of(t) == 3:                                          # bottom-right region's keys follow
