@@ -92,3 +92,20 @@ class BiFormer(SelectionVariant):
         kept = self.route(q, k, call)[:, region_of(grid, regions, q.device)]                  # (B, S, n)
         idx = tokens[kept].flatten(-2)                                                         # (B, S, n * r)
         return Selection(idx.unsqueeze(1).expand(s.batch, s.q_heads, *idx.shape[1:]), 1, s.sk)
+
+    def forward_torch(self, q, k, v, call):
+        """Region by region, as the paper: the keys and values of a region's kept regions are gathered once
+        for all its queries (not once per query), then one dense softmax per region."""
+        s = call.shapes
+        acc = torch.promote_types(q.dtype, torch.float32)
+        grid, regions = self.config["grid"], self.config["regions"]
+        tokens = region_tokens(grid, regions, q.device)                                        # (R, r)
+        n_regions, size = tokens.shape
+        keys = tokens[self.route(q, k, call)].flatten(-2)                                      # (B, R, n r)
+        batch = torch.arange(s.batch, device=q.device).view(-1, 1, 1)
+        kg = k[batch, :, keys].to(acc).permute(0, 3, 1, 2, 4).unsqueeze(2)                     # (B, Hkv, 1, R, n r, D)
+        vg = v[batch, :, keys].to(acc).permute(0, 3, 1, 2, 4).unsqueeze(2)
+        qg = q[:, :, tokens].to(acc).view(s.batch, s.kv_heads, s.group, n_regions, size, s.d)
+        p = torch.softmax((qg @ kg.transpose(-1, -2)) * call.scale, dim=-1)                   # (B, Hkv, G, R, r, n r)
+        out = (p @ vg).view(s.batch, s.q_heads, n_regions * size, s.dv)
+        return out[:, :, torch.argsort(tokens.flatten())].to(q.dtype)
