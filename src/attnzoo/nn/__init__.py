@@ -3,8 +3,9 @@
 from .common import KVCache, LatentCache, StateCache, apply_rope, rope_cos_sin, rotate_half
 from .gqa import GroupedQueryAttention, MultiQueryAttention, gqa_from_mha
 from .mha import MultiheadAttention
+from .mla import MLA
 
 __all__ = [
-    "GroupedQueryAttention", "KVCache", "LatentCache", "MultiQueryAttention", "MultiheadAttention", "StateCache",
-    "apply_rope", "gqa_from_mha", "rope_cos_sin", "rotate_half",
+    "GroupedQueryAttention", "KVCache", "LatentCache", "MLA", "MultiQueryAttention", "MultiheadAttention",
+    "StateCache", "apply_rope", "gqa_from_mha", "rope_cos_sin", "rotate_half",
 ]
