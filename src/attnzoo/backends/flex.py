@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -78,7 +78,6 @@ class _Entry:
     score_mod: object
     compiled: object = None
     block_mask: object = None
-    calls: int = field(default=0)
 
 
 def _pads_inputs(q: torch.Tensor) -> bool:
@@ -169,7 +168,6 @@ def flex(variant: SoftmaxVariant, q, k, v, call: Call) -> torch.Tensor:
             e.block_mask = bm
     else:
         bm = e.block_mask
-    e.calls += 1
     if padded:
         q, k, v = (_pad_rows(t, BLOCK) for t in (q, k, v))
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
@@ -189,7 +187,3 @@ def kernel_options(d: int, dv: int, q: torch.Tensor) -> dict | None:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_stages": 1}
     return None
 
-
-def clear_cache() -> None:
-    with _lock:
-        _entries.clear()

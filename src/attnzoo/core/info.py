@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 # The four patterns of CAB: causal/noncausal x self (Sq == Sk) / cross (Sq != Sk).
@@ -120,7 +120,6 @@ class VariantInfo:
     state_size: str = "KV cache: Sk x (D + Dv) per kv head"
     backends: tuple[str, ...] = ("torch",)
     summary: str = ""
-    extra: dict = field(default_factory=dict)
 
     def param(self, name: str) -> Param:
         for p in self.params:
