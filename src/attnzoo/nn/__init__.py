@@ -1,11 +1,13 @@
 """Trainable attention modules over the functional core: multi-head attention with any attnzoo variant
 (GQA/MQA, RoPE, a decoding cache) and the head structures of the literature."""
 from .common import KVCache, LatentCache, StateCache, apply_rope, rope_cos_sin, rotate_half
+from .differential import DifferentialAttention
 from .gqa import GroupedQueryAttention, MultiQueryAttention, gqa_from_mha
 from .mha import MultiheadAttention
 from .mla import MLA
 
 __all__ = [
-    "GroupedQueryAttention", "KVCache", "LatentCache", "MLA", "MultiQueryAttention", "MultiheadAttention",
+    "DifferentialAttention", "GroupedQueryAttention", "KVCache", "LatentCache", "MLA", "MultiQueryAttention",
+    "MultiheadAttention",
     "StateCache", "apply_rope", "gqa_from_mha", "rope_cos_sin", "rotate_half",
 ]
