@@ -95,30 +95,50 @@ class SelectionVariant(Variant):
 
 
 def attend_selected(q, k, v, sel: Selection, call: Call, tile: int = QUERY_TILE) -> torch.Tensor:
-    """Exact softmax of each query over its selected keys (and causality), gathering only those keys."""
+    """Exact softmax of each query over its selected keys (and causality), gathering only those keys.
+
+    Per tile of queries and per (batch, query head), the key blocks any query of the tile selected are
+    gathered once (their union within the tile: nearby queries mostly agree, so this is a few times
+    top_k blocks, never the union over heads or batch rows); each query then attends to the gathered
+    keys it selected. Memory O(tile x union x block); the output is exact whatever the union's size."""
     s = call.shapes
     acc = torch.promote_types(q.dtype, torch.float32)
+    bs = sel.block
+    nb = -(-s.sk // bs)
+    dev = q.device
+    kv_head = (torch.arange(s.q_heads, device=dev) // s.group).view(1, -1, 1)   # no repeated k/v
+    batch = torch.arange(s.batch, device=dev).view(-1, 1, 1)
     outs = []
-    # Index the kv head of every query head without repeating k/v.
-    kv_head = (torch.arange(s.q_heads, device=q.device) // s.group).view(1, -1, 1, 1)
-    batch = torch.arange(s.batch, device=q.device).view(-1, 1, 1, 1)
     for a in range(0, s.sq, tile):
         b = min(a + tile, s.sq)
-        tok = sel.token_indices(slice(a, b))                           # (B, Hq, T, n)
-        allowed = tok >= 0
+        idx = sel.indices[:, :, a:b]                                         # (B, Hq, T, n) block ids, -1 unused
+        chosen = torch.zeros(*idx.shape[:3], nb + 1, dtype=torch.bool, device=dev)
+        chosen.scatter_(-1, torch.where(idx >= 0, idx, nb), True)
+        chosen = chosen[..., :nb]                                            # (B, Hq, T, nb): query t chose block j
+        needed = chosen.any(2)                                               # (B, Hq, nb): the tile's union
+        count = needed.sum(-1)
+        u = int(count.max())
+        if u == 0:
+            outs.append(q.new_zeros(s.batch, s.q_heads, b - a, s.dv))
+            continue
+        blocks = torch.sort((~needed).to(torch.uint8), dim=-1, stable=True).indices[..., :u]   # (B, Hq, U)
+        member = chosen.gather(-1, blocks.unsqueeze(2).expand(-1, -1, b - a, -1))
+        member &= (torch.arange(u, device=dev) < count.unsqueeze(-1)).unsqueeze(2)
+        tok = (blocks.unsqueeze(-1) * bs + torch.arange(bs, device=dev)).flatten(-2)       # (B, Hq, U * bs)
+        allowed = member.repeat_interleave(bs, dim=-1) & (tok < s.sk).unsqueeze(2)
         if call.causal:
-            q_pos = torch.arange(a, b, device=q.device).view(1, 1, -1, 1) + s.offset
-            allowed = allowed & (tok <= q_pos)
-        safe = tok.clamp(min=0)
-        keys = k[batch, kv_head, safe].to(acc)                          # (B, Hq, T, n, D)
+            q_pos = torch.arange(a, b, device=dev).view(1, 1, -1, 1) + s.offset
+            allowed &= tok.unsqueeze(2) <= q_pos
+        safe = tok.clamp(max=s.sk - 1)
+        keys = k[batch, kv_head, safe].to(acc)                               # (B, Hq, U * bs, D)
         vals = v[batch, kv_head, safe].to(acc)
-        scores = torch.einsum("bhtd,bhtnd->bhtn", q[:, :, a:b].to(acc), keys) * call.scale
+        scores = (q[:, :, a:b].to(acc) @ keys.transpose(-1, -2)) * call.scale
         scores = scores.masked_fill(~allowed, -torch.inf)
         m = scores.amax(-1, keepdim=True)
         p = torch.exp(scores - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
         denom = p.sum(-1, keepdim=True)
-        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))  # rows with nothing give zeros
-        outs.append(torch.einsum("bhtn,bhtnd->bhtd", p, vals).to(q.dtype))
+        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))      # rows with nothing give zeros
+        outs.append((p @ vals).to(q.dtype))
     return torch.cat(outs, dim=2)
 
 

@@ -30,9 +30,10 @@ def page_bounds(keys: torch.Tensor, page: int, valid: torch.Tensor | None = None
 
 
 def upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """Quest's bound of q.k over each page: q (..., Sq, D), kmin/kmax (..., P, D) -> (..., Sq, P)."""
-    q = q.unsqueeze(-2)
-    return torch.maximum(q * kmin.unsqueeze(-3), q * kmax.unsqueeze(-3)).sum(-1)
+    """Quest's bound of q.k over each page, sum_d max(q_d min_d, q_d max_d): q (..., Sq, D), kmin/kmax
+    (..., P, D) -> (..., Sq, P). Since max_d >= min_d, each term is q_d max_d where q_d >= 0 and q_d min_d
+    where q_d < 0: two matrix products, no (Sq, P, D) tensor."""
+    return q.clamp(min=0) @ kmax.transpose(-1, -2) + q.clamp(max=0) @ kmin.transpose(-1, -2)
 
 
 @register
