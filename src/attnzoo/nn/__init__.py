@@ -5,9 +5,10 @@ from .differential import DifferentialAttention
 from .gqa import GroupedQueryAttention, MultiQueryAttention, gqa_from_mha
 from .mha import MultiheadAttention
 from .mla import MLA
+from .moh import MoHAttention
 
 __all__ = [
     "DifferentialAttention", "GroupedQueryAttention", "KVCache", "LatentCache", "MLA", "MultiQueryAttention",
-    "MultiheadAttention",
-    "StateCache", "apply_rope", "gqa_from_mha", "rope_cos_sin", "rotate_half",
+    "MoHAttention", "MultiheadAttention", "StateCache", "apply_rope", "gqa_from_mha", "rope_cos_sin",
+    "rotate_half",
 ]
