@@ -108,8 +108,9 @@ class DifferentialAttention(SizeMixin, nn.Module):
 
     def lambda_full(self) -> torch.Tensor:
         """lambda = exp(lambda_q1 . lambda_k1) - exp(lambda_q2 . lambda_k2) + lambda_init (a scalar tensor)."""
-        return (torch.exp(torch.dot(self.lambda_q1, self.lambda_k1)) - torch.exp(torch.dot(self.lambda_q2, self.lambda_k2))
-                + self.lambda_init)
+        first = torch.exp(torch.dot(self.lambda_q1, self.lambda_k1))
+        second = torch.exp(torch.dot(self.lambda_q2, self.lambda_k2))
+        return first - second + self.lambda_init
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, causal: bool = True, **inputs):
         owner = type(self).__name__
