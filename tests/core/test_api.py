@@ -189,3 +189,9 @@ def test_dense_mask_head_counts_are_checked():
 def test_none_for_a_parameter_that_takes_no_none_names_it():
     with pytest.raises(TypeError, match="parameter 'cap' must be int or float, got NoneType"):
         az.get("softcap", cap=None)
+
+
+def test_nn_is_reachable_from_the_top_level_as_the_design_says():
+    layer = az.nn.MultiheadAttention(dim=32, heads=4, kv_heads=2, variant="sliding_window", window=4)
+    y, cache = layer(torch.randn(1, 9, 32))
+    assert y.shape == (1, 9, 32) and "nn" in az.__all__

@@ -30,6 +30,11 @@ class Shapes:
         """Absolute position of query 0 in the key sequence (bottom-right alignment)."""
         return self.sk - self.sq
 
+    def query_positions(self, start: int = 0, stop: int | None = None, device=None) -> torch.Tensor:
+        """Positions in the key sequence of queries [start, stop): query i sits at i + Sk - Sq. The one
+        place the bottom-right alignment of every pattern is written."""
+        return torch.arange(start, self.sq if stop is None else stop, device=device) + self.offset
+
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Shapes:
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -122,3 +122,11 @@ def variants(family: str | None = None, exact: bool | None = None, pattern: str 
             continue
         out.append(info)
     return sorted(out, key=lambda i: (i.family, i.name))
+
+
+def import_submodules(package: str, path) -> None:
+    """Import every module and subpackage of a family package (names starting with '_' excepted), so
+    each registers its classes; a new mechanism is a new file, with no import line to add."""
+    for mod in pkgutil.iter_modules(path):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{package}.{mod.name}")

@@ -83,7 +83,7 @@ class SelectionVariant(Variant):
         m = sel.dense()
         if call.causal:
             s = call.shapes
-            q_pos = torch.arange(s.sq, device=m.device).view(-1, 1) + s.offset
+            q_pos = s.query_positions(device=m.device).view(-1, 1)
             m = m & (torch.arange(s.sk, device=m.device).view(1, -1) <= q_pos)
         return m
 
@@ -127,7 +127,7 @@ def attend_selected(q, k, v, sel: Selection, call: Call, tile: int = QUERY_TILE)
         tok = (blocks.unsqueeze(-1) * bs + torch.arange(bs, device=dev)).flatten(-2)       # (B, Hq, U * bs)
         allowed = member.repeat_interleave(bs, dim=-1) & (tok < s.sk).unsqueeze(2)
         if call.causal:
-            q_pos = torch.arange(a, b, device=dev).view(1, 1, -1, 1) + s.offset
+            q_pos = s.query_positions(a, b, dev).view(1, 1, -1, 1)
             allowed &= tok.unsqueeze(2) <= q_pos
         safe = tok.clamp(max=s.sk - 1)
         keys = k[batch, kv_head, safe].to(acc)                               # (B, Hq, U * bs, D)
@@ -154,7 +154,7 @@ def block_gate_select(gate: torch.Tensor, call: Call, block: int, top_k: int) ->
     """Blocks by gate score (B, Hq, Sq, n): each query's own block always, later blocks never under
     causality, then the highest-scoring others up to `top_k` blocks in all (MoBA, Quest)."""
     s = call.shapes
-    own = ((torch.arange(s.sq, device=gate.device) + s.offset) // block).view(1, 1, -1, 1)
+    own = ((s.query_positions(device=gate.device)) // block).view(1, 1, -1, 1)
     blocks = torch.arange(gate.shape[-1], device=gate.device).view(1, 1, 1, -1)
     gate = gate.masked_fill(blocks == own, torch.inf)
     if call.causal:

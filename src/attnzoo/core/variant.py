@@ -297,7 +297,7 @@ class SoftmaxVariant(Variant):
         call = self.prepare(dummy_q, dummy_k, dummy_k, causal, None, inputs)
         b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
         h = torch.arange(h_count, device=device).view(1, h_count, 1, 1)
-        q_pos = (torch.arange(sq, device=device) + sk - sq).view(1, 1, sq, 1)
+        q_pos = call.shapes.query_positions(device=device).view(1, 1, sq, 1)
         kv_pos = torch.arange(sk, device=device).view(1, 1, 1, sk)
         m = self.full_mask(call, b, h, q_pos, kv_pos)
         m = torch.ones(batch, h_count, sq, sk, dtype=torch.bool, device=device) if m is None else m.expand(
@@ -417,7 +417,7 @@ class SoftmaxVariant(Variant):
     def block_structure(self, call: Call, q_block: int, kv_block: int) -> _blocks.BlockStructure:
         sq, sk = call.shapes.sq, call.shapes.sk
         dev = call.device
-        q_pos = torch.arange(sq, device=dev) + (sk - sq)
+        q_pos = call.shapes.query_positions(device=dev)
         if not self.has_mask:
             lo = torch.zeros(1, 1, sq, dtype=torch.long, device=dev)
             hi = (q_pos + 1 if call.causal else torch.full_like(q_pos, sk)).view(1, 1, sq)
@@ -447,7 +447,7 @@ class SoftmaxVariant(Variant):
 
         s = call.shapes
         b, h = self._index_grids(call)
-        q_pos = (torch.arange(s.sq, device=q.device) + s.offset).view(1, 1, -1, 1)
+        q_pos = (s.query_positions(device=q.device)).view(1, 1, -1, 1)
         kv_pos = torch.arange(s.sk, device=q.device).view(1, 1, 1, -1)
         score = (lambda x: self.score(call, x, b, h, q_pos, kv_pos)) if self.has_score else None
         return masked_softmax_attention(q, k, v, call.scale, self.full_mask(call, b, h, q_pos, kv_pos), score)

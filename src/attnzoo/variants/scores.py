@@ -25,7 +25,7 @@ def _dense_grids(variant: SoftmaxVariant, call: Call, device):
     """Batch, head and absolute query / key positions as broadcastable (B, H, Sq, Sk) index grids."""
     s = call.shapes
     b, h = variant._index_grids(call)
-    q_pos = (torch.arange(s.sq, device=device) + s.offset).view(1, 1, -1, 1)
+    q_pos = (s.query_positions(device=device)).view(1, 1, -1, 1)
     kv_pos = torch.arange(s.sk, device=device).view(1, 1, 1, -1)
     return b, h, q_pos, kv_pos
 

@@ -7,5 +7,8 @@ differ per head read a per-head table with the query-head index `h`; grid masks 
 see tokens laid out row-major on a 1-3D grid. HiLo is the one member that is not a mask over the
 given keys (half its heads attend to pooled keys): it composes two masked variants.
 """
-from . import grid, local, per_head  # noqa: F401
-from .per_head import mswa_windows  # noqa: F401
+from ...core.registry import import_submodules
+
+import_submodules(__name__, __path__)  # every module registers its classes: adding one edits nothing here
+
+from .per_head import mswa_windows  # noqa: E402,F401

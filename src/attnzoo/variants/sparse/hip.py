@@ -57,7 +57,7 @@ class HiP(SelectionVariant):
         parts = []
         for a in range(0, s.sq, QUERY_TILE):
             b = min(a + QUERY_TILE, s.sq)
-            own = (torch.arange(a, b, device=q.device) + s.offset) // bs                # (T,)
+            own = (s.query_positions(a, b, q.device)) // bs                # (T,)
             n_seen = own + 1 if call.causal else torch.full_like(own, n)
             lo, hi = initial_spans(n_seen, top_k)
             shape = (s.batch, s.q_heads, b - a, top_k)

@@ -179,7 +179,7 @@ class HyperAttention(SelectionVariant):
         c = torch.zeros(s.batch, s.q_heads, s.sq, s.sk, dtype=dtype, device=dev)
         for p in plan.pieces:
             if p.kind == "exact":
-                pos = torch.arange(p.q0, p.q1, device=dev).view(-1, 1) + s.offset
+                pos = s.query_positions(p.q0, p.q1, dev).view(-1, 1)
                 c[:, :, p.q0:p.q1, p.k0:p.k1] += (torch.arange(p.k0, p.k1, device=dev).view(1, -1) <= pos).to(dtype)
                 continue
             nk = p.k1 - p.k0
@@ -238,7 +238,7 @@ class HyperAttention(SelectionVariant):
         for a in range(p.q0, p.q1, QUERY_TILE):
             b = min(a + QUERY_TILE, p.q1)
             scores = (q[:, :, a:b].to(acc) @ kk.transpose(-1, -2)) * call.scale
-            pos = torch.arange(a, b, device=q.device).view(-1, 1) + s.offset
+            pos = s.query_positions(a, b, q.device).view(-1, 1)
             scores = scores.masked_fill(torch.arange(p.k0, p.k1, device=q.device).view(1, -1) > pos, -torch.inf)
             o, l = _attend(scores, vv)
             outs.append(o)

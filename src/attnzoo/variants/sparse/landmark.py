@@ -76,7 +76,7 @@ class Landmark(SelectionVariant):
         (a landmark query reads its block like the block's other tokens)."""
         m = super()._allowed(sel, call)
         s = call.shapes
-        pos = torch.arange(s.sq, device=m.device) + s.offset
+        pos = s.query_positions(device=m.device)
         own_landmark = (pos % self.period == self.period - 1).view(-1, 1) & (
             torch.arange(s.sk, device=m.device).view(1, -1) == pos.view(-1, 1))
         return m & ~own_landmark
@@ -95,7 +95,7 @@ class Landmark(SelectionVariant):
         allowed = self._allowed(self.select(q, k, call), call)
         key = torch.arange(s.sk, device=q.device)
         is_landmark = key % period == period - 1
-        own = ((torch.arange(s.sq, device=q.device) + s.offset) // period).view(-1, 1)
+        own = ((s.query_positions(device=q.device)) // period).view(-1, 1)
         in_own = (key // period).view(1, -1) == own                                            # (Sq, Sk)
         local = allowed & ((in_own & ~is_landmark) | (~in_own & is_landmark))
         p_local = _softmax(scores, local)
@@ -120,7 +120,7 @@ class Landmark(SelectionVariant):
         for a in range(0, s.sq, QUERY_TILE):
             b = min(a + QUERY_TILE, s.sq)
             tok = sel.token_indices(slice(a, b))                                               # (B, Hq, T, m*period)
-            pos = (torch.arange(a, b, device=q.device) + s.offset).view(1, 1, -1, 1)
+            pos = (s.query_positions(a, b, q.device)).view(1, 1, -1, 1)
             allowed = (tok >= 0) & (tok <= pos) & ~((tok == pos) & (pos % period == period - 1))
             safe = tok.clamp(min=0)
             keys = k[batch, kv_head, safe].to(acc)

@@ -39,7 +39,7 @@ def complete_blocks(call, block: int, n: int, device) -> torch.Tensor:
     """bool (Sq, n): compressed block c is visible to query i once its last key (c + 1) * block - 1 is at or
     before the query's position (every block, under no causality)."""
     s = call.shapes
-    pos = torch.arange(s.sq, device=device).view(-1, 1) + s.offset
+    pos = s.query_positions(device=device).view(-1, 1)
     last = (torch.arange(n, device=device) + 1).view(1, -1) * block - 1
     return last <= pos
 
@@ -96,7 +96,7 @@ class NSA(SelectionVariant):
         s = call.shapes
         bs = self.config["block_size"]
         votes = probs.view(s.batch, s.kv_heads, s.group, s.sq, -1).sum(2)                 # (B, Hkv, Sq, n)
-        own = (torch.arange(s.sq, device=probs.device) + s.offset) // bs
+        own = (s.query_positions(device=probs.device)) // bs
         blocks = torch.arange(votes.shape[-1], device=probs.device).view(1, -1)
         # Forced blocks outrank every vote (a vote is at most G): own (inf, in block_gate_select) > previous > first.
         votes = votes.masked_fill((blocks == 0) & (own.view(-1, 1) > 0), s.group + 1.0)
@@ -146,7 +146,7 @@ class NSA(SelectionVariant):
         o_cmp = masked_softmax_attention(q.to(acc), k_cmp, v_cmp, call.scale, complete_blocks(call, bs, n, q.device))
         o_slc = masked_softmax_attention(q.to(acc), k.to(acc), v.to(acc), call.scale,
                                          self._allowed(self.select(q, k, call), call))
-        pos = torch.arange(s.sq, device=q.device).view(-1, 1) + s.offset
+        pos = s.query_positions(device=q.device).view(-1, 1)
         kv = torch.arange(s.sk, device=q.device).view(1, -1)
         band = (kv <= pos) & (kv >= pos - self.config["window"])
         o_win = masked_softmax_attention(q.to(acc), k.to(acc), v.to(acc), call.scale, band)

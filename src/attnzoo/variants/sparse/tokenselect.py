@@ -53,7 +53,7 @@ class TokenSelect(SelectionVariant):
             b = min(a + QUERY_TILE, s.sq)
             qt = q[:, :, a:b].to(acc).view(s.batch, s.kv_heads, s.group, b - a, s.d)
             scores = (qt @ kk.transpose(-1, -2)) * call.scale                             # (B, Hkv, G, T, Sk)
-            pos = torch.arange(a, b, device=q.device).view(-1, 1) + s.offset
+            pos = s.query_positions(a, b, q.device).view(-1, 1)
             keys = torch.arange(s.sk, device=q.device).view(1, -1)
             if call.causal:
                 scores = scores.masked_fill(keys > pos, -torch.inf)

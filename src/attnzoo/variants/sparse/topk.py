@@ -33,7 +33,7 @@ class TopK(SelectionVariant):
             b = min(a + QUERY_TILE, s.sq)
             scores = q[:, :, a:b].to(acc) @ kk.transpose(-1, -2)
             if call.causal:
-                q_pos = torch.arange(a, b, device=q.device).view(-1, 1) + s.offset
+                q_pos = s.query_positions(a, b, q.device).view(-1, 1)
                 scores = scores.masked_fill(torch.arange(s.sk, device=q.device).view(1, -1) > q_pos, -torch.inf)
             parts.append(topk_indices(scores, self.config["top_k"]))
         return Selection(torch.cat(parts, dim=2), 1, s.sk)
