@@ -70,3 +70,44 @@ def test_pattern_shapes():
     assert cases.fidelity_pattern("full") == "causal_self"
     with pytest.raises(ValueError, match="pattern"):
         cases.pattern_shape("diagonal", 8)
+
+
+def test_budgets_keep_a_share_of_the_keys_at_each_length():
+    for length in (512, 4096):
+        for fraction in cases.KEEP_FRACTIONS:
+            value, kept = cases.budget_for("sliding_window", length, fraction)
+            assert abs(kept - fraction) / fraction < 0.25, (length, fraction, value, kept)
+            assert kept == cases.kept_fraction("sliding_window", length, {"window": value})
+    assert cases.budget_for("sliding_window", 4096, 0.25)[0] > cases.budget_for("sliding_window", 512, 0.25)[0]
+    # sink_window's default window (1024) keeps every key at 512 tokens: a copy of full attention
+    assert cases.kept_fraction("sink_window", 512) == 1.0
+    assert "keeps every pair" in cases.equals_full("sink_window", {}, 1.0)
+    assert cases.budget_for("sink_window", 512, 0.25)[0] < 512
+    # no mask: every key kept, but a score modifier is not full attention; no budget to set
+    assert cases.kept_fraction("softcap", 512) == 1.0 and cases.equals_full("softcap", {}, 1.0) is None
+    assert cases.budget_for("document", 512, 0.25) is None and 0.2 < cases.kept_fraction("document", 512) < 0.3
+    assert cases.equals_full("full", {}, 1.0) is None  # the reference itself is not "equal to full" as a variant
+
+
+def test_speed_rows_time_each_budget_and_the_cpu_paths():
+    from attnzoo.bench import run as bench_run, speed
+
+    config = bench_run.Config(variants=["full", "sliding_window", "softcap"], lengths=(512, 1024))
+    rows = bench_run.speed_rows(config.variants, config, torch.device("cpu"))
+    sw = [r for r in rows if r.variant == "sliding_window"]
+    assert {r.pattern for r in sw} == {"causal_self"}  # its own pattern by default
+    assert {(r.length, r.keep_target) for r in sw if r.backend == "torch"} == {
+        (n, f) for n in (512, 1024) for f in cases.KEEP_FRACTIONS}
+    assert {r.backend for r in sw if r.keep_target == cases.KEEP_FRACTIONS[0]} == {"torch", speed.TILES, speed.SDPA_MASK}
+    assert {r.backend for r in rows if r.variant == "full"} == {"torch", "sdpa", speed.TILES}
+    assert {r.backend for r in rows if r.variant == "softcap"} == {"torch"}  # one path: the tiles engine
+    every = bench_run.Config(variants=["sliding_window"], lengths=(512,), patterns=("causal_self", "noncausal_cross"))
+    assert {r.pattern for r in bench_run.speed_rows(every.variants, every, torch.device("cpu"))} == {
+        "causal_self", "noncausal_cross"}
+
+
+def test_the_sweep_spans_shares_of_the_keys_never_a_copy_of_full():
+    values = cases.sweep_budgets("sink_window", 512, 3)
+    kept = [cases.kept_fraction("sink_window", 512, {"window": v}) for v in values]
+    assert len(values) == 3 and max(kept) < 0.75 and min(kept) > 0.01  # 1/2, 1/16, 1/32 of the keys
+    assert cases.sweep_budgets("sink_window", 512, 0) == [] and cases.sweep_budgets("full", 512, 3) == []

@@ -55,3 +55,27 @@ def test_ratios_are_to_anchors_of_the_same_shape():
     assert rows[0]["time_vs_sdpa"] == 1.0 and rows[0]["memory_vs_sdpa"] in (1.0, None)
     assert rows[2]["time_vs_sdpa"] == rows[2]["median_ms"] / rows[0]["median_ms"]
     assert rows[2]["time_vs_flex"] is None  # no flex row measured
+
+
+def test_cpu_paths_and_the_masked_sdpa_anchor():
+    """torch (fused), torch:tiles and SDPA given the dense mask time the same configuration; ratios pair them."""
+    timing = speed.Timing(repeats=1, min_repeats=1)
+    params = {"window": 16}
+    rows = [speed.measure(speed.Row(v, b, "causal_self", 96, "fwd+bwd", p), SMALL, torch.float32, CPU, timing)
+            for v, b, p in (("full", "sdpa", {}), ("sliding_window", "torch", params),
+                            ("sliding_window", speed.TILES, params), ("sliding_window", speed.SDPA_MASK, params))]
+    assert all(r["error"] is None for r in rows), [r["error"] for r in rows]
+    speed.add_ratios(rows)
+    _, fused, tiles, masked = rows
+    assert (fused["path"], tiles["path"], masked["path"]) == ("fused", "tiles", None)
+    assert masked["mask_mib"] == 96 * 96 / 2**20
+    assert fused["time_vs_sdpa_mask"] == fused["median_ms"] / masked["median_ms"]
+    assert fused["time_vs_tiles"] == fused["median_ms"] / tiles["median_ms"]
+    assert fused["memory_vs_sdpa_mask"] is not None and masked["time_vs_sdpa_mask"] == 1.0
+    mask = speed.dense_mask(az.get("sliding_window", **params), *speed.make_qkv(SMALL, 96, 96, torch.float32, CPU,
+                                                                                 torch.Generator().manual_seed(0))[0][:2],
+                            True, {})
+    assert torch.equal(mask[0, 0], az.get("sliding_window", **params).dense_mask(96, 96, causal=True))
+    bad = speed.measure(speed.Row("softcap", speed.SDPA_MASK, "causal_self", 32, "fwd"), SMALL, torch.float32, CPU,
+                        timing)
+    assert "defined by a mask alone" in bad["error"]

@@ -27,6 +27,8 @@ SWEEP_POINTS = 5
 # Shares of the keys (of the (query, key) pairs exact causal attention uses) at which budgeted
 # variants are compared; the leaderboard ranks each share apart.
 KEEP_FRACTIONS = (1 / 4, 1 / 8)
+# Shares of the keys the error-vs-budget sweep adds, in this order, for variants whose keys can be counted.
+SWEEP_FRACTIONS = (1 / 2, 1 / 16, 1 / 32, 1 / 64)
 # Past this many queries, kept_fraction counts the mask on this many evenly spaced query rows.
 COUNT_ROWS = 2048
 SAMPLE_ROWS = 256
@@ -401,3 +403,15 @@ def equals_full(name: str, params: dict, kept: float | None) -> str | None:
     if kept is not None and kept >= 1.0 and plain and name != "full":
         return "its mask keeps every pair at this length"
     return None
+
+
+def sweep_budgets(name: str, length: int, points: int, q=None, k=None) -> list:
+    """Budget values for the error-vs-budget sweep: the declared `budget_sweep`; else, where the keys
+    can be counted, the budgets keeping SWEEP_FRACTIONS[:points] of them (so no point is a copy of
+    full attention or an empty mask); else `sweep_values`."""
+    if points <= 0 or budget_param(name) is None:
+        return []
+    if variant_class(name).budget_sweep or kept_fraction(name, length, {}, q, k) is None:
+        return sweep_values(name, length, points)
+    found = (budget_for(name, length, f, q, k) for f in SWEEP_FRACTIONS[:points])
+    return sorted({b[0] for b in found if b is not None})

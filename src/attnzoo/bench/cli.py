@@ -44,7 +44,7 @@ def bench(
     speed_only: bool = typer.Option(False, "--speed-only", help="only speed and memory (no fidelity, no perplexity), "
                                                                 "e.g. with --lengths 1024,2048,4096,8192,16384"),
     variants: str = typer.Option(None, help="comma-separated variant names (default: every registered variant)"),
-    lengths: str = typer.Option(None, help="sequence lengths for speed and memory (default 512,1024), e.g. 1024,4096"),
+    lengths: str = typer.Option(None, help="sequence lengths for speed and memory (default 256,1024), e.g. 1024,4096"),
     text_length: int = typer.Option(None, "--text-length", min=8, help="tokens of real text for fidelity and perplexity"),
     layers: str = typer.Option(None, help="model layers whose q/k/v are captured, e.g. 0,10,20 (default: 4 spread)"),
     model: str = opts.model_option(),

@@ -135,7 +135,7 @@ def cases_for(name: str, length: int, sweep_points: int, q=None, k=None) -> list
                            "keep_target": fraction}
             out.append(seen[value])
     if sweep_points > 0:
-        for value in cases.sweep_values(name, length, sweep_points):
+        for value in cases.sweep_budgets(name, length, sweep_points, q, k):
             if value not in seen:
                 seen[value] = {"params": {param: value}, "default": False, "budget_param": param, "budget": value,
                                "keep_target": None}
@@ -159,6 +159,8 @@ def run(names: list[str], sources: dict[str, tuple], length: int, dtype: torch.d
                 tick()
                 continue
             for case in todo:
+                if q is not first_q and not (case["default"] or case["keep_target"]):
+                    continue  # the other sources measure the compared configurations; the sweep runs on the first
                 rows.append(_row(name, case, source, q, k, v, refs, dtype, seed))
                 tick()
     return rows

@@ -212,7 +212,7 @@ def _rank_cell(r: dict) -> str:
 def paths_line(results: dict) -> str | None:
     """One sentence on the CPU paths at the longest length: how often the fused path beats SDPA given
     the dense mask, and the median time and memory ratios."""
-    summary = [s_ for s_ in path_summary(results) if "torch fused" in s_["paths"]]
+    summary = [s_ for s_ in path_summary(results) if s_["paths"].get("torch fused", {}).get("vs_mask") is not None]
     if not summary:
         return None
     longest = max(s_["length"] for s_ in summary)
@@ -242,7 +242,7 @@ def print_paths(results: dict, console) -> None:
 
     t = Table(title="CPU paths: time ÷ SDPA given the dense boolean mask (lower is faster)", box=box.SIMPLE_HEAD,
               pad_edge=False, title_justify="left")
-    for head in ("variant", "budget", "len", "mode", "fused", "tiles", "f×sdpa", "mem"):
+    for head in ("variant", "budget", "len", "mode", "fused", "tiles", "f×sdpa", "t×sdpa", "mem"):
         t.add_column(head, justify="left" if head in ("variant", "budget", "mode") else "right", no_wrap=True)
     for s_ in path_summary(results):
         p = s_["paths"]
@@ -250,10 +250,12 @@ def print_paths(results: dict, console) -> None:
                   cell(p.get("torch fused", {}).get("vs_mask"), "{:.2f}"),
                   cell(p.get("torch tiles", {}).get("vs_mask"), "{:.2f}"),
                   cell(p.get("torch fused", {}).get("vs_sdpa"), "{:.2f}"),
+                  cell(p.get("torch tiles", {}).get("vs_sdpa"), "{:.2f}"),
                   cell(p.get("torch fused", {}).get("mem_vs_mask"), "{:.2g}"))
     console.print(t)
-    console.print("fused / tiles: the torch backend's two paths; f×sdpa: fused time ÷ SDPA's exact attention "
-                  "(no mask); mem: fused peak memory ÷ the masked SDPA's.", highlight=False, style="dim")
+    console.print("fused / tiles: the torch backend's two paths, time ÷ SDPA given the dense mask; f×sdpa, "
+                  "t×sdpa: their time ÷ SDPA's exact attention (no mask); mem: fused peak memory ÷ the masked "
+                  "SDPA's.", highlight=False, style="dim")
 
 
 def print_leaderboard(results: dict, console) -> None:
@@ -513,31 +515,37 @@ def _speed_table(results: dict) -> str:
 
 
 def path_summary(results: dict) -> list[dict]:
-    """Per (variant, configuration, pattern, length, mode) with an sdpa_mask row: every path's time and
-    peak memory as ratios to SDPA with the dense mask and to SDPA's exact attention, and the fastest."""
-    from .speed import SDPA_MASK
+    """Per (variant, configuration, pattern, length, mode) timed on several paths (it has a torch:tiles
+    row): every path's time and peak memory as ratios to SDPA given the dense mask (where timed) and to
+    SDPA's exact attention, and the fastest path."""
+    from .speed import SDPA_MASK, TILES
 
     ok = [r for r in results["speed"] if r["error"] is None]
     out = []
-    for m in (r for r in ok if r["backend"] == SDPA_MASK):
-        same = [r for r in ok if (r["variant"], r["pattern"], r["length"], r["mode"]) ==
-                (m["variant"], m["pattern"], m["length"], m["mode"]) and r["params"] == m["params"]]
+    for t in (r for r in ok if r["backend"] == TILES):
+        shape = (t["variant"], t["pattern"], t["length"], t["mode"])
+        same = [r for r in ok if (r["variant"], r["pattern"], r["length"], r["mode"]) == shape
+                and r["params"] == t["params"]]
+        m = next((r for r in same if r["backend"] == SDPA_MASK), None)
         sdpa = next((r for r in ok if r["variant"] == "full" and r["backend"] == "sdpa" and
-                     (r["pattern"], r["length"], r["mode"]) == (m["pattern"], m["length"], m["mode"])), None)
+                     (r["pattern"], r["length"], r["mode"]) == shape[1:]), None)
         paths = {}
         for r in same:
             label = "torch fused" if r.get("path") == "fused" else "torch tiles" if r.get("path") == "tiles" else \
                 r["backend"]
-            paths[label] = {"ms": r["median_ms"], "peak_mib": r["peak_mib"], "vs_mask": r["median_ms"] / m["median_ms"],
+            if r["variant"] == "full" and r["backend"] == "sdpa":
+                continue  # the anchor itself, below
+            paths[label] = {"ms": r["median_ms"], "peak_mib": r["peak_mib"],
+                            "vs_mask": r["median_ms"] / m["median_ms"] if m else None,
                             "vs_sdpa": r["median_ms"] / sdpa["median_ms"] if sdpa else None,
-                            "mem_vs_mask": r.get("memory_vs_sdpa_mask")}
+                            "mem_vs_mask": r.get("memory_vs_sdpa_mask"), "mem_vs_sdpa": r.get("memory_vs_sdpa")}
         if sdpa:
             paths["sdpa (full, no mask)"] = {"ms": sdpa["median_ms"], "peak_mib": sdpa["peak_mib"],
-                                             "vs_mask": sdpa["median_ms"] / m["median_ms"], "vs_sdpa": 1.0,
-                                             "mem_vs_mask": None}
-        candidates = {k: v for k, v in paths.items() if not k.startswith("sdpa (full")}
-        out.append({"variant": m["variant"], "params": m["params"], "keep_target": m.get("keep_target"),
-                    "pattern": m["pattern"], "length": m["length"], "mode": m["mode"], "paths": paths,
+                                             "vs_mask": sdpa["median_ms"] / m["median_ms"] if m else None,
+                                             "vs_sdpa": 1.0, "mem_vs_mask": None, "mem_vs_sdpa": 1.0}
+        candidates = {k: v for k, v in paths.items() if not k.startswith("sdpa (full") or t["variant"] == "full"}
+        out.append({"variant": t["variant"], "params": t["params"], "keep_target": t.get("keep_target"),
+                    "pattern": t["pattern"], "length": t["length"], "mode": t["mode"], "paths": paths,
                     "fastest": min(candidates, key=lambda k: candidates[k]["ms"]) if candidates else None})
     return out
 

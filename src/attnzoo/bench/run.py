@@ -29,7 +29,7 @@ class Config:
     variants: list[str] | None = None  # None: every registered variant
     # Speed and memory. The default stops at 1024 to keep the run short; the CPU paths are compared at
     # 1k-16k with e.g. --speed-only --lengths 1024,2048,4096,8192,16384 --variants full,sliding_window,...
-    lengths: tuple[int, ...] = (512, 1024)
+    lengths: tuple[int, ...] = (256, 1024)
     text_length: int = 512  # tokens of real text for capture, fidelity and in-model quality
     layers: list[int] | None = None  # None: LAYERS evenly spaced over the model
     model: str = models.DEFAULT_MODEL
@@ -186,7 +186,7 @@ def _load(config: Config) -> _Model:
 
 def _fidelity(names: list[str], captured: tuple, config: Config, dtype: torch.dtype, steps: Steps) -> list[dict]:
     sources = {"captured": captured, "gaussian": _gaussian_like(*captured, config.seed)}
-    steps.start("fidelity", sum(_case_count(n, config, captured) for n in names) * len(sources))
+    steps.start("fidelity", sum(_case_count(n, config, captured, len(sources)) for n in names))
     return fidelity.run(names, sources, config.text_length, dtype, config.sweep_points, config.seed, steps.tick)
 
 
@@ -258,7 +258,7 @@ def speed_rows(names: list[str], config: Config, device: torch.device) -> list[s
             for i, (params, keep) in enumerate(budget_configs(name, length)):
                 backends = [b for b in config.backends if b in info.backends]
                 if config.paths and i == 0 and "torch" in backends and _fused_capable(name):
-                    backends += list(speed.PATH_ROWS)
+                    backends += [speed.TILES] + ([speed.SDPA_MASK] if variant_class(name).has_mask else [])
                 for backend in backends:
                     for p in patterns_for(name, config):
                         for m in config.modes:
@@ -275,20 +275,22 @@ def speed_rows(names: list[str], config: Config, device: torch.device) -> list[s
 
 
 def _fused_capable(name: str) -> bool:
-    """A softmax variant defined by a mask alone: the one kind the torch backend's fused path, its
-    tiles and SDPA with a dense mask all compute."""
+    """A softmax variant defined by a mask alone (or none): the kind the torch backend's fused path and
+    its tiles both compute (and, with a mask, SDPA given the dense mask)."""
     from ..core.variant import SoftmaxVariant
 
     cls = variant_class(name)
-    return (issubclass(cls, SoftmaxVariant) and cls.has_mask and not cls.has_score and not cls.carries
-            and cls.normalization == "softmax")
+    return (issubclass(cls, SoftmaxVariant) and not cls.has_score and not cls.carries
+            and cls.normalization == "softmax" and cls.forward_torch is SoftmaxVariant.forward_torch)
 
 
-def _case_count(name: str, config: Config, captured: tuple) -> int:
+def _case_count(name: str, config: Config, captured: tuple, sources: int) -> int:
+    """Fidelity rows of `name`: every case on the captured q/k/v, the compared ones on the other sources."""
     try:
-        return len(fidelity.cases_for(name, config.text_length, config.sweep_points, captured[0], captured[1]))
+        todo = fidelity.cases_for(name, config.text_length, config.sweep_points, captured[0], captured[1])
     except Exception:  # fidelity.run records the reason in one row
-        return 1
+        return sources
+    return len(todo) + (sources - 1) * sum(1 for c in todo if c["default"] or c["keep_target"])
 
 
 def _fitted(name: str, length: int) -> int:

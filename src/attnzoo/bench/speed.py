@@ -2,8 +2,8 @@
 
 Time: the median of repeated calls after a warm-up (the first call, which compiles kernels and
 builds block masks, is reported apart as `first_ms`). CUDA: CUDA events around each call; CPU:
-time.perf_counter. Memory: CUDA: torch.cuda.max_memory_allocated above what was allocated
-before the call. CPU: the peak resident memory above the resident memory before the call, read
+time.perf_counter. Memory, read around the first timed call (counters reset before its clock
+starts): CUDA: torch.cuda.max_memory_allocated above what was allocated before the call. CPU: the peak resident memory above the resident memory before the call, read
 from VmHWM in /proc/self/status after resetting it through /proc/self/clear_refs, with
 malloc_trim(0) first so pages freed by earlier calls are returned and cannot hide a new peak. It
 counts everything the process touches, kernels' own buffers included (tracemalloc sees none of
@@ -102,6 +102,30 @@ def time_ms(fn, device: torch.device, timing: Timing) -> tuple[float, list[float
     return first, samples
 
 
+def time_and_peak(fn, device: torch.device, timing: Timing) -> tuple[float, list[float], float | None]:
+    """(first call ms, timed samples ms, extra peak MiB): `time_ms`, with the peak memory read around
+    the first timed sample (after the warm-up, so nothing built once is counted) instead of in a call
+    of its own; the peak counters are reset before that sample's clock starts."""
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    first = (time.perf_counter() - t0) * 1e3
+    for _ in range(timing.warmup - 1):
+        fn()
+    samples: list[float] = []
+    peak = None
+    while len(samples) < max(timing.repeats, 1):
+        if not samples:
+            state = _peak_start(device)
+            samples.append(_one_call_ms(fn, device))
+            peak = _peak_end(device, state)
+        else:
+            samples.append(_one_call_ms(fn, device))
+        if len(samples) >= timing.min_repeats and sum(samples) > timing.max_seconds * 1e3:
+            break
+    return first, samples, peak
+
+
 def _one_call_ms(fn, device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -128,17 +152,28 @@ def memory_method(device: torch.device) -> str:
 
 def peak_mib(fn, device: torch.device) -> float | None:
     """Extra peak memory of one call of `fn`, MiB; None where it cannot be measured."""
+    state = _peak_start(device)
+    fn()
+    return _peak_end(device, state)
+
+
+def _peak_start(device: torch.device):
+    """Reset the peak counters; the baseline to subtract (None: no measurement on this device)."""
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return torch.cuda.memory_allocated(device)
     if device.type != "cpu" or not _reset_peak_rss():
         return None
-    base = _status_kib("VmRSS")
-    fn()
+    return _status_kib("VmRSS")
+
+
+def _peak_end(device: torch.device, base) -> float | None:
+    if base is None:
+        return None
+    if device.type == "cuda":
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     return max(0, _status_kib("VmHWM") - base) / 1024
 
 
@@ -328,11 +363,11 @@ def measure(row: Row, geometry: Geometry, dtype: torch.dtype, device: torch.devi
             mask = dense_mask(attn, q, k, causal, inputs)
             out["mask_mib"] = mask.numel() / 2**20
         fn = _runner(attn, row.backend, q, k, v, causal, inputs, row.mode, mask)
-        first, samples = time_ms(fn, device, timing)
+        first, samples, peak = time_and_peak(fn, device, timing)
         median = statistics.median(samples)
         pairs, basis = allowed_pairs(attn, geometry, causal, sq, sk, inputs, device)
         out.update(sq=sq, sk=sk, inputs=source, first_ms=first, median_ms=median, samples_ms=samples,
-                   peak_mib=peak_mib(fn, device), pairs=pairs, pairs_basis=basis,
+                   peak_mib=peak, pairs=pairs, pairs_basis=basis,
                    tflops=tflops(pairs, geometry, row.mode, median))
     except Exception as e:  # recorded with its reason; the bench goes on
         out["error"] = f"{type(e).__name__}: {e}".strip()[:500]
