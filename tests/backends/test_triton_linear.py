@@ -1,0 +1,267 @@
+"""The `triton` backend's kernels for decaying-state linear attention (gla, retention, lightning, linear
+without normaliser).
+
+- Without triton the backend is absent and every test here skips (CI); with triton but no CUDA, the
+  refusals, the fallback to the torch path, and the kernels themselves under Triton's CPU interpreter
+  (TRITON_INTERPRET=1, in a subprocess, small shapes, float32/bfloat16 against float64) run.
+- On CUDA: FlashAttention's rule, forward and backward, against the float64 reference.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import types
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+import attnzoo as az  # noqa: E402
+from attnzoo.backends.triton import linear as tlin  # noqa: E402
+from attnzoo.variants.linear._decay import decay_chunk  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def _inputs(name, b=1, hq=2, hkv=2, s=40, d=16, dv=16, dtype=torch.float32, device="cpu", seed=0, gate=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, s, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, hkv, s, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, hkv, s, dv, generator=gen, dtype=torch.float64)
+    inputs = {}
+    if name == "gla":
+        inputs["g"] = F.logsigmoid(torch.randn(b, hkv, s, d, generator=gen, dtype=torch.float64)) * gate
+    move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return move(q), move(k), move(v), {n: t.to(device) for n, t in inputs.items()}
+
+
+def _variant(name):
+    return az.get(name, normalize=False) if name == "linear" else az.get(name)
+
+
+def _call(attn, q, k, v, inputs, **options):
+    call = attn.prepare(q, k, v, True, None, inputs)
+    call.options = {"mode": "chunk", "initial_state": None, "output_final_state": False, "cu_seqlens": None,
+                    **options}
+    return call
+
+
+# ---- registration and refusals (no GPU needed) ---------------------------------------------------------------
+def test_registered_and_listed_for_the_variants_it_serves():
+    from attnzoo.core.dispatch import backends
+
+    assert "triton" in [b.name for b in backends()]
+    for name in ("gla", "retention", "lightning", "linear"):
+        assert "triton" in az.get(name).info.backends
+    for name in ("based", "cosine", "full"):
+        assert "triton" not in az.get(name).info.backends
+
+
+def test_why_not_gives_reasons():
+    attn = az.get("gla")
+    q, k, v, inputs = _inputs("gla")
+    call = _call(attn, q, k, v, inputs)
+    assert "CUDA tensors" in tlin.why_not(attn, call, q)
+    cuda_q = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    assert tlin.why_not(attn, call, cuda_q) is None
+    assert "mode='recurrent'" in tlin.why_not(attn, _call(attn, q, k, v, inputs, mode="recurrent"), cuda_q)
+    assert "mode='parallel'" in tlin.why_not(attn, _call(attn, q, k, v, inputs, mode="parallel"), cuda_q)
+    packed = _call(attn, q, k, v, inputs, cu_seqlens=torch.tensor([0, 10, 40]))
+    assert "cu_seqlens" in tlin.why_not(attn, packed, cuda_q)
+    f64 = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)
+    assert "float16/bfloat16/float32" in tlin.why_not(attn, call, f64)
+    lin = az.get("linear")                                 # normalised by default: no kernel
+    q2, k2, v2, _ = _inputs("linear")
+    assert "normalize=True" in tlin.why_not(lin, _call(lin, q2, k2, v2, {}), cuda_q)
+    assert tlin.why_not(az.get("linear", normalize=False), _call(lin, q2, k2, v2, {}), cuda_q) is None
+    based = az.get("based")
+    assert "serves" in tlin.why_not(based, _call(based, q2, k2, v2, {}), cuda_q)
+
+
+def test_missing_triton_is_a_reason(monkeypatch):
+    monkeypatch.setattr(tlin, "TRITON_ERROR", "triton is not importable (test)")
+    attn = az.get("retention")
+    q, k, v, _ = _inputs("retention")
+    assert tlin.why_not(attn, _call(attn, q, k, v, {}), q) == "triton is not importable (test)"
+
+
+def test_explain_on_cpu_names_the_reason_and_auto_takes_torch():
+    q, k, v, inputs = _inputs("gla")
+    rows = az.get("gla").explain(q, k, v, causal=True, **inputs)
+    tri = next(r for r in rows if r["backend"] == "triton")
+    assert not tri["runs"] and "CUDA" in tri["reason"]
+    assert next(r for r in rows if r["chosen"])["backend"] == "torch"
+
+
+@pytest.mark.parametrize("name", ["gla", "retention"])
+def test_a_kernel_failure_falls_back_to_torch_with_one_warning(monkeypatch, name):
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(tlin, "_launch", boom)
+    monkeypatch.setattr(tlin, "_WARNED", set())
+    attn = _variant(name)
+    q, k, v, inputs = _inputs(name, s=37)
+    call = _call(attn, q, k, v, inputs, output_final_state=True)
+    with pytest.warns(RuntimeWarning, match="falling back to the torch chunk path"):
+        o, st = tlin.run(attn, q, k, v, call)
+    ref, ref_st = attn(q, k, v, causal=True, backend="torch", output_final_state=True, **inputs)
+    assert torch.equal(o, ref) and torch.equal(st, ref_st)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tlin.run(attn, q, k, v, call)                      # once only
+
+
+def test_bad_initial_state_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.setattr(tlin, "_WARNED", set())
+    attn = az.get("retention")
+    q, k, v, _ = _inputs("retention")
+    call = _call(attn, q, k, v, {}, initial_state=torch.zeros(1, 2, 3, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="initial_state must have shape"):
+            tlin.run(attn, q, k, v, call)
+
+
+# ---- the kernels under Triton's CPU interpreter --------------------------------------------------------------
+INTERPRETED = textwrap.dedent(r"""
+    import os, warnings
+    import torch, torch.nn.functional as F
+    import attnzoo as az
+    from attnzoo.backends.triton import linear as tl_
+    from attnzoo.variants.linear._decay import decay_chunk
+    tl_.CHUNK = 32                                   # two 16-row sub-chunks a chunk: every GLA block kind
+    warnings.simplefilter("error", RuntimeWarning)   # a fallback would hide a kernel failure
+    torch.manual_seed(0)
+    worst = {}
+
+    def note(key, got, want):
+        err = ((got.double() - want).norm() / want.norm()).item()
+        worst[key] = max(worst.get(key, 0.0), err)
+
+    # the backend's run: variants, GQA, cross pattern, initial and final state, lengths off the chunk grid
+    for name, params in (("gla", {}), ("retention", {}), ("lightning", {}), ("linear", {"normalize": False})):
+        attn = az.get(name, **params)
+        b, hq, hkv, sq, sk, d, dv = 2, 4, 2, 29, 45, 24, 20
+        q, k, v = torch.randn(b, hq, sq, d), torch.randn(b, hkv, sk, d), torch.randn(b, hkv, sk, dv)
+        inputs = {"g": F.logsigmoid(torch.randn(b, hkv, sk, d))} if name == "gla" else {}
+        h0 = torch.randn(b, hkv, d, dv)
+        call = attn.prepare(q, k, v, True, None, inputs)
+        call.options = {"mode": "chunk", "initial_state": h0, "output_final_state": True, "cu_seqlens": None}
+        o, st = tl_.run(attn, q, k, v, call)
+        ro, rst = attn.reference(q.double(), k.double(), v.double(), causal=True, initial_state=h0.double(),
+                                 output_final_state=True, **{n: t.double() for n, t in inputs.items()})
+        note(name + ".o", o, ro)
+        note(name + ".state", st, rst)
+
+    # gradients of the op (no gate, scalar gate, per-dimension gate; ordinary and near-0 gates) vs float64
+    for dtype in (torch.float32, torch.bfloat16):
+        for kind in ("none", "scalar", "dim"):
+            # gate scales: ordinary, near 0 (strong decay), and both along one sequence (GLA's diagonal blocks
+            # then take the one-product path in some sub-chunks and the key-at-a-time path in others)
+            for gscale in ((1.0,) if kind == "none" else (1.0, 25.0, "mixed")):
+                b, hq, hkv, s, d, dv = 1, 2, 1, 70, 40, 24
+                q, k, v = torch.randn(b, hq, s, d), torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, dv)
+                gs = (1 + 24 * (torch.arange(s) % 32 >= 16)).view(s, 1) if gscale == "mixed" else gscale
+                g = None if kind == "none" else F.logsigmoid(
+                    torch.randn(b, hkv, s, 1) if kind == "scalar" else torch.randn(b, hkv, s, d)) * gs
+                g = g if g is None or kind == "dim" else g.squeeze(-1)
+                h0 = torch.randn(b, hkv, d, dv)
+                ours = [t.to(dtype).requires_grad_() if i < 3 else (t.requires_grad_() if t is not None else None)
+                        for i, t in enumerate((q, k, v, g, h0))]
+                ref = [t.detach().double().requires_grad_() if t is not None else None for t in (q, k, v, g, h0)]
+                ref[:3] = [t.detach().to(dtype).double().requires_grad_() for t in ref[:3]]
+                o, st = tl_.chunk_decay(*ours[:4], d ** -0.5, ours[4], True)
+                ro, rst = decay_chunk(*ref[:4], d ** -0.5, ref[4], 16)
+                do, dst = torch.randn_like(ro), torch.randn_like(rst)
+                ((o.double() * do).sum() + (st.double() * dst).sum()).backward()
+                ((ro * do).sum() + (rst * dst).sum()).backward()
+                tag = f"{str(dtype)[6:]}.{kind}"
+                note(tag + ".o", o, ro)
+                for n, a, r in zip(("dq", "dk", "dv", "dg", "dh0"), ours, ref):
+                    if a is not None:
+                        note(f"{tag}.{n}", a.grad, r.grad)
+
+    # a backward kernel failure falls back to the torch path (right gradients, one warning)
+    def boom(*a, **k):
+        raise RuntimeError("simulated")
+    tl_._backward_kernels = boom
+    q, k, v = (torch.randn(1, 2, 33, 16, requires_grad=True) for _ in range(3))
+    g = F.logsigmoid(torch.randn(1, 2, 33, 16)).requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        o, _ = tl_.chunk_decay(q, k, v, g, 0.25, None, False)
+        o.sum().backward()
+    assert any("falling back" in str(w.message) for w in caught), caught
+    grads = [t.grad.clone() for t in (q, k, v, g)]
+    for t in (q, k, v, g):
+        t.grad = None
+    decay_chunk(q, k, v, g, 0.25, torch.zeros(1, 2, 16, 16), 16)[0].sum().backward()
+    assert all(torch.allclose(a, t.grad, atol=1e-5) for a, t in zip(grads, (q, k, v, g)))
+    print("WORST", worst)
+    tol = lambda k: (1e-4 if k.endswith(".dg") else 2e-5) if k.startswith(("float32", "gla", "ret", "light", "lin")) \
+        else 2e-2  # noqa: E731 (dg: q dq - k dk cancels under strong decay)
+    bad = {k: v for k, v in worst.items() if v > tol(k)}
+    assert not bad, bad
+""")
+
+
+def test_kernels_under_the_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert "WORST" in out.stdout
+
+
+# ---- on a GPU ---------------------------------------------------------------------------------------------------
+def _bf16_torch(attn, q, k, v, inputs):
+    """The same computation by the torch chunk path in bfloat16 arithmetic (state and all): FA's baseline."""
+    qk, kk, g = tlin._operands(attn, q.bfloat16(), k.bfloat16(), v, types.SimpleNamespace(
+        shapes=types.SimpleNamespace(kv_heads=k.shape[1], sk=k.shape[2]), inputs=inputs))
+    g = None if g is None else g.bfloat16()
+    state = torch.zeros(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], dtype=torch.bfloat16, device=q.device)
+    return decay_chunk(qk, kk, v.bfloat16(), g, q.shape[-1] ** -0.5, state, 64)[0]
+
+
+@needs_cuda
+@pytest.mark.parametrize("name,gate", [("gla", 1.0), ("gla", 12.0), ("gla", 0.002), ("retention", 1.0),
+                                       ("lightning", 1.0), ("linear", 1.0)])
+def test_fa_rule_forward_and_backward_on_cuda(name, gate):
+    attn = _variant(name)
+    q, k, v, inputs = _inputs(name, b=2, hq=4, hkv=2, s=333, d=64, dv=64, dtype=torch.float64, device="cuda",
+                              gate=gate)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attn(*ref_leaves, causal=True, backend="torch", **inputs)          # float64 chunk form == definition
+    low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    assert next(r for r in attn.explain(*low, causal=True, **inputs) if r["chosen"])["backend"] == "triton"
+    out = attn(*low, causal=True, backend="triton", **inputs)
+    base_leaves = [t.detach().clone().requires_grad_() for t in low]
+    base = _bf16_torch(attn, *base_leaves, inputs)
+    do = torch.randn_like(ref)
+    err, base_err = (out.double() - ref).abs().max().item(), (base.double() - ref).abs().max().item()
+    assert torch.isfinite(out).all() and err <= 2 * base_err, (err, base_err)
+    ref_g = torch.autograd.grad(ref, ref_leaves, do)
+    our_g = torch.autograd.grad(out, low, do.bfloat16())
+    base_g = torch.autograd.grad(base, base_leaves, do.bfloat16())
+    for n, a, r, bg in zip("qkv", our_g, ref_g, base_g):
+        e, be = (a.double() - r).abs().max().item(), (bg.double() - r).abs().max().item()
+        assert torch.isfinite(a).all() and e <= 2 * be, (n, e, be)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["gla", "retention"])
+def test_cross_pattern_state_in_and_out_on_cuda(name):
+    attn = _variant(name)
+    q, k, v, inputs = _inputs(name, b=2, hq=4, hkv=2, s=200, d=32, dv=48, dtype=torch.float32, device="cuda")
+    q = q[:, :, -70:]
+    h0 = torch.randn(2, 2, 32, 48, device="cuda")
+    o, st = attn(q, k, v, causal=True, backend="triton", initial_state=h0, output_final_state=True, **inputs)
+    ro, rst = attn(q.double(), k.double(), v.double(), causal=True, backend="torch", initial_state=h0.double(),
+                   output_final_state=True, **{n: t.double() for n, t in inputs.items()})
+    assert (o.double() - ro).norm() / ro.norm() < 1e-5 and (st.double() - rst).norm() / rst.norm() < 1e-5
