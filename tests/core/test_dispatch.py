@@ -23,10 +23,11 @@ def test_importing_the_core_imports_no_backend_and_no_family():
 
 
 def test_builtin_backends_register_themselves_in_priority_order():
-    names = [b.name for b in backends()]
-    assert names[:3] == ["sdpa", "flex", "torch"] or names == ["sdpa", "flex", "torch"]
-    assert az.get("full").info.backends == ("sdpa", "flex", "torch")
-    assert az.get("gla").info.backends == ("torch",)
+    names = [b.name for b in backends()]  # optional backends (triton where installed) may sit among them
+    builtin = [n for n in names if n in ("sdpa", "flex", "torch")]
+    assert builtin == ["sdpa", "flex", "torch"] and names[-1] == "torch"
+    assert [b for b in az.get("full").info.backends if b in builtin] == ["sdpa", "flex", "torch"]
+    assert az.get("gla").info.backends[-1] == "torch" and "sdpa" not in az.get("gla").info.backends
 
 
 def test_a_backend_registered_from_outside_is_chosen_by_auto_and_explained():
@@ -60,7 +61,7 @@ def test_explicit_backends_that_cannot_run_say_why():
     q, k, v = qkv(1, 2, 1, 16, 16, 8)
     with pytest.raises(ValueError, match="backend='sdpa' cannot serve this call: sliding_window has no 'sdpa' path"):
         az.attention(q, k, v, variant="sliding_window", window=3, backend="sdpa")
-    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'sdpa', 'flex', 'torch'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', .*'torch'\], got 'cuda'"):
         az.attention(q, k, v, backend="cuda")
     rows = az.get("sliding_window", window=3).explain(q.float(), k.float(), v.float(), causal=True)
     flex = next(r for r in rows if r["backend"] == "flex")
