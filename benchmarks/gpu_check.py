@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     for name in names:
         info = next(i for i in az.variants() if i.name == name)
         dims = (64, 128) + (ODD_HEAD_DIMS if name in ("full", "sliding_window", "document") else ())
-        for backend in [b for b in info.backends if b in ("flex", "torch", "sdpa")]:
+        for backend in [b for b in info.backends if b in ("flex", "torch", "sdpa", "triton")]:
             for pattern in info.patterns:
                 for d in dims if pattern == "causal_self" else (64,):
                     for dtype in (torch.bfloat16, torch.float16) if (pattern, d) == ("causal_self", 64) else (torch.bfloat16,):
