@@ -178,10 +178,12 @@ def variant_hook(variant: str, backend: str = "auto", inputs=None, **params) -> 
     """
     from .core.api import get
 
+    from .core.recurrent import RecurrentVariant
+
     attn = get(variant, **params)
-    if not attn.info.exact and attn.info.family == "linear":
-        raise ValueError(f"{variant} is a linear-attention variant: it needs training, it cannot replace softmax "
-                         "attention in a pretrained model")
+    if isinstance(attn, RecurrentVariant):
+        raise ValueError(f"{variant} is a recurrent (linear-attention) variant: untrained, it cannot stand in for "
+                         "a pretrained model's softmax attention; train it in attnzoo.nn.MultiheadAttention")
 
     def run(module, query, key, value, attention_mask, scaling, call_next):
         causal = bool(getattr(module, "is_causal", True))

@@ -67,3 +67,13 @@ def test_run_covers_defaults_and_the_sweep_and_records_failures(fake_variants):
     assert errs[max(errs)] <= errs[min(errs)]  # more budget, less error
     assert by["_bench_test_needy"][0]["error"] is None and by["_bench_test_needy"][0]["mass_kept"] < 1
     assert "mystery" in by["_bench_test_impossible"][0]["error"]
+
+
+def test_recurrent_variants_report_no_softmax_error_and_say_why():
+    q, k, v = (torch.randn(1, 2, 24, 8, dtype=torch.float32) for _ in range(3))
+    ref = fidelity.reference(q, k, v, True)
+    row = fidelity.measure(az.get("retention"), ref, torch.float32)
+    assert row["rel_err"] is None and row["mass_kept"] is None and row["full_diff"] is None
+    assert "meaningless without training" in row["mass_note"] and "state size" in row["mass_note"]
+    sparse = fidelity.measure(az.get("moba", block_size=4, top_k=2), ref, torch.float32)
+    assert sparse["rel_err"] > 0 and 0 < sparse["mass_kept"] < 1  # counted on its own selection

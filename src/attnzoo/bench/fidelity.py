@@ -78,13 +78,19 @@ def mass_kept(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (probs * mask).sum(dim=-1).double().flatten(1).mean(dim=1)
 
 
-def allowed_mask(attn, ref: Reference, inputs: dict) -> torch.Tensor:
-    """The variant's dense mask broadcast to (B, Hq, Sq, Sk); raises when it has none."""
+def allowed_mask(attn, ref: Reference, inputs: dict, q=None, k=None) -> torch.Tensor:
+    """The variant's dense mask broadcast to (B, Hq, Sq, Sk); raises when it has none. Content-sparse
+    variants' masks are their selections from `q`, `k` (the tensors the measured call used)."""
+    from ..core.selection import SelectionVariant
+
     dense = getattr(attn, "dense_mask", None)
     if dense is None:
         raise cases.Unrunnable(f"{attn.info.name} has no dense_mask")
     b, h, sq, _ = ref.q.shape
     sk = ref.k.shape[2]
+    if isinstance(attn, SelectionVariant):
+        q, k = (ref.q, ref.k) if q is None else (q, k)
+        return dense(sq, sk, causal=ref.causal, q=q, k=k, **inputs).expand(b, h, sq, sk)
     m = dense(sq, sk, causal=ref.causal, heads=h, kv_heads=ref.k.shape[1], batch=b, device=ref.q.device, **inputs)
     return m.expand(b, h, sq, sk)
 
@@ -92,9 +98,18 @@ def allowed_mask(attn, ref: Reference, inputs: dict) -> torch.Tensor:
 @torch.no_grad()
 def measure(attn, ref: Reference, dtype: torch.dtype, generator: torch.Generator | None = None) -> dict:
     """Metrics of one configured variant against `ref`, per layer and averaged."""
+    from ..core.recurrent import RecurrentVariant
+
     q, k, v = (t.to(dtype) for t in (ref.q, ref.k, ref.v))
     inputs = cases.make_inputs(attn, q, k, v, generator)
     o = attn(q, k, v, causal=ref.causal, **inputs)
+    if isinstance(attn, RecurrentVariant):
+        # Not an approximation of softmax: fed a softmax model's q/k/v, untrained, its distance to exact
+        # attention measures nothing. Say so instead of printing a number that looks like a score.
+        return {"rel_err": None, "cosine": None, "full_diff": None, "mass_kept": None, "per_layer": {},
+                "mass_note": f"{attn.name} is recurrent ({attn.info.family} family), not softmax over a subset of "
+                             f"the keys: error against exact attention is meaningless without training; see "
+                             f"speed, memory and state size ({attn.info.state_size})"}
     if ref.full_out is None or ref.full_out.dtype != dtype:
         ref.full_out = get("full")(q, k, v, causal=ref.causal)
     per_layer = {"rel_err": relative_error(o, ref.exact).tolist(), "cosine": mean_cosine(o, ref.exact).tolist(),
@@ -104,7 +119,7 @@ def measure(attn, ref: Reference, dtype: torch.dtype, generator: torch.Generator
         row["mass_note"] = "exact probabilities too large for this length"
     else:
         try:
-            per_layer["mass_kept"] = mass_kept(ref.probs, allowed_mask(attn, ref, inputs)).tolist()
+            per_layer["mass_kept"] = mass_kept(ref.probs, allowed_mask(attn, ref, inputs, q, k)).tolist()
         except Exception as e:  # a variant whose mask is not a function of positions and inputs alone
             row["mass_note"] = f"no dense mask: {e}"
     for key, values in per_layer.items():
@@ -178,7 +193,8 @@ def _row(name, case, source, q, k, v, refs, dtype, seed) -> dict:
         row.update(measure(attn, refs[(pattern, sk)], dtype, torch.Generator().manual_seed(seed)))
         row["kept"] = cases.kept_fraction(name, q.shape[2], case["params"], q, k)
         row["equals_full"] = cases.equals_full(name, case["params"], row["kept"])
-        if row["equals_full"] is None and name != "full" and row["full_diff"] <= EQUAL_TOL.get(dtype, 1e-5):
+        if (row["equals_full"] is None and name != "full" and row["full_diff"] is not None
+                and row["full_diff"] <= EQUAL_TOL.get(dtype, 1e-5)):
             row["equals_full"] = f"its output equals full attention's (relative difference {row['full_diff']:.1e})"
     except Exception as e:  # recorded with its reason; the bench goes on
         row["error"] = f"{type(e).__name__}: {e}"
