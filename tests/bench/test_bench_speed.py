@@ -79,3 +79,18 @@ def test_cpu_paths_and_the_masked_sdpa_anchor():
     bad = speed.measure(speed.Row("softcap", speed.SDPA_MASK, "causal_self", 32, "fwd"), SMALL, torch.float32, CPU,
                         timing)
     assert "defined by a mask alone" in bad["error"]
+
+
+def test_a_slow_first_call_needs_one_timed_call_and_the_peak_is_read_on_it():
+    import time
+
+    def slow():
+        time.sleep(0.02)
+        x = torch.ones(16, 2**20 // 4 * 4)  # 16 MiB touched
+        del x
+
+    first, samples, peak = speed.time_and_peak(slow, CPU, speed.Timing(repeats=5, min_repeats=3, max_seconds=0.0,
+                                                                       slow_ms=10.0))
+    assert first >= 20 and len(samples) == 1 and peak > 12
+    _, samples, _ = speed.time_and_peak(slow, CPU, speed.Timing(repeats=5, min_repeats=3, max_seconds=0.0))
+    assert len(samples) == 3

@@ -7,6 +7,7 @@ the perplexity and their change against the unchanged model on the same tokens.
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable
 
 import torch
@@ -54,6 +55,7 @@ def run(model, ids: torch.Tensor, configs: list, tick: Callable[[], None] = lamb
         name, params = c["variant"], c.get("params") or {}
         row = {"variant": name, "params": params, "keep_target": c.get("keep_target"), "tokens": None, "loss": None,
                "ppl": None, "delta_loss": None, "ppl_ratio": None, "delta_ppl": None, "error": None}
+        t0 = time.perf_counter()
         try:
             n = cases.fit(name, ids.shape[1])[0]
             if n not in baselines:
@@ -63,6 +65,7 @@ def run(model, ids: torch.Tensor, configs: list, tick: Callable[[], None] = lamb
                        ppl_ratio=math.exp(loss - base), delta_ppl=math.exp(loss) - math.exp(base))
         except Exception as e:  # recorded with its reason; the bench goes on
             row["error"] = f"{type(e).__name__}: {e}"
+        row["seconds"] = time.perf_counter() - t0
         rows.append(row)
         tick()
     base = baselines[ids.shape[1]]

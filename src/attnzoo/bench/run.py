@@ -42,7 +42,8 @@ class Config:
     # Per budget-comparable configuration, also time the torch engine's tiles and SDPA with the dense mask.
     paths: bool = True
     speed_only: bool = False  # skip fidelity and in-model quality
-    timing: speed.Timing = field(default_factory=lambda: speed.Timing(repeats=5, min_repeats=2, max_seconds=0.25))
+    timing: speed.Timing = field(default_factory=lambda: speed.Timing(repeats=5, min_repeats=2, max_seconds=0.25,
+                                                                      slow_ms=1000.0))
     seed: int = 0
     cache_dir: Path | None = None
     quick: bool = False
@@ -98,9 +99,12 @@ def choose_threads(config: Config) -> tuple[int, str]:
     if config.threads:
         return config.threads, "--threads"
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    if config.device == "cpu" and load >= cpus and torch.get_num_threads() > 1:
-        return 1, f"1-minute load average {load:.1f} on {cpus} CPUs: one thread avoids oversubscription"
-    return torch.get_num_threads(), "torch's default"
+    default = torch.get_num_threads()
+    free = max(1, int(cpus - load + 0.5))  # the CPUs other processes leave idle, rounded
+    if config.device == "cpu" and free < default:
+        return free, (f"1-minute load average {load:.1f} on {cpus} CPUs: {free} thread{'s' * (free > 1)}, one per "
+                      "idle CPU (oversubscribed OpenMP threads spin against each other)")
+    return default, "torch's default"
 
 
 def run(config: Config, steps: Steps | None = None) -> dict:

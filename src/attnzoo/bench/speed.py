@@ -62,6 +62,7 @@ class Timing:
     min_repeats: int = 3
     max_seconds: float = 0.5  # stop repeating past this much timed work (after min_repeats)
     warmup: int = 1
+    slow_ms: float | None = None  # a first call at least this slow: one timed call is enough
 
 
 @dataclass
@@ -121,7 +122,8 @@ def time_and_peak(fn, device: torch.device, timing: Timing) -> tuple[float, list
             peak = _peak_end(device, state)
         else:
             samples.append(_one_call_ms(fn, device))
-        if len(samples) >= timing.min_repeats and sum(samples) > timing.max_seconds * 1e3:
+        enough = 1 if timing.slow_ms is not None and first >= timing.slow_ms else timing.min_repeats
+        if len(samples) >= enough and sum(samples) > timing.max_seconds * 1e3:
             break
     return first, samples, peak
 
