@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 # The four patterns of CAB: causal/noncausal x self (Sq == Sk) / cross (Sq != Sk).
 CAUSAL_SELF = "causal_self"
@@ -165,3 +165,28 @@ def positive_float(name: str, default: Any, doc: str) -> Param:
     import math
 
     return Param(name, default, doc, (int, float), lambda v: math.isfinite(v) and v > 0, "a finite float > 0")
+
+
+class Configurable:
+    """Declared parameters as attributes: KV presses and head probes (variants keep theirs in `config`).
+    Subclasses set `name` and `params`; `configure` validates what the constructor was given."""
+
+    name: ClassVar[str] = ""
+    params: ClassVar[tuple[Param, ...]] = ()
+
+    def configure(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        config = validate_params(self.name, self.params, given)
+        for key, value in config.items():
+            setattr(self, key, value)
+        return config
+
+    def validate_config(self) -> None:
+        """Checks across parameters (each is an attribute by now); raise ValueError naming them."""
+
+    @property
+    def config(self) -> dict:
+        """The parameters and their current values, in declared order."""
+        return {p.name: getattr(self, p.name) for p in self.params}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"

@@ -41,7 +41,7 @@ from typing import Callable, ClassVar
 import torch
 
 from .. import hf
-from ..core.info import Paper, Param, validate_params
+from ..core.info import Configurable, Paper, Param
 from ..core.registry import Registry
 
 SUPPORTED_TRANSFORMERS = hf.SUPPORTED_TRANSFORMERS
@@ -196,7 +196,7 @@ RATIO = Param("ratio", 0.0, "fraction of KV entries removed (read-sparse methods
               None, _is_ratio, "a number in [0, 1), the fraction of KV entries removed (0 = nothing removed)")
 
 
-class KVPress:
+class KVPress(Configurable):
     """A KV-cache compression method. Subclasses set the class attributes and override `keep` (what
     to keep after prefill and, for decode-stage methods, after each later forward) and/or `read`
     (which slots each query may read, for read-sparse methods)."""
@@ -211,19 +211,9 @@ class KVPress:
     params: ClassVar[tuple[Param, ...]] = (RATIO,)
 
     def __init__(self, ratio: float = 0.0, **params):
-        config = validate_params(self.name, self.params, {"ratio": ratio, **params})
-        config["ratio"] = float(config["ratio"])
-        for key, value in config.items():
-            setattr(self, key, value)
+        self.configure({"ratio": ratio, **params})
+        self.ratio = float(self.ratio)
         self.validate_config()
-
-    def validate_config(self) -> None:
-        """Checks across parameters (each is an attribute by now); raise ValueError naming them."""
-
-    @property
-    def config(self) -> dict:
-        """The press's parameters and their current values, in declared order."""
-        return {p.name: getattr(self, p.name) for p in self.params}
 
     @classmethod
     def param_docs(cls) -> dict[str, str]:
@@ -234,9 +224,6 @@ class KVPress:
         """A context manager applying this press to `model` (`tokenizer`: used by presses that profile
         the model on real text; without one they read the text's UTF-8 bytes as token ids)."""
         return PressSession(self, model, tokenizer)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
 
     @property
     def label(self) -> str:

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import torch
 
-from ...core.info import Paper, Param, validate_params
+from ...core.info import Configurable, Paper, Param
 from ...core.registry import Registry
 from ..capture import LayerAttention, watch_attention
 from ..session import Item, Session
@@ -37,7 +37,7 @@ class ProbeResult:
                 "summary": self.summary, "details": self.details}
 
 
-class Probe:
+class Probe(Configurable):
     name: ClassVar[str]
     paper: ClassVar[Paper]
     about: ClassVar[str] = ""
@@ -46,20 +46,8 @@ class Probe:
     params: ClassVar[tuple[Param, ...]] = ()
 
     def __init__(self, **params):
-        for key, value in validate_params(self.name, self.params, params).items():
-            setattr(self, key, value)
+        self.configure(params)
         self.validate_config()
-
-    def validate_config(self) -> None:
-        """Checks across parameters (each is an attribute by now); raise ValueError naming them."""
-
-    @property
-    def config(self) -> dict:
-        """The probe's parameters and their current values, in declared order."""
-        return {p.name: getattr(self, p.name) for p in self.params}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
 
     def check(self, session: Session) -> None:
         if self.models == "causal" and not session.causal:
