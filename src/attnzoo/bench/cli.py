@@ -58,10 +58,24 @@ def bench(
     cache_dir: Path = typer.Option(None, "--cache-dir", help="where captured q/k/v are cached (default ~/.cache/attnzoo)"),
     seed: int = opts.seed_option("seed of the Gaussian inputs"),
     threads: int = opts.threads_option(),
+    task: str = typer.Option("bench", "--task", callback=opts.choice(("bench", "mqar")),
+                             help="bench (default): the run above; mqar: recall across families (Zoology's "
+                                  "multi-query associative recall, tiny models trained on CPU; --variants, --lengths, "
+                                  "--quick, --out (default results/mqar), --seed, --threads apply)"),
+    steps: int = typer.Option(None, "--steps", min=1, help="--task mqar: training steps per configuration"),
+    mqar: str = typer.Option(None, "--mqar", help="--task mqar: sweep settings as KEY=VALUE, e.g. "
+                                                  "'widths=32,64,128 windows=8,32 feature_dims=8,16 vocab_size=64'"),
 ):
     """Fidelity (real and noise q/k/v), in-model perplexity, speed and memory of every variant.
 
-    Start with --quick (about a minute); the default run takes about 5 minutes on 2 idle CPU cores."""
+    Start with --quick (about a minute); the default run takes about 5 minutes on 2 idle CPU cores.
+    --task mqar trains tiny models on Zoology's MQAR recall task instead (10-15 minutes on a busy 2-core CPU)."""
+    if task == "mqar":
+        from . import recall_cli
+
+        recall_cli.main(quick, variants, lengths, steps, recall_cli.DEFAULT_OUT if out == Path("results/bench") else out,
+                        seed, threads, mqar)
+        return
     with opts.status("starting (importing torch) ..."):
         from . import run as bench_run
 
