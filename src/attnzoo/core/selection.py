@@ -94,8 +94,9 @@ class SelectionVariant(Variant):
         return attend_selected(q, k, v, self.select(q, k, call), call)
 
 
-def attend_selected(q, k, v, sel: Selection, call: Call, tile: int = QUERY_TILE) -> torch.Tensor:
-    """Exact softmax of each query over its selected keys (and causality), gathering only those keys.
+def attend_selected(q, k, v, sel: Selection, call: Call, tile: int = QUERY_TILE, key_bias=None) -> torch.Tensor:
+    """Exact softmax of each query over its selected keys (and causality), gathering only those keys;
+    `key_bias` (B, Hkv, Sk), when given, is added to every query's score of that key.
 
     Per tile of queries and per (batch, query head), the key blocks any query of the tile selected are
     gathered once (their union within the tile: nearby queries mostly agree, so this is a few times
@@ -133,6 +134,8 @@ def attend_selected(q, k, v, sel: Selection, call: Call, tile: int = QUERY_TILE)
         keys = k[batch, kv_head, safe].to(acc)                               # (B, Hq, U * bs, D)
         vals = v[batch, kv_head, safe].to(acc)
         scores = (q[:, :, a:b].to(acc) @ keys.transpose(-1, -2)) * call.scale
+        if key_bias is not None:
+            scores = scores + key_bias[batch, kv_head, safe].to(acc).unsqueeze(2)
         scores = scores.masked_fill(~allowed, -torch.inf)
         m = scores.amax(-1, keepdim=True)
         p = torch.exp(scores - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
