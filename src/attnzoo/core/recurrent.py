@@ -103,20 +103,31 @@ class RecurrentVariant(Variant):
             o, state = form(q, k, v, call, state0, call.inputs)
         else:
             outs, states = [], []
+            per_token = self.per_token_inputs()
             for i, (a, b) in enumerate(segments):
-                seg_inputs = {name: t[:, :, a:b] for name, t in call.inputs.items()}
+                seg_inputs = {name: t[:, :, a:b] if name in per_token else t for name, t in call.inputs.items()}
                 o_i, st_i = form(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], call, state0[i:i + 1], seg_inputs)
                 outs.append(o_i)
                 states.append(st_i)
-            o, state = torch.cat(outs, dim=2), torch.cat(states, dim=0)
+            o, state = torch.cat(outs, dim=2), self.join_states(states)
         o = o[:, :, s.sk - s.sq:].to(q.dtype)
         return (o, state) if opts.get("output_final_state") else o
 
+    def per_token_inputs(self) -> set[str]:
+        """Inputs with one entry per key position (B, Hkv, Sk, ...): sliced per packed sequence and per
+        token; the others (per-call parameters such as Mega's EMA) are passed whole."""
+        return {i.name for i in self.inputs if "Sk" in i.shape}
+
+    def join_states(self, states: list[torch.Tensor]) -> torch.Tensor:
+        """The final states of packed sequences as one batch (a variant whose state grows overrides this)."""
+        return torch.cat(states, dim=0)
+
     def _recurrent(self, q, k, v, call: Call, state, inputs):
         outs = []
+        per_token = self.per_token_inputs()
         for t in range(k.shape[2]):
             o_t, state = self.step(q[:, :, t], k[:, :, t], v[:, :, t], state, scale=call.scale,
-                                   **{n: x[:, :, t] for n, x in inputs.items()})
+                                   **{n: x[:, :, t] if n in per_token else x for n, x in inputs.items()})
             outs.append(o_t)
         return torch.stack(outs, dim=2), state
 
