@@ -195,11 +195,12 @@ def _run_mask(variant, call: Call, grids, q0: int, q1: int, k0: int, k1: int, dt
     return add, (empty if bool(empty.any()) else None)
 
 
-def _fused_forward(q, k, v, variant, call: Call, p: Plan, dt):
-    """(out (B, Hq, Sq, D) in dt, lse (B, Hq, Sq)) for the plan's calls."""
+def _fused_forward(q, k, v, variant, call: Call, p: Plan, dt, empty_lse: float = 0.0):
+    """(out (B, Hq, Sq, D) in dt, lse (B, Hq, Sq)) for the plan's calls; rows with no allowed key get
+    `empty_lse` (0 for this backend's own backward; -inf for callers that merge partial results)."""
     b_, hq, sq, d = q.shape
     out = torch.zeros(b_, hq, sq, v.shape[-1], dtype=dt, device=q.device)
-    lse = torch.zeros(b_, hq, sq, dtype=dt, device=q.device)
+    lse = torch.full((b_, hq, sq), empty_lse, dtype=dt, device=q.device)
     grids = _grids(call, q.device)
     for q0, q1, runs in p.blocks:
         if not runs:
@@ -225,7 +226,7 @@ def _fused_forward(q, k, v, variant, call: Call, p: Plan, dt):
             for oi, li in zip(outs[1:], lses[1:]):
                 o = o.add_(oi.mul_(torch.exp(li - l_).unsqueeze(-1)))
         out[:, :, q0:q1] = o
-        lse[:, :, q0:q1] = torch.where(torch.isfinite(l_), l_, torch.zeros_like(l_))
+        lse[:, :, q0:q1] = torch.where(torch.isfinite(l_), l_, torch.full_like(l_, empty_lse))
     return out, lse
 
 
@@ -244,24 +245,30 @@ class _Fused(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        variant, call, p, dt = ctx.args
-        grad = grad.to(dt)
-        dq = torch.zeros(q.shape, dtype=dt, device=q.device)
-        dk = torch.zeros(k.shape, dtype=dt, device=q.device)
-        dv = torch.zeros(v.shape, dtype=dt, device=q.device)
-        grids = _grids(call, q.device)
-        for q0, q1, runs in p.blocks:
-            if not runs:
-                continue
-            qb, gb, ob, lb = q[:, :, q0:q1].to(dt), grad[:, :, q0:q1], out[:, :, q0:q1], lse[:, :, q0:q1]
-            for k0, k1, kind in runs:
-                mask = _run_mask(variant, call, grids, q0, q1, k0, k1, dt)[0] if kind == MASKED else None
-                gq, gk, gv = _FLASH_CPU_BWD(gb, qb, k[:, :, k0:k1].to(dt), v[:, :, k0:k1].to(dt), ob, lb, 0.0,
-                                            kind == CAUSAL, attn_mask=mask, scale=call.scale)
-                dq[:, :, q0:q1] += gq
-                dk[:, :, k0:k1] += gk
-                dv[:, :, k0:k1] += gv
+        dq, dk, dv = _fused_backward(grad, q, k, v, out, lse, *ctx.args)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _fused_backward(grad, q, k, v, out, lse, variant, call: Call, p: Plan, dt):
+    """(dq, dk, dv) in dt of the plan's calls, given the merged output and log-sum-exp of every query
+    (0 for rows with no allowed key); each run adds its exact share (FlashAttention's backward)."""
+    grad = grad.to(dt)
+    dq = torch.zeros(q.shape, dtype=dt, device=q.device)
+    dk = torch.zeros(k.shape, dtype=dt, device=q.device)
+    dv = torch.zeros(v.shape, dtype=dt, device=q.device)
+    grids = _grids(call, q.device)
+    for q0, q1, runs in p.blocks:
+        if not runs:
+            continue
+        qb, gb, ob, lb = q[:, :, q0:q1].to(dt), grad[:, :, q0:q1], out[:, :, q0:q1], lse[:, :, q0:q1]
+        for k0, k1, kind in runs:
+            mask = _run_mask(variant, call, grids, q0, q1, k0, k1, dt)[0] if kind == MASKED else None
+            gq, gk, gv = _FLASH_CPU_BWD(gb, qb, k[:, :, k0:k1].to(dt), v[:, :, k0:k1].to(dt), ob, lb, 0.0,
+                                        kind == CAUSAL, attn_mask=mask, scale=call.scale)
+            dq[:, :, q0:q1] += gq
+            dk[:, :, k0:k1] += gk
+            dv[:, :, k0:k1] += gv
+    return dq, dk, dv
 
 
 # ---- tiles: online softmax in eager torch ---------------------------------------------------------
