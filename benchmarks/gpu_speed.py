@@ -3,7 +3,7 @@ FlexAttention as users call it (create_block_mask from the mask function), in on
 
 For each shape (B, H, S, D) and variant: forward and forward+backward time (median of CUDA-event
 timings after warm-up, via triton.testing.do_bench), TFLOP/s counting only the unmasked work
-(4·B·H·D·pairs forward, 2.5x that for forward+backward), peak memory, the time to build the block
+(4·B·H·D·pairs forward, 3.5x that for forward+backward: FlashAttention's convention), peak memory, the time to build the block
 mask (ours from the variant's structure vs Flex's create_block_mask), and ratios to cuDNN full
 attention and to user-built Flex on the same mask. bf16, GQA off (H = Hkv), causal.
 
@@ -23,6 +23,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import attnzoo as az
 from attnzoo.backends import flex as az_flex
+from attnzoo.bench.speed import BWD_FLOP_FACTOR
 
 SHAPES = [(4, 16, 8192, 128), (1, 16, 32768, 128), (8, 16, 2048, 64)]
 VARIANTS = [
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
                 base[(name, causal)] = (tf, tfb)
                 rows.append({"shape": [b, h, s, d], "variant": "full" + ("/causal" if causal else ""), "impl": name,
                              "fwd_ms": tf, "fwdbwd_ms": tfb, "fwd_tflops": tflops(pairs, tf),
-                             "fwdbwd_tflops": tflops(pairs, tfb, 2.5), "peak_mib": mem})
+                             "fwdbwd_tflops": tflops(pairs, tfb, BWD_FLOP_FACTOR), "peak_mib": mem})
             except Exception as e:
                 rows.append({"shape": [b, h, s, d], "variant": "full", "impl": name, "error": f"{type(e).__name__}: {e}"[:300]})
         cudnn_full = base.get(("cudnn", False))
@@ -139,14 +140,14 @@ def main(argv=None) -> int:
                 if pairs is None:
                     pairs = struct.density() * full_pairs  # upper bound from tiles
                 row = {"shape": [b, h, s, d], "variant": vname, "params": params, "impl": "attnzoo flex",
-                       "fwd_ms": tf, "fwdbwd_ms": tfb, "fwd_tflops": tflops(pairs, tf), "fwdbwd_tflops": tflops(pairs, tfb, 2.5),
+                       "fwd_ms": tf, "fwdbwd_ms": tfb, "fwd_tflops": tflops(pairs, tf), "fwdbwd_tflops": tflops(pairs, tfb, BWD_FLOP_FACTOR),
                        "peak_mib": mem, "mask_build_ms": ours_build, "tile_density": struct.density(),
                        "recompiles_on_repeat": recompiled,
                        "user_flex_fwd_ms": uf, "user_flex_fwdbwd_ms": ufb, "user_flex_build_ms": flex_build,
                        "speedup_vs_user_flex_fwd": uf / tf, "speedup_vs_user_flex_fwdbwd": ufb / tfb}
                 if cudnn_full:
                     row["fwd_tflops_vs_cudnn_full"] = row["fwd_tflops"] / tflops(full_pairs, cudnn_full[0])
-                    row["fwdbwd_tflops_vs_cudnn_full"] = row["fwdbwd_tflops"] / tflops(full_pairs, cudnn_full[1], 2.5)
+                    row["fwdbwd_tflops_vs_cudnn_full"] = row["fwdbwd_tflops"] / tflops(full_pairs, cudnn_full[1], BWD_FLOP_FACTOR)
                 rows.append(row)
             except Exception as e:
                 rows.append({"shape": [b, h, s, d], "variant": vname, "impl": "attnzoo flex", "error": f"{type(e).__name__}: {e}"[:400]})

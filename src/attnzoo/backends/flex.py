@@ -5,9 +5,11 @@ its recompile limit silently falls back to an unfused path that builds Sq x Sk. 
 (variant configuration, shapes, causal, dtype, device) this module makes the mask_mod and
 score_mod function objects once and keeps them, together with one `Call` they read; per-call
 input tensors (document ids, ...) are copied into that entry's own buffers, so the functions see
-the same objects on every call and new values of the same shape reuse the compiled kernel. Block masks are built from the variant's block structure (O(blocks) for interval
-masks, no mask_mod evaluation per block pair) and cached when the mask depends only on the
-configuration and shapes.
+the same objects on every call and new values of the same shape reuse the compiled kernel. Block
+masks are built from the variant's block structure (O(blocks) for interval masks, no mask_mod
+evaluation per block pair) and kept with the entry; a variant with per-call inputs rebuilds its
+block mask (and copies the inputs) only when they changed (`reuse.InputsKey`), so the layers of a
+model called with the same document ids share one build, as users of Flex share one block mask.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.variant import Call, SoftmaxVariant
+from .reuse import InputsKey
 
 BLOCK = 128
 # Past dynamo's recompile limit Flex silently runs an unfused path that builds Sq x Sk. Each cache
@@ -78,6 +81,7 @@ class _Entry:
     score_mod: object
     compiled: object = None
     block_mask: object = None
+    built_for: InputsKey | None = None  # the inputs block_mask (and the buffers) hold
 
 
 def _pads_inputs(q: torch.Tensor) -> bool:
@@ -156,23 +160,22 @@ def flex(variant: SoftmaxVariant, q, k, v, call: Call) -> torch.Tensor:
     for name, t in call.inputs.items():
         if t.requires_grad:  # gradients must reach the caller's tensor: no copy (may recompile)
             e.call.inputs[name] = t
-        else:
-            e.buffers[name].copy_(t)
-            e.call.inputs[name] = e.buffers[name]
     s = call.shapes
     padded = _pads_inputs(q)
-    if e.block_mask is None or call.inputs:
+    given = InputsKey(variant, call.inputs)
+    if e.block_mask is None or e.built_for != given:
+        for name, t in call.inputs.items():
+            if not t.requires_grad:
+                e.buffers[name].copy_(t)
+                e.call.inputs[name] = e.buffers[name]
         struct = variant.block_structure(call, BLOCK, BLOCK)
-        bm = block_mask_from_structure(struct, e.mask_mod, padded)
-        if not call.inputs:
-            e.block_mask = bm
-    else:
-        bm = e.block_mask
+        e.block_mask = block_mask_from_structure(struct, e.mask_mod, padded)
+        e.built_for = given
     if padded:
         q, k, v = (_pad_rows(t, BLOCK) for t in (q, k, v))
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
-        out = e.compiled(q, k, v, score_mod=e.score_mod, block_mask=bm, scale=call.scale, enable_gqa=s.group > 1,
-                 kernel_options=kernel_options(s.d, s.dv, q))
+        out = e.compiled(q, k, v, score_mod=e.score_mod, block_mask=e.block_mask, scale=call.scale,
+                         enable_gqa=s.group > 1, kernel_options=kernel_options(s.d, s.dv, q))
     return out[:, :, : s.sq] if padded else out
 
 

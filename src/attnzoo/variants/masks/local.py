@@ -16,6 +16,11 @@ def _optional_nonneg(name: str, default, doc: str) -> Param:
     return Param(name, default, doc, (int, type(None)), lambda v: v is None or v >= 0, "a non-negative int or None")
 
 
+def host_readable(device: torch.device) -> bool:
+    """Reading a tensor's values on the host costs no device sync (a CPU tensor)."""
+    return device.type == "cpu"
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(Sq,) -> (1, 1, Sq) for kv_intervals."""
     return t.view(1, 1, -1)
@@ -145,15 +150,33 @@ class Document(SoftmaxVariant):
         kd = call.inputs["document_ids"]
         return qd[b, q_pos - call.shapes.offset] == kd[b, kv_pos]
 
+    # Sorted ids make each document one run of keys, found by binary search. Unsorted ids (a document in
+    # several runs) on CPU fall back to evaluating the mask (exact tiles); on other devices asking would
+    # cost a device sync on every call, so their rows get all keys as candidates and `block_structure`
+    # marks no tile full: exact, with mask work on every tile.
+    def _sorted(self, call) -> torch.Tensor:
+        """bool (B,): each row's document ids are non-decreasing."""
+        kd = call.inputs["document_ids"]
+        return (kd[:, 1:] >= kd[:, :-1]).all(dim=1)
+
     def kv_intervals(self, call, q_pos):
         kd = call.inputs["document_ids"]
-        if kd.shape[1] > 1 and not bool((kd[:, 1:] >= kd[:, :-1]).all()):
-            return None  # documents not contiguous: fall back to evaluating the mask
+        in_order = self._sorted(call)
+        if host_readable(kd.device) and not bool(in_order.all()):
+            return None
         qd = call.inputs["q_document_ids"].contiguous()
         kd = kd.contiguous()
         lo = torch.searchsorted(kd, qd, right=False)
         hi = torch.searchsorted(kd, qd, right=True)
+        in_order = in_order.view(-1, 1)
+        lo, hi = torch.where(in_order, lo, 0), torch.where(in_order, hi, kd.shape[1])
         return [(lo.unsqueeze(1), hi.unsqueeze(1))]
+
+    def block_structure(self, call, q_block, kv_block):
+        struct = super().block_structure(call, q_block, kv_block)
+        if not host_readable(call.device):
+            struct.full = struct.full & self._sorted(call).view(-1, 1, 1, 1)
+        return struct
 
 
 @register
@@ -177,7 +200,7 @@ class PrefixLM(SoftmaxVariant):
 
     def kv_intervals(self, call, q_pos):
         p = call.inputs.get("prefix_lengths")
-        p = torch.tensor([self.config["prefix"]], device=q_pos.device) if p is None else p
+        p = torch.full((1,), self.config["prefix"], device=q_pos.device) if p is None else p  # no host copy
         hi = torch.maximum(p.view(-1, 1), q_pos.view(1, -1) + 1)
         return [(torch.zeros_like(hi).unsqueeze(1), hi.unsqueeze(1))]
 

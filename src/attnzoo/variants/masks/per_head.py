@@ -83,8 +83,10 @@ class _PerHead(SoftmaxVariant):
     def head_rows(self, call: Call) -> torch.Tensor:
         """The values as (1, H, 1) to broadcast against kv_intervals rows; (1, 1, 1) when every head
         agrees, so the block structure is built once for all heads."""
-        values = self.head_value(call, torch.arange(call.shapes.q_heads, device=call.device))
-        return values[:1].view(1, 1, 1) if bool((values == values[0]).all()) else values.view(1, -1, 1)
+        on_host = self.head_value(call, torch.arange(call.shapes.q_heads))  # compared on the CPU: no device sync
+        same = bool((on_host == on_host[0]).all())
+        values = self.head_value(call, torch.arange(1 if same else call.shapes.q_heads, device=call.device))
+        return values.view(1, -1, 1)
 
 
 MSWA = Paper("MSWA: Refining Local Attention with Multi-ScaleWindow Attention", 2025, "2501.01039")
