@@ -2,13 +2,15 @@
 (GQA/MQA, RoPE, a decoding cache) and the head structures of the literature."""
 from .common import KVCache, LatentCache, StateCache, apply_rope, rope_cos_sin, rotate_half
 from .differential import DifferentialAttention
+from .dma import DynamicMask, DynamicMaskAttention
 from .gqa import GroupedQueryAttention, MultiQueryAttention, gqa_from_mha
 from .mha import MultiheadAttention
 from .mla import MLA
 from .moh import MoHAttention
+from .seer import SeerGate
 
 __all__ = [
-    "DifferentialAttention", "GroupedQueryAttention", "KVCache", "LatentCache", "MLA", "MultiQueryAttention",
-    "MoHAttention", "MultiheadAttention", "StateCache", "apply_rope", "gqa_from_mha", "rope_cos_sin",
-    "rotate_half",
+    "DifferentialAttention", "DynamicMask", "DynamicMaskAttention", "GroupedQueryAttention", "KVCache", "LatentCache",
+    "MLA", "MultiQueryAttention", "MoHAttention", "MultiheadAttention", "SeerGate", "StateCache", "apply_rope",
+    "gqa_from_mha", "rope_cos_sin", "rotate_half",
 ]

@@ -90,6 +90,11 @@ class MultiheadAttention(SizeMixin, nn.Module):
         return math.prod(self.attn.state_shape(batch, self.kv_heads, self.head_dim, self.head_dim)) * element_bytes(acc)
 
     # ---- forward ----------------------------------------------------------------------------------
+    def attention_inputs(self, q, k, v) -> dict:
+        """Inputs the module makes for its variant from this call's q and the whole k, v (cache included);
+        inputs given to forward win. DynamicMaskAttention makes its dynamic mask here."""
+        return {}
+
     def head_weights(self, x: torch.Tensor) -> torch.Tensor | None:
         """Per-token weights of each head's output (B, H, S), or None (all ones). MoH routes here."""
         return None
@@ -117,7 +122,7 @@ class MultiheadAttention(SizeMixin, nn.Module):
                     raise ValueError(f"{owner}: cache holds keys {tuple(cache.k.shape)}, this module makes "
                                      f"(B, {self.kv_heads}, S, {self.head_dim})")
                 k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
-            o = self.attn(q, k, v, causal=causal, **inputs)
+            o = self.attn(q, k, v, causal=causal, **{**self.attention_inputs(q, k, v), **inputs})
             cache = KVCache(k, v)
         w = self.head_weights(x)
         if w is not None:

@@ -1,0 +1,101 @@
+"""SeerAttention: a learned gate on pooled q and k picks the key blocks each query block reads.
+
+Queries are grouped in blocks of `block_size` positions (absolute positions, so a query block lines up
+with the key block holding the same positions) and average-pooled; keys are pooled per block into their
+channel-wise max, min and mean. The gate projects both per query head (W_q (H, D, G) on the pooled
+query, W_k (H, 3, D, G) on the three pooled keys) and scores block pairs by q_g . k_g / sqrt(G); every
+query of a block reads the block's `top_k` key blocks by that score, its own block always among them
+(later blocks never under causality), with exact softmax over their keys.
+
+The gate weights are inputs `gate_q`, `gate_k`, learned by `attnzoo.nn.SeerGate` through the paper's
+self-distillation (`attnzoo.nn.distill_seer_gate`: KL to the block-max-pooled exact attention). Without
+them the gate is untrained: identity projections of the pooled query and the mean key (G = D). The
+paper's gate also rotates the pooled q/k by block position; here q and k arrive after RoPE already.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...core.info import Input, Paper, positive_int
+from ...core.registry import register
+from ...core.selection import Selection, SelectionVariant, block_gate_select
+
+PAPER = Paper("SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs", 2024, "2410.13276")
+
+
+def pool_keys(k: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, Hkv, n, 3, D): channel-wise max, min and mean of k (B, Hkv, Sk, D) over blocks of `block` keys."""
+    b, h, s, d = k.shape
+    n = -(-s // block)
+    pad = n * block - s
+    kp = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(b, h, n, block, d)
+    valid = (torch.arange(n * block, device=k.device) < s).view(1, 1, n, block, 1)
+    count = valid.sum(3).to(k.dtype)
+    kmax = kp.masked_fill(~valid, -torch.inf).amax(3)
+    kmin = kp.masked_fill(~valid, torch.inf).amin(3)
+    return torch.stack([kmax, kmin, kp.sum(3) / count], dim=3)
+
+
+def pool_queries(q: torch.Tensor, call, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled (B, H, nq, D), block of each query (Sq,) counted from the call's first query block): the mean of
+    the call's queries in each block of absolute positions."""
+    pos = call.shapes.query_positions(device=q.device)
+    rel = pos // block - pos[0] // block
+    nq = int(rel[-1]) + 1
+    member = (rel.view(1, -1) == torch.arange(nq, device=q.device).view(-1, 1)).to(q.dtype)
+    return (member / member.sum(-1, keepdim=True)) @ q, rel
+
+
+def gate_scores(q, k, call, block: int, wq: torch.Tensor | None = None, wk: torch.Tensor | None = None):
+    """(scores (B, Hq, nq, nk), block of each query): the gate's q_g . k_g / sqrt(G) per query block and key
+    block, before any masking. wq (Hq, D, G), wk (Hq, 3, D, G); None: the untrained identity gate."""
+    s = call.shapes
+    q_pool, rel = pool_queries(q, call, block)                                    # (B, Hq, nq, D)
+    k_pool = pool_keys(k, block).repeat_interleave(s.group, dim=1)                # (B, Hq, nk, 3, D)
+    if wq is None:
+        qg, kg = q_pool, k_pool[..., 2, :]
+    else:
+        qg = torch.einsum("bhnd,hdg->bhng", q_pool, wq.to(q_pool.dtype))
+        kg = torch.einsum("bhnsd,hsdg->bhng", k_pool, wk.to(k_pool.dtype))
+    return (qg @ kg.transpose(-1, -2)) * qg.shape[-1] ** -0.5, rel
+
+
+@register
+class Seer(SelectionVariant):
+    name = "seer"
+    summary = ("SeerAttention: a gate scores (query block, key block) pairs from the mean-pooled queries and the "
+               "max/min/mean-pooled keys, projected per head (inputs gate_q (H, D, G), gate_k (H, 3, D, G), learned "
+               "by attnzoo.nn.SeerGate's self-distillation from block-max-pooled exact attention; absent: identity "
+               "projections of the pooled query and mean key); each query block reads its top_k key blocks, its own "
+               "block always, with exact softmax over their keys.")
+    paper = PAPER
+    params = (
+        positive_int("block_size", 64, "positions per query block and per key block"),
+        positive_int("top_k", 4, "key blocks each query block reads, its own block included"),
+    )
+    inputs = (
+        Input("gate_q", "(H, D, G)", "the gate's per-head projection of the pooled query (G: gate dim)", required=False),
+        Input("gate_k", "(H, 3, D, G)", "the gate's per-head projection of the pooled keys (max, min, mean)",
+              required=False),
+    )
+    cost = "gate: O(Sq D G + Sk D G + (Sq / block_size) (Sk / block_size) G); attend: O(Sq top_k block_size D)"
+    budget_param = "top_k"
+
+    def input_shape(self, spec, sizes, value=None):
+        """G is the gate's own width: taken from the tensor given."""
+        g = value.shape[-1] if isinstance(value, torch.Tensor) and value.dim() else 1
+        return super().input_shape(spec, {**sizes, "G": g}, value)
+
+    def validate_call(self, call) -> None:
+        wq, wk = call.inputs.get("gate_q"), call.inputs.get("gate_k")
+        if (wq is None) != (wk is None):
+            raise TypeError("seer: give both gate_q and gate_k (a trained gate), or neither (the untrained gate)")
+        if wq is not None and wq.shape[-1] != wk.shape[-1]:
+            raise ValueError(f"seer: gate_q (H, D, G) and gate_k (H, 3, D, G) must share G, got {wq.shape[-1]} "
+                             f"and {wk.shape[-1]}")
+
+    def select(self, q, k, call) -> Selection:
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scores, rel = gate_scores(q.to(acc), k.to(acc), call, self.config["block_size"],
+                                  call.inputs.get("gate_q"), call.inputs.get("gate_k"))
+        return block_gate_select(scores[:, :, rel].detach(), call, self.config["block_size"], self.config["top_k"])
