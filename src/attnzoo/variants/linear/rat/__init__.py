@@ -16,16 +16,16 @@ from .naive import rat_parallel, rat_step
 @register
 class RAT(LinearVariant):
     name = "rat"
-    summary = ("RAT: inside chunks of `chunk_size` tokens keys and values are smoothed by a gated recurrence that "
+    summary = ("RAT: inside chunks of `chunk` tokens keys and values are smoothed by a gated recurrence that "
                "restarts every chunk (k~_t = f_t k~_{t-1} + (1 - f_t) k_t, forget gates 'fk' / 'fv' in [0, 1] per "
                "channel, or the constant `forget`); each query attends with softmax to the last k~/v~ of every "
                "earlier chunk and to its own k~_t/v~_t. The state is one row per chunk (B, Hkv, R, D + Dv + 1): it "
-               "grows by one row every chunk_size tokens (decoding reads S / chunk_size summaries: RAT's saving, "
+               "grows by one row every `chunk` tokens (decoding reads S / chunk summaries: RAT's saving, "
                "not O(1)). Parallel, chunk and recurrent forms give the same outputs.")
     paper = Paper("RAT: Bridging RNN Efficiency and Attention Accuracy in Language Modeling", 2025, "2507.04416")
     params = (
-        positive_int("chunk_size", 16, "L, tokens per chunk: the recurrence's span and the summaries' stride "
-                                       "(the paper's default 16)"),
+        positive_int("chunk", 16, "L, tokens per chunk: the recurrence's span and the summaries' stride (the "
+                                  "paper's default 16; part of the definition, unlike other variants' chunk_size)"),
         Param("forget", 0.5, "the forget gate in [0, 1] when the inputs 'fk' / 'fv' are not given", (int, float),
               lambda v: math.isfinite(v) and 0 <= v <= 1, "a float in [0, 1]"),
     )
@@ -34,8 +34,8 @@ class RAT(LinearVariant):
         Input("fv", "(B, Hkv, Sk, Dv)", "forget gates of the value recurrence, in [0, 1]", required=False),
     )
     cost = ("chunk: O(S L D) recurrence + O(S (S / L) D) attention time, O(S (S / L)) memory per head (L = "
-            "chunk_size); step: O((S / L) (D + Dv)) per token")
-    state_size = "Hkv x ceil(S / chunk_size) x (D + Dv + 1) per sequence: grows by one row per chunk"
+            "chunk); step: O((S / L) (D + Dv)) per token")
+    state_size = "Hkv x ceil(S / chunk) x (D + Dv + 1) per sequence: grows by one row per chunk"
     state_doc = "(B, Hkv, R, D + Dv + 1) (one row per chunk: k~, v~, tokens it holds)"
 
     def state_shape(self, batch, heads, dk, dv):
@@ -65,10 +65,10 @@ class RAT(LinearVariant):
 
     def _check_counts(self, state):
         count = state[..., -1]
-        partial = ((count > 0) & (count < self.config["chunk_size"])).sum(-1)
+        partial = ((count > 0) & (count < self.config["chunk"])).sum(-1)
         if bool((count != count.round()).any()) or bool((count < 0).any()) or \
-                bool((count > self.config["chunk_size"]).any()) or bool((partial > 1).any()):
-            raise ValueError(f"{self.name}: state's last column counts tokens per chunk row (0..chunk_size, at most "
+                bool((count > self.config["chunk"]).any()) or bool((partial > 1).any()):
+            raise ValueError(f"{self.name}: state's last column counts tokens per chunk row (0..chunk, at most "
                              "one row in progress); got other values")
 
     def join_states(self, states):
@@ -81,7 +81,7 @@ class RAT(LinearVariant):
                 inputs["fv"] if inputs.get("fv") is not None else torch.full_like(v, f))
 
     def _run(self, fn, q, k, v, call, state, inputs):
-        chunk = self.config["chunk_size"]
+        chunk = self.config["chunk"]
         count = state[:, 0, :, -1]
         offsets = (count * ((count > 0) & (count < chunk))).sum(-1).long()
 
@@ -116,5 +116,5 @@ class RAT(LinearVariant):
         fv = torch.full_like(v_t, f) if fv is None else fv
         if fk.shape != k_t.shape or fv.shape != v_t.shape:
             raise ValueError(f"{self.name}: step's fk must be (B, Hkv, D) and fv (B, Hkv, Dv)")
-        return rat_step(q_t, k_t, v_t, fk, fv, state, self.step_scale(scale, d), self.config["chunk_size"])
+        return rat_step(q_t, k_t, v_t, fk, fv, state, self.step_scale(scale, d), self.config["chunk"])
 
