@@ -1,0 +1,115 @@
+"""Mega's attention core, written plainly: a multi-dimensional damped EMA on the queries and keys, then
+single-head softmax attention inside chunks of C tokens (Mega-chunk, the paper's linear-time variant).
+
+The EMA (the paper's eqs. 2-3) expands every channel x[d] into E dimensions with beta, damps each with
+alpha and delta, and projects back with eta (all (Hkv, D, E); alpha, delta in [0, 1]):
+
+    h_t[d, e] = alpha[d, e] beta[d, e] x_t[d] + (1 - alpha[d, e] delta[d, e]) h_{t-1}[d, e],
+    y_t[d]    = sum_e eta[d, e] h_t[d, e],
+
+i.e. the causal convolution y_t[d] = sum_{j<=t} K[d, t-j] x_j[d] with K[d, n] = sum_e eta alpha beta phi^n,
+phi = 1 - alpha delta (plus phi^(t+1) h_init from a carried state). Mega applies it to the layer input
+before the shared Q/K projection; as a functional variant it smooths the given q and k (the same EMA for
+both), and the attention is
+
+    o_t = sum_{j in t's chunk, j <= t} softmax_j(scale * q~_t . k~_j) v_j.
+
+State layout (B, Hkv, 2E + C + 1, D + Dv): rows 0..E-1 the q EMA (h^T, first D columns), E..2E-1 the k EMA,
+then the C keys k~ and values of the chunk in progress, then a row holding its token count (0 <= n < C).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def split_state(state: torch.Tensor, e: int, chunk: int, d: int):
+    """-> q EMA, k EMA (B, Hkv, E, D), buffered keys (B, Hkv, C, D), values (B, Hkv, C, Dv), count (B, Hkv)."""
+    buf = state[..., 2 * e:2 * e + chunk, :]
+    return state[..., :e, :d], state[..., e:2 * e, :d], buf[..., :d], buf[..., d:], state[..., -1, 0]
+
+
+def join_state(hq, hk, keys, values, count) -> torch.Tensor:
+    d, dv = keys.shape[-1], values.shape[-1]
+    ema = torch.nn.functional.pad(torch.cat([hq, hk], dim=-2), (0, dv))
+    row = count[..., None, None].expand(*count.shape, 1, d + dv)
+    return torch.cat([ema, torch.cat([keys, values], -1), row.to(keys.dtype)], dim=-2)
+
+
+def ema_parallel(x, alpha, delta, beta, eta, h0):
+    """x (B, Hkv, S, D), EMA parameters (Hkv, D, E), h0 (B, Hkv, E, D) -> (y (B, Hkv, S, D), final h (B, Hkv, E, D)),
+    by the convolution with the kernel phi^(t-j) (S x S per channel: the definition, not the fast path)."""
+    s = x.shape[2]
+    if s == 0:
+        return x, h0
+    phi = 1 - alpha * delta                                                   # (Hkv, D, E)
+    t = torch.arange(s, device=x.device)
+    lag = t.view(-1, 1) - t.view(1, -1)
+    power = phi[..., None, None].pow(lag.clamp_min(0)) * (lag >= 0)           # (Hkv, D, E, S, S): phi^(t-j)
+    kernel = torch.einsum("hde,hdetj->hdtj", eta * alpha * beta, power)
+    y = torch.einsum("hdtj,bhjd->bhtd", kernel, x)
+    carry = phi[..., None].pow(t + 1)                                          # (Hkv, D, E, S): phi^(t+1)
+    y = y + torch.einsum("hde,hdet,bhed->bhtd", eta, carry, h0)
+    last = (alpha * beta)[..., None] * power[..., -1, :]                       # (Hkv, D, E, S): weights of x_j in h_{S-1}
+    h = torch.einsum("hdej,bhjd->bhed", last, x) + carry[..., -1].transpose(-1, -2) * h0
+    return y, h
+
+
+def chunk_attention(q, k, v, keys, values, offset: int, chunk: int, scale: float):
+    """q/k (B, H, S, D) already smoothed, v (B, H, S, Dv), buffered keys/values (B, H, C, .) of which the first
+    `offset` are the chunk in progress -> o (B, H, S, Dv), by the S x (offset + S) masked softmax."""
+    s = k.shape[2]
+    ks = torch.cat([keys[:, :, :offset], k], 2)
+    vs = torch.cat([values[:, :, :offset], v], 2)
+    pos_q = torch.arange(s, device=q.device) + offset
+    pos_k = torch.arange(offset + s, device=q.device)
+    allowed = (pos_q.view(-1, 1) // chunk == pos_k.view(1, -1) // chunk) & (pos_k.view(1, -1) <= pos_q.view(-1, 1))
+    scores = scale * (q @ ks.transpose(-1, -2))
+    return torch.softmax(scores.masked_fill(~allowed, -torch.inf), dim=-1) @ vs
+
+
+def tail_buffer(k, v, offset: int, chunk: int, keys, values):
+    """The buffer after the tokens k/v (B, Hkv, S, .) that continue `offset` buffered ones: the keys and values of
+    the chunk left in progress, zero-padded to C rows, and its token count (B, Hkv)."""
+    n = (offset + k.shape[2]) % chunk
+    ks = torch.cat([keys[:, :, :offset], k], 2)
+    vs = torch.cat([values[:, :, :offset], v], 2)
+    ks, vs = ks[:, :, ks.shape[2] - n:], vs[:, :, vs.shape[2] - n:]
+    pad = (0, 0, 0, chunk - n)
+    return F.pad(ks, pad), F.pad(vs, pad), k.new_full(k.shape[:2], float(n))
+
+
+def mega_parallel(q, k, v, ema: tuple, scale: float, chunk: int, state: torch.Tensor, offset: int):
+    """q (B, H, S, D), k (B, H, S, D), v (B, H, S, Dv), ema = (alpha, delta, beta, eta) (H, D, E), state as above
+    whose chunk in progress holds `offset` tokens -> (o (B, H, S, Dv), final state)."""
+    acc = state.dtype
+    e, d = ema[0].shape[-1], k.shape[-1]
+    ema = tuple(x.to(acc) for x in ema)
+    hq, hk, keys, values, _ = split_state(state, e, chunk, d)
+    qs, hq = ema_parallel(q.to(acc), *ema, hq)
+    ks, hk = ema_parallel(k.to(acc), *ema, hk)
+    v = v.to(acc)
+    o = chunk_attention(qs, ks, v, keys, values, offset, chunk, scale)
+    return o, join_state(hq, hk, *tail_buffer(ks, v, offset, chunk, keys, values))
+
+
+def mega_step(q_t, k_t, v_t, ema: tuple, state: torch.Tensor, scale: float, chunk: int):
+    """One token: q_t/k_t (B, H, D), v_t (B, H, Dv): the EMA step on q and k, the key and value appended to the
+    chunk in progress, softmax over it; the buffer empties when the chunk is full."""
+    acc = state.dtype
+    e, d = ema[0].shape[-1], k_t.shape[-1]
+    alpha, delta, beta, eta = (x.to(acc).transpose(-1, -2) for x in ema)     # (H, E, D)
+    hq, hk, keys, values, count = split_state(state, e, chunk, d)
+    hq = alpha * beta * q_t.to(acc).unsqueeze(-2) + (1 - alpha * delta) * hq
+    hk = alpha * beta * k_t.to(acc).unsqueeze(-2) + (1 - alpha * delta) * hk
+    qs, ks = (eta * hq).sum(-2), (eta * hk).sum(-2)                           # (B, H, D)
+    slot = F.one_hot(count.long(), chunk).to(torch.bool).unsqueeze(-1)        # (B, H, C, 1): where this token goes
+    keys = torch.where(slot, ks.unsqueeze(-2), keys)
+    values = torch.where(slot, v_t.to(acc).unsqueeze(-2), values)
+    seen = torch.arange(chunk, device=k_t.device) <= count.unsqueeze(-1)       # (B, H, C)
+    scores = scale * (qs.unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2)
+    o = (torch.softmax(scores.masked_fill(~seen, -torch.inf), dim=-1).unsqueeze(-2) @ values).squeeze(-2)
+    count = count + 1
+    full = (count == chunk)[..., None, None]
+    keys, values = keys.masked_fill(full, 0), values.masked_fill(full, 0)
+    return o, join_state(hq, hk, keys, values, count % chunk)
