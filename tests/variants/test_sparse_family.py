@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import sparse_defs
+import sparse_defs_retrieval
 import torch
 from harness import PATTERN_SHAPES, assert_reference_rule, qkv
 
@@ -54,6 +55,7 @@ class Case:
     shapes: dict = field(default_factory=dict)    # pattern -> (causal, Sq, Sk) where PATTERN_SHAPES do not fit
     shared_by_heads: bool = False                 # one choice for every head (the paper's routing)
     draws: Callable = None                        # (attn, q, k, v, causal) -> the random draws define needs
+    positional: bool = False                      # the selection depends on positions only (combiner's own segment)
 
 
 CASES = {
@@ -125,6 +127,44 @@ CASES = {
              ({"seed": 1.5}, TypeError, "'seed' must be int")),
     ),
 }
+CASES.update({
+    "retrieval_attention": Case(
+        params={"top_k": 5, "sinks": 2, "window": 6, "index": "exact"},
+        define=sparse_defs_retrieval.retrieval_attention,
+        all_params=lambda sk: {"top_k": sk, "sinks": 2, "window": 6, "index": "exact"},
+        bad=(({"top_k": 0}, ValueError, "'top_k' must be a positive int"),
+             ({"window": -1}, ValueError, "'window' must be a non-negative int"),
+             ({"index": "ivf"}, ValueError, "'index' must be 'hnsw' or 'exact'"),
+             ({"ef_search": 0}, ValueError, "'ef_search' must be a positive int")),
+    ),
+    "longheads": Case(
+        params={"chunk_size": 6, "top_k": 4},
+        define=sparse_defs_retrieval.longheads,
+        all_params=lambda sk: {"chunk_size": 6, "top_k": math.ceil(sk / 6)},
+        smallest={"chunk_size": 6, "top_k": 1},
+        own=lambda p, pos, sk: _own_block({"block_size": p["chunk_size"]}, pos, sk),
+        bad=(({"top_k": 0}, ValueError, "'top_k' must be a positive int"),
+             ({"chunk_size": 0}, ValueError, "'chunk_size' must be a positive int")),
+    ),
+    "ltri": Case(
+        params={"chunk_size": 12, "max_span": 5, "top_k": 3, "baseline": None},
+        define=sparse_defs_retrieval.ltri,
+        all_params=lambda sk: {"chunk_size": sk, "max_span": 5, "top_k": 1},   # one chunk: full causal
+        bad=(({"top_k": 0}, ValueError, "'top_k' must be a positive int"),
+             ({"chunk_size": 4, "max_span": 5}, ValueError, "max_span=5 must be at most chunk_size=4"),
+             ({"baseline": 1.0}, ValueError, r"'baseline' must be None or a number in \[0, 1\)")),
+    ),
+    "combiner": Case(
+        params={"block_size": 6, "pooling": "max"},
+        define=sparse_defs_retrieval.combiner,
+        positional=True,
+        all_params=lambda sk: {"block_size": sk},
+        smallest={"block_size": 1},
+        own=lambda p, pos, sk: {pos},
+        bad=(({"block_size": 0}, ValueError, "'block_size' must be a positive int"),
+             ({"pooling": "min"}, ValueError, "'pooling' must be 'max' or 'mean'")),
+    ),
+})
 NAMES = list(CASES)
 
 
@@ -163,6 +203,9 @@ def test_selections_are_per_batch_row_and_kv_head_unless_the_paper_shares_them(n
     sel = attn.selection(q, k, causal=causal, **inputs)
     assert sel.indices.shape[:3] == q.shape[:3]
     mask = attn.dense_mask(q.shape[2], k.shape[2], causal=causal, q=q, k=k, **inputs)
+    if CASES[name].positional:                          # the keys read directly; the rest through summaries
+        assert torch.equal(mask[0], mask[1]) and all(torch.equal(mask[:, 0], mask[:, h]) for h in range(1, 4))
+        return
     assert not torch.equal(mask[0], mask[1])            # rows choose apart
     if CASES[name].shared_by_heads:                     # one routing for the layer, as the paper
         assert all(torch.equal(mask[:, 0], mask[:, h]) for h in range(1, 4))
@@ -202,7 +245,7 @@ def test_the_smallest_budget_still_reads_the_queries_own_block(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_gradients_of_the_fast_path_equal_the_references(name):
-    pattern = next(p for p in ("causal_cross", "noncausal_self") if p in az.get(name).info.patterns)
+    pattern = next(p for p in ("causal_cross", "noncausal_self", "causal_self") if p in az.get(name).info.patterns)
     attn, q, k, v, causal, inputs = _call(name, pattern, b=1)
     leaves = [q, k, v] + [t for t in inputs.values() if t.is_floating_point()]
     for t in leaves:
