@@ -1,4 +1,4 @@
-"""The `attnzoo` command: list | info | bench | kv | heads.
+"""The `attnzoo` command: list | info | bench | kv | heads | transmla | train-tiny.
 
 This module and what it imports at the top (typer, rich, `attnzoo.cli_options`, `attnzoo.bench.cli`)
 import neither torch nor transformers: `attnzoo --help` and `attnzoo <command> --help` answer at
@@ -198,3 +198,23 @@ def heads_cmd(
                     text_tokens=text_tokens, random_draws=draws, ablation=ablation, validate=validate,
                     ablation_sweep=ablation_sweep, seed=seed)
     heads.run(model, probes, encoder, encoder_probes, out, settings, threads)
+
+
+@app.command("transmla")
+def transmla_cmd(
+    ranks: str = typer.Option("256,192,128,64,32", help="latent ranks per layer (each rope_heads also runs its full "
+                                                        "rank; larger ranks are skipped)"),
+    rope_heads: str = typer.Option("1,3", help="RoRoPE slots (of head_dim channels) that keep RoPE, 1 .. kv_heads"),
+    calibration_tokens: int = typer.Option(2048, min=16, help="tokens of real text (train split) for the PCAs"),
+    eval_tokens: int = typer.Option(2048, min=16, help="held-out tokens for perplexity"),
+    window: int = typer.Option(512, min=16, help="tokens per perplexity window"),
+    model: str = opts.model_option(),
+    out: Path = opts.out_option("results/transmla"),
+    threads: int = opts.threads_option(),
+):
+    """Convert a GQA model's attention to MLA (TransMLA: RoRoPE, BKV-PCA latent) at several latent ranks;
+    KV bytes per token, held-out perplexity and the logit change against the original."""
+    lab = _tool("attnzoo.lab.transmla")
+    settings = lab.Settings(ranks=opts.int_list(ranks, "--ranks", 1),
+                            rope_heads=opts.int_list(rope_heads, "--rope-heads", 1), calibration_tokens=calibration_tokens, eval_tokens=max(eval_tokens, window), window=window)
+    lab.main(settings, model, out, threads)

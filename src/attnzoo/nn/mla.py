@@ -27,7 +27,9 @@ class MLA(SizeMixin, nn.Module):
     (`wkv_b`, kv_rank -> H (head_dim + v_head_dim)). `latent_norm=True` puts an RMSNorm on c_q and
     c_kv, as the released models do (the paper's equations leave it out: `latent_norm=False`). RoPE is
     rotate-half (the release interleaves pairs; the same up to a fixed permutation of W_qr, W_kr). No
-    biases.
+    biases. `rope_head_dim` (default rope_dim) rotates the RoPE channels in chunks of that size, each
+    with the frequencies of a rope_head_dim head: the layout of a GQA checkpoint's keys converted to
+    MLA (TransMLA), where `head_dim=0` (every key channel positional) is the lossless conversion.
 
     The cache (`LatentCache`) is c_kv and k_R per token: kv_rank + rope_dim numbers, against
     2 H head_dim for multi-head attention. `forward(x, cache=None, causal=True, absorb=None, **inputs)`
@@ -44,16 +46,24 @@ class MLA(SizeMixin, nn.Module):
 
     def __init__(self, dim: int, heads: int, kv_rank: int, rope_dim: int, head_dim: int | None = None,
                  v_head_dim: int | None = None, q_rank: int | None = None, variant: str = "full",
-                 rope_base: float = 10000.0, latent_norm: bool = True, eps: float = 1e-6, **params):
+                 rope_base: float = 10000.0, latent_norm: bool = True, eps: float = 1e-6,
+                 rope_head_dim: int | None = None, **params):
         super().__init__()
         owner = type(self).__name__
-        self.heads, _, self.head_dim = head_layout(owner, dim, heads, None, head_dim)
+        positional_only = head_dim is not None and check_int(owner, "head_dim", head_dim, minimum=0) == 0
+        self.heads, _, self.head_dim = head_layout(owner, dim, heads, None, 1 if positional_only else head_dim)
+        self.head_dim = 0 if positional_only else self.head_dim
         self.dim = dim
         self.kv_rank = check_int(owner, "kv_rank", kv_rank)
         self.rope_dim = check_int(owner, "rope_dim", rope_dim, minimum=2)
         if rope_dim % 2:
             raise ValueError(f"{owner}: RoPE rotates pairs of channels, rope_dim must be even; got rope_dim={rope_dim}")
+        self.rope_head_dim = rope_dim if rope_head_dim is None else check_int(owner, "rope_head_dim", rope_head_dim, 2)
+        if rope_dim % self.rope_head_dim or self.rope_head_dim % 2:
+            raise ValueError(f"{owner}: rope_head_dim must be even and divide rope_dim={rope_dim}, got {rope_head_dim}")
         self.v_head_dim = self.head_dim if v_head_dim is None else check_int(owner, "v_head_dim", v_head_dim)
+        if self.v_head_dim == 0:
+            raise ValueError(f"{owner}: v_head_dim must be given (an int >= 1) when head_dim=0")
         self.q_rank = None if q_rank is None else check_int(owner, "q_rank", q_rank)
         self.rope_base = check_float(owner, "rope_base", rope_base)
         self.latent_norm = check_bool(owner, "latent_norm", latent_norm)
@@ -81,7 +91,8 @@ class MLA(SizeMixin, nn.Module):
     def config(self) -> dict:
         return dict(dim=self.dim, heads=self.heads, kv_rank=self.kv_rank, rope_dim=self.rope_dim,
                     head_dim=self.head_dim, v_head_dim=self.v_head_dim, q_rank=self.q_rank, variant=self.variant,
-                    rope_base=self.rope_base, latent_norm=self.latent_norm, eps=self.eps, **self.params)
+                    rope_base=self.rope_base, latent_norm=self.latent_norm, eps=self.eps,
+                    rope_head_dim=self.rope_head_dim, **self.params)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, kv_rank={self.kv_rank}, rope_dim={self.rope_dim}, "
@@ -93,6 +104,14 @@ class MLA(SizeMixin, nn.Module):
         return self.kv_rank + self.rope_dim
 
     # ---- pieces -------------------------------------------------------------------------------------
+    def _rope(self, t, cos, sin):
+        """RoPE on the last dim (rope_dim) of t, chunk by chunk of rope_head_dim channels."""
+        chunks = self.rope_dim // self.rope_head_dim
+        if chunks == 1:
+            return apply_rope(t, cos, sin)
+        shaped = t.unflatten(-1, (chunks, self.rope_head_dim))
+        return apply_rope(shaped, cos.unsqueeze(-2), sin.unsqueeze(-2)).flatten(-2)
+
     def _query_input(self, x):
         """What the query projection W_uq reads: c_q (normed) or x itself when q_rank is None."""
         return x if self.q_rank is None else self.q_norm(self.wq_a(x))
@@ -129,15 +148,15 @@ class MLA(SizeMixin, nn.Module):
         absorb = cache is not None if absorb is None else absorb
         offset = 0 if cache is None else cache.length
         h, hd, rd = self.heads, self.head_dim, self.rope_dim
-        cos, sin = rope_cos_sin(positions(offset, s, x.device), rd, self.rope_base, x.dtype)
+        cos, sin = rope_cos_sin(positions(offset, s, x.device), self.rope_head_dim, self.rope_base, x.dtype)
         c_kv, k_rope = self.wkv_a(x).split([self.kv_rank, rd], dim=-1)
-        c_kv, k_rope = self.kv_norm(c_kv), apply_rope(k_rope, cos, sin)
+        c_kv, k_rope = self.kv_norm(c_kv), self._rope(k_rope, cos, sin)
         if cache is not None:
             c_kv, k_rope = torch.cat([cache.c_kv, c_kv], dim=1), torch.cat([cache.k_rope, k_rope], dim=1)
         cache = LatentCache(c_kv, k_rope)
         q_in = self._query_input(x)
         w_uq = self._query_up()
-        q_rope = apply_rope(torch.einsum("bsi,hdi->bhsd", q_in, w_uq[:, hd:]), cos, sin)
+        q_rope = self._rope(torch.einsum("bsi,hdi->bhsd", q_in, w_uq[:, hd:]), cos, sin)
         sk = c_kv.shape[1]
         if absorb:
             w_qk, w_ov = self.absorbed_weights()
