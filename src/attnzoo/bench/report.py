@@ -13,7 +13,8 @@ from pathlib import Path
 
 PLOTS = {
     "plot-fidelity-speed": "Fidelity vs speed, per family",
-    "plot-error-budget": "Error and attention mass kept vs the share of keys kept",
+    "plot-error-budget": "Fidelity vs budget per family: error and attention mass kept vs the share of keys kept, "
+                         "beside the top-k oracle",
     "plot-paths": "Which CPU path wins: time and peak memory of each path vs SDPA with the dense mask",
     "plot-time-length": "Time vs sequence length",
     "plot-memory-length": "Peak memory vs sequence length",
@@ -356,7 +357,12 @@ def write_html(results: dict, path: Path) -> Path:
 
 
 def write(results: dict, out_dir: Path) -> tuple[Path, Path]:
+    """results.json, report.html, and budget_sweep.json (the fidelity-vs-budget table per family, budget.py)."""
+    from . import budget
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    if results["fidelity"]:
+        (out_dir / "budget_sweep.json").write_text(json.dumps(jsonable(budget.sweep(results)), indent=1, allow_nan=False))
     return write_json(results, out_dir / "results.json"), write_html(results, out_dir / "report.html")
 
 
@@ -656,38 +662,11 @@ def _fidelity_speed_figure(results: dict):
 
 
 def _budget_figure(results: dict):
-    """Error and mass kept against the measured share of the keys kept, every budgeted variant on one axis."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    """Error and mass kept against the measured share of the keys kept, a row of panels per family, with the
+    top-k oracle (budget.py)."""
+    from . import budget
 
-    rows = [r for r in results["fidelity"] if r["error"] is None and r["budget"] is not None and r.get("kept")]
-    swept = sorted({r["variant"] for r in rows if not r["default"]})
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("relative error", "exact attention mass kept"),
-                        horizontal_spacing=0.08)
-    color = _variant_colors(results)
-    for name in swept:
-        for source, dash in (("captured", "solid"), ("gaussian", "dash")):
-            pts = sorted((r for r in rows if r["variant"] == name and r["source"] == source), key=lambda r: r["kept"])
-            if not pts:
-                continue
-            label = f"{name} ({pts[0]['budget_param']}) · {'real' if source == 'captured' else 'noise'}"
-            for col, key, floor in ((1, "rel_err", LOG_FLOOR), (2, "mass_kept", None)):
-                ys = [r[key] if r[key] is None or floor is None else max(r[key], floor) for r in pts]
-                fig.add_trace(go.Scatter(
-                    x=[r["kept"] for r in pts], y=ys, mode="lines+markers", name=label, legendgroup=label,
-                    showlegend=col == 1, line=dict(color=color.get(name), dash=dash),
-                    customdata=[[r["budget"]] for r in pts],
-                    hovertemplate=f"{name}<br>{pts[0]['budget_param']}=%{{customdata[0]}}<br>keeps %{{x:.3f}} of the "
-                                  f"keys<br>%{{y:.3g}}<extra></extra>"), row=1, col=col)
-    for f in results["config"].get("keep_fractions") or []:
-        fig.add_vline(x=f, line_dash="dot", line_color="#999")
-    fig.update_xaxes(type="log", title_text="share of the keys kept (measured on the mask)")
-    fig.update_yaxes(type="log", row=1, col=1)
-    fig.update_yaxes(range=[0, 1.02], row=1, col=2)
-    fig.update_layout(height=520, margin=dict(t=60), legend=dict(orientation="h", y=-0.25),
-                      title=f"budget sweep at {results['capture']['length']} tokens: solid real q/k/v, dashed noise; "
-                            "dotted lines: the shares the leaderboard compares")
-    return fig
+    return budget.figure(results, _variant_colors(results), LOG_FLOOR)
 
 
 def _paths_figure(results: dict):

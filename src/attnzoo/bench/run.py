@@ -19,7 +19,7 @@ import torch
 
 from .. import models
 from ..core.api import variant_class, variants
-from . import capture, cases, fidelity, quality, speed
+from . import budget, capture, cases, fidelity, quality, speed
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -189,6 +189,12 @@ def _load(config: Config) -> _Model:
 
 
 def _fidelity(names: list[str], captured: tuple, config: Config, dtype: torch.dtype, steps: Steps) -> list[dict]:
+    """Fidelity rows of `names`, and of the top-k oracle where a content-sparse variant is measured without it
+    (its sweep is the bound the budget plot draws; it is not ranked unless named)."""
+    from ..core.selection import SelectionVariant
+
+    if budget.ORACLE not in names and any(issubclass(variant_class(n), SelectionVariant) for n in names):
+        names = [*names, budget.ORACLE]
     sources = {"captured": captured, "gaussian": _gaussian_like(*captured, config.seed)}
     steps.start("fidelity", sum(_case_count(n, config, captured, len(sources)) for n in names))
     return fidelity.run(names, sources, config.text_length, dtype, config.sweep_points, config.seed, steps.tick)
