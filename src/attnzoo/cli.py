@@ -29,6 +29,7 @@ PATTERN_SHORT = {"causal_self": "CS", "causal_cross": "CX", "noncausal_self": "N
 KV_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vartrack", "qa")
 KV_SETTINGS = ("query_agnostic", "query_aware")
 ABLATIONS = ("zero", "mean")
+TINY_HEADS = ("gqa", "mla", "moh", "cla", "diff")  # attnzoo.lab.tiny.HEADS (a test checks)
 
 
 def _tool(module: str):
@@ -218,3 +219,25 @@ def transmla_cmd(
     settings = lab.Settings(ranks=opts.int_list(ranks, "--ranks", 1),
                             rope_heads=opts.int_list(rope_heads, "--rope-heads", 1), calibration_tokens=calibration_tokens, eval_tokens=max(eval_tokens, window), window=window)
     lab.main(settings, model, out, threads)
+
+
+@app.command("train-tiny")
+def train_tiny_cmd(
+    heads: str = typer.Option("all", help=f"head structures, comma-separated from {', '.join(TINY_HEADS)}, or all"),
+    steps: int = typer.Option(300, min=1, help="training steps per structure"),
+    dim: int = typer.Option(64, min=8, help="model dimension"),
+    layers: int = typer.Option(4, min=1, help="blocks"),
+    n_heads: int = typer.Option(4, "--n-heads", min=2, help="attention heads per block"),
+    seq: int = typer.Option(128, min=8, help="bytes per training window"),
+    batch: int = typer.Option(16, min=1, help="windows per step"),
+    lr: float = typer.Option(3e-3, min=0.0, help="peak AdamW learning rate"),
+    seed: int = opts.seed_option("seed for initialisation and batches"),
+    out: Path = opts.out_option("results/train-tiny"),
+    threads: int = opts.threads_option(),
+):
+    """Train a tiny byte-level LM per head structure on real text on CPU; loss curves, parameters and KV bytes."""
+    kinds = opts.name_list(heads, "--heads", TINY_HEADS, allow_all=True)
+    lab = _tool("attnzoo.lab.tiny")
+    cfg = lab.Config(dim=dim, layers=layers, heads=n_heads, seq=seq, batch=batch, steps=steps, lr=lr, seed=seed,
+                     eval_every=max(1, steps // 12))
+    lab.main(kinds, cfg, out, threads)
