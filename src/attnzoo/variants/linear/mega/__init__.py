@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ....core.info import Input, Paper, positive_int
+from ....core.info import CAUSAL_SELF, Input, Paper, positive_int
 from ....core.registry import register
 from .._base import LinearVariant
 from .._offsets import run_by_offset
@@ -25,9 +25,13 @@ class Mega(LinearVariant):
                "before one shared Q/K projection; here it smooths the given q and k (one EMA for both). Query "
                "heads must equal KV heads (Mega is single-head; each head carries its own EMA). State "
                "(B, H, 2 ema_dim + chunk + 1, D + Dv): the EMAs, the chunk in progress, its count. Parallel, "
-               "chunk and recurrent forms give the same outputs; the paper's gates and output projection belong "
+               "chunk and recurrent forms give the same outputs. Causal self-attention only (the queries' EMA needs "
+               "the earlier queries: continue a sequence with initial_state or step); the paper's gates and output projection belong "
                "to the layer.")
     paper = Paper("Mega: Moving Average Equipped Gated Attention", 2022, "2209.10655")
+    # The queries carry an EMA over the queries before them, which a cross call (Sq < Sk) does not have:
+    # continue a sequence with initial_state or step instead.
+    patterns = (CAUSAL_SELF,)
     params = (
         positive_int("ema_dim", 4, "E, the EMA's expansion per channel (the paper uses 16)"),
         positive_int("chunk", 64, "C, tokens per attention chunk (Mega-chunk; part of the definition)"),

@@ -75,10 +75,11 @@ class RAT(LinearVariant):
         rows = max(st.shape[2] for st in states)
         return torch.cat([torch.nn.functional.pad(st, (0, 0, 0, rows - st.shape[2])) for st in states], dim=0)
 
-    def gates(self, inputs: dict, k, v):
+    def gates(self, inputs: dict, k, v, dtype):
+        """fk, fv: the inputs, or the constant `forget` (in the state's dtype, not rounded to bf16)."""
         f = float(self.config["forget"])
-        return (inputs["fk"] if inputs.get("fk") is not None else torch.full_like(k, f),
-                inputs["fv"] if inputs.get("fv") is not None else torch.full_like(v, f))
+        return (inputs["fk"] if inputs.get("fk") is not None else torch.full(k.shape, f, dtype=dtype, device=k.device),
+                inputs["fv"] if inputs.get("fv") is not None else torch.full(v.shape, f, dtype=dtype, device=v.device))
 
     def _run(self, fn, q, k, v, call, state, inputs):
         chunk = self.config["chunk"]
@@ -86,7 +87,7 @@ class RAT(LinearVariant):
         offsets = (count * ((count > 0) & (count < chunk))).sum(-1).long()
 
         def form(q, k, v, state, inputs, offset):
-            return fn(q, k, v, *self.gates(inputs, k, v), call.scale, chunk, state, offset)
+            return fn(q, k, v, *self.gates(inputs, k, v, state.dtype), call.scale, chunk, state, offset)
 
         return run_by_offset(offsets, form, q, k, v, state, inputs, self.per_token_inputs())
 
@@ -111,9 +112,9 @@ class RAT(LinearVariant):
                                                                        state.shape[3]) != (b, hkv, d + dv + 1):
             raise ValueError(f"{self.name}: state must be {self.state_doc} with (B, Hkv, D + Dv + 1) = "
                              f"{(b, hkv, d + dv + 1)}, got {tuple(state.shape) if isinstance(state, torch.Tensor) else state!r}")
-        f = float(self.config["forget"])
-        fk = torch.full_like(k_t, f) if fk is None else fk
-        fv = torch.full_like(v_t, f) if fv is None else fv
+        default_k, default_v = self.gates({}, k_t, v_t, state.dtype)
+        fk = default_k if fk is None else fk
+        fv = default_v if fv is None else fv
         if fk.shape != k_t.shape or fv.shape != v_t.shape:
             raise ValueError(f"{self.name}: step's fk must be (B, Hkv, D) and fv (B, Hkv, Dv)")
         return rat_step(q_t, k_t, v_t, fk, fv, state, self.step_scale(scale, d), self.config["chunk"])

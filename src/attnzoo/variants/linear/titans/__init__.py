@@ -68,18 +68,18 @@ class Titans(LinearVariant):
                 raise ValueError(f"{self.name}: input {name!r} must be finite and in "
                                  f"{'[0, inf)' if name == 'theta' else '[0, 1]'}; got values outside")
 
-    def hyper(self, inputs: dict, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """theta, eta, alpha (B, Hkv, S): the inputs, or the constant parameters."""
-        b, hkv, s = like.shape[:3]
-        return tuple(inputs[n] if inputs.get(n) is not None else like.new_full((b, hkv, s), float(self.config[p]))
-                     for n, p in HYPER)
+    def hyper(self, inputs: dict, k: torch.Tensor, dtype) -> tuple[torch.Tensor, ...]:
+        """theta, eta, alpha (B, Hkv, S): the inputs, or the constant parameters (in the state's dtype: a
+        momentum of 0.9 in bfloat16 would be 0.8984)."""
+        return tuple(inputs[n] if inputs.get(n) is not None else
+                     torch.full(k.shape[:3], float(self.config[p]), dtype=dtype, device=k.device) for n, p in HYPER)
 
     def parallel(self, q, k, v, call, state, inputs):
-        return titans_recurrence(q, k, v, *self.hyper(inputs, k), call.scale, self.config["mini_batch"], state)
+        return titans_recurrence(q, k, v, *self.hyper(inputs, k, state.dtype), call.scale, self.config["mini_batch"], state)
 
     def chunk(self, q, k, v, call, state, inputs):
         def form(q, k, v, state, inputs, offset):
-            return titans_chunk(q, k, v, *self.hyper(inputs, k), call.scale, self.config["mini_batch"], state,
+            return titans_chunk(q, k, v, *self.hyper(inputs, k, state.dtype), call.scale, self.config["mini_batch"], state,
                                 offset)
 
         offsets = state[:, 0, -1, 0].long() % self.config["mini_batch"]
@@ -92,7 +92,7 @@ class Titans(LinearVariant):
             if not isinstance(x, torch.Tensor) or tuple(x.shape) != (b, hkv):
                 raise ValueError(f"{self.name}: step's {name} must be a (B, Hkv) = {(b, hkv)} tensor, got "
                                  f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        theta, eta, alpha = (extra[n] if n in extra else k_t.new_full((b, hkv), float(self.config[p]))
+        theta, eta, alpha = (extra[n] if n in extra else state.new_full((b, hkv), float(self.config[p]))
                              for n, p in HYPER)
         return titans_step(q_t, k_t, v_t, theta, eta, alpha, state, self.step_scale(scale, d, 1.0),
                            self.config["mini_batch"])
