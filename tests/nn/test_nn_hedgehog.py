@@ -86,3 +86,25 @@ def test_distillation_on_smollm2_activations_beats_the_untrained_maps(request):
     exact = softmax_weights(hq, hk) @ hv.repeat_interleave(hq.shape[1] // hk.shape[1], dim=1)
     linear = az.get("linear")(hq, hk, hv, causal=True)
     assert after["output_error"] < ((linear - exact).norm() / exact.norm()).item()
+
+
+def test_hedgehog_attention_is_a_token_mixer_with_a_decoding_cache():
+    from attnzoo.nn import HedgehogAttention
+
+    torch.manual_seed(0)
+    m = HedgehogAttention(dim=16, heads=4, kv_heads=2, feature_dim=5, chunk_size=4).double()
+    with torch.no_grad():
+        for p in m.maps.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(2, 11, 16, dtype=F64)
+    y, cache = m(x)
+    assert cache.state.shape == (2, 2, 2 * 5, 4 + 1) and m.state_bytes(2, F64) == cache.nbytes
+    y1, c1 = m(x[:, :6])
+    outs = [y1]
+    for t in range(6, 11):                                   # one token at a time: the variant's step
+        y_t, c1 = m(x[:, t:t + 1], cache=c1)
+        outs.append(y_t)
+    assert (torch.cat(outs, 1) - y).abs().max() < 1e-10 and (c1.state - cache.state).abs().max() < 1e-10
+    y.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.maps.parameters())
+    assert type(m)(**m.config).maps.feature_dim == 5

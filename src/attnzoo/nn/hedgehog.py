@@ -10,6 +10,9 @@ softmax's: the loss is the cross-entropy between the softmax attention of the mo
 (the teacher) and Hedgehog's weights phi_q(q_i) . phi_k(k_j) / sum_j' phi_q(q_i) . phi_k(k_j')
 on the same q and k (`distillation_loss`, per query row, averaged). `distill` runs that with Adam
 and a progress bar; `attnzoo.lab.hedgehog` fits it on SmolLM2's activations on real text.
+
+`HedgehogAttention` is the drop-in token mixer: `MultiheadAttention` (projections, GQA, RoPE, the
+state cache and O(1) decoding steps) whose core is `hedgehog` with its own learned maps.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from ..variants.linear._decay import safe_divide
 from ..variants.linear._feature import repeat_kv
 from ..variants.linear.hedgehog import Hedgehog, hedgehog_features
 from .common import check_int
+from .mha import MultiheadAttention
 
 
 def _mask(sq: int, sk: int, causal: bool, device) -> torch.Tensor | None:
@@ -112,3 +116,26 @@ def distill(maps: HedgehogFeatureMap, data: list[tuple[torch.Tensor, torch.Tenso
         opt.step()
         history.append(loss.item())
     return {"loss": history}
+
+
+class HedgehogAttention(MultiheadAttention):
+    """MultiheadAttention over the `hedgehog` variant with learned maps `self.maps` (feature_dim F per head,
+    default head_dim). forward(x, cache=None, causal=True) -> (y, StateCache), as MultiheadAttention."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None,
+                 feature_dim: int | None = None, rope: bool = True, rope_base: float = 10000.0, bias: bool = False,
+                 chunk_size: int = 64):
+        super().__init__(dim, heads, kv_heads, head_dim, variant="hedgehog", rope=rope, rope_base=rope_base,
+                         bias=bias, chunk_size=chunk_size)
+        self.maps = HedgehogFeatureMap(self.heads, self.kv_heads, self.head_dim, feature_dim)
+        self.attn = Hedgehog(**self.maps.variant_params(), chunk_size=chunk_size)
+
+    @property
+    def config(self) -> dict:
+        c = super().config
+        return {**{k: v for k, v in c.items() if k != "variant"}, "feature_dim": self.maps.feature_dim}
+
+    def forward(self, x, cache=None, causal: bool = True, **inputs):
+        # the variant reads the maps' current tensors (conversions such as .double() may replace them)
+        self.attn = Hedgehog(**self.maps.variant_params(), chunk_size=self.params["chunk_size"])
+        return super().forward(x, cache=cache, causal=causal, **inputs)
