@@ -50,6 +50,10 @@ register_backend(Backend(
 register_backend(Backend(
     "torch", 0, lambda variant, call, q: _no_path("torch", variant), _run_torch, serves=_declared("torch"),
     doc="exact blockwise online softmax, or the variant's eager path"), replace=True)
+try:  # context parallelism over torch.distributed (attnzoo.distributed); a torch build without it lacks it
+    from . import distributed as _distributed  # noqa: F401
+except ImportError:
+    pass
 try:  # attnzoo's own Triton kernels (the `triton` backend); a machine without triton lacks it
     from . import triton as _triton  # noqa: F401
 except ImportError:

@@ -1,0 +1,77 @@
+"""One sharded attention call as every rank sees it: the global call, each rank's segments, which
+(query rank, key rank) pairs have any allowed entry (`needs`, the structure-aware part: a rank only
+receives the key/value shards its queries can attend to), and the tiles of each pair."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ...core.variant import Call, SoftmaxVariant
+from .layout import Segments, local_offsets
+from .view import global_intervals, tile_needed
+
+
+@dataclass
+class Problem:
+    base: SoftmaxVariant
+    gcall: Call
+    segs: Segments  # per rank, (global start, length) of each local segment
+    kernel: object  # CpuKernel / FlashKernel
+    heads: tuple[int, int] = (0, 0)  # (h_start, Hq) this rank's queries use (Ulysses: a slice of the heads)
+    kv_heads: int = 0
+    intervals: object = None
+    _tiles: dict = field(default_factory=dict)
+    _needs: list | None = None
+
+    def __post_init__(self) -> None:
+        s = self.gcall.shapes
+        if not self.heads[1]:
+            self.heads = (0, s.q_heads)
+        self.kv_heads = self.kv_heads or s.kv_heads
+        self.intervals = global_intervals(self.base, self.gcall)
+
+    @property
+    def world(self) -> int:
+        return len(self.segs)
+
+    def pair_tiles(self, q_rank: int, k_rank: int) -> list:
+        """The tiles of rank q_rank's queries against rank k_rank's keys (see `tiles`)."""
+        return self.tiles(self.segs[q_rank], self.segs[k_rank])
+
+    def tiles(self, qs: list[tuple[int, int]], ks: list[tuple[int, int]]) -> list:
+        """[(local q offset, n, local k offset, m, tile)] of the pairs of query segments `qs` and key
+        segments `ks` (global (start, length), concatenated locally) with any allowed entry."""
+        key = (tuple(qs), tuple(ks))
+        if key not in self._tiles:
+            out = []
+            for (qa, n), qo in zip(qs, local_offsets(qs)):
+                for (ka, m), ko in zip(ks, local_offsets(ks)):
+                    if tile_needed(self.base, self.gcall, self.intervals, (qa, n), (ka, m), self.heads):
+                        tile = self.kernel.tile(self.base, self.gcall, self.intervals, qa, n, ka, m, self.heads[1],
+                                                self.kv_heads, self.heads[0])
+                        out.append((qo, n, ko, m, tile))
+            self._tiles[key] = out
+        return self._tiles[key]
+
+    def needs(self) -> list[list[bool]]:
+        """needs[r][j]: rank r's queries attend some key of rank j (the same table on every rank)."""
+        if self._needs is None:
+            self._needs = [[any(tile_needed(self.base, self.gcall, self.intervals, qs, ks, self.heads)
+                                for qs in self.segs[r] for ks in self.segs[j]) for j in range(self.world)]
+                           for r in range(self.world)]
+        return self._needs
+
+
+def merge(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l_: torch.Tensor) -> None:
+    """Fold a tile's (o, l_) into the running (out, lse) of the same rows, in place (log-sum-exp merge;
+    rows with -inf on both sides stay zero / -inf)."""
+    new = torch.logaddexp(lse, l_)
+    safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+    out.mul_(torch.exp(lse - safe).unsqueeze(-1)).add_(o * torch.exp(l_ - safe).unsqueeze(-1))
+    lse.copy_(new)
+
+
+def finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
+    """The merged lse the backward kernels take: 0 on rows that saw no key (their output is 0)."""
+    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))

@@ -1,0 +1,210 @@
+"""Context parallelism (attnzoo.distributed) on CPU with gloo: spawned 2- and 4-rank process groups
+prove that every strategy's output and gradients equal the single-process definition (float64), for
+causal and non-causal masks, odd per-rank lengths, GQA, documents, LASP-2 for the linear family; bad
+input raises one clear error on every rank instead of hanging. Many checks share one spawned group."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import attnzoo as az
+from attnzoo.backends import torch_blockwise
+from attnzoo.backends.distributed import communication_plan, context_parallel, shard
+from attnzoo.backends.distributed.kernels import FlashKernel, band_of, band_reference, band_reference_bwd
+from attnzoo.backends.distributed.layout import segments
+from attnzoo.backends.distributed.problem import Problem
+from attnzoo.backends.distributed.strategies import _Tiles
+from attnzoo.backends.distributed.view import global_call
+
+TOL = 1e-10
+
+
+def _close(a, b, what):
+    err = (a - b).abs().max().item()
+    assert err < TOL, f"{what}: max error {err:.3g}"
+
+
+def _piece(x, rank, lengths, layout, dim=2):
+    """This rank's shard of a global tensor: `lengths` for contiguous, the zigzag chunks otherwise."""
+    if layout == "zigzag":
+        return shard(x, dim=dim, layout="zigzag", world=len(lengths), rank=rank)
+    start = sum(lengths[:rank])
+    return x.narrow(dim, start, lengths[rank])
+
+
+def _check_softmax(rank, world, name, params, causal, strategy, layout, lengths, hq=4, hkv=2, docs=False):
+    torch.manual_seed(0)
+    s, d = sum(lengths), 8
+    q, k, v, dout = (torch.randn(2, h, s, d, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
+    inputs = {}
+    if docs:  # three documents of uneven lengths, one spanning a rank boundary
+        ids = torch.zeros(2, s, dtype=torch.long)
+        ids[:, s // 3:] = 1
+        ids[:, s // 3 + s // 4:] = 2
+        ids[1] = ids[1].flip(0) * 0 + torch.arange(s) * 3 // s  # row 1: other boundaries
+        inputs["document_ids"] = ids
+    attn = az.get(name, **params)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attn.reference(*ref_in, causal=causal, **inputs)
+    ref.backward(dout)
+    local = [_piece(t, rank, lengths, layout).clone().requires_grad_() for t in (q, k, v)]
+    local_inputs = {n: _piece(t, rank, lengths, layout, dim=1) for n, t in inputs.items()}
+    with context_parallel(strategy=strategy, layout=layout) as cp:
+        out = attn(*local, causal=causal, backend=strategy, **local_inputs)
+        out.backward(_piece(dout, rank, lengths, layout))
+    what = f"{name}{params} causal={causal} {strategy}/{layout} lengths={lengths} rank {rank}"
+    if strategy == "ring":  # the bytes it moved are the plan's, computed without running
+        plan = communication_plan(attn, seq_len=s, world=world, causal=causal, batch=2, heads=hq, kv_heads=hkv,
+                                  head_dim=d, dtype=torch.float64, layout=layout, lengths=lengths, **inputs)
+        assert cp.traffic.received == plan["ranks"][rank]["fwd_bwd_bytes"], (what, cp.traffic, plan["ranks"][rank])
+    _close(out, _piece(ref, rank, lengths, layout), what + " out")
+    for t, r, n in zip(local, ref_in, "qkv"):
+        _close(t.grad, _piece(r.grad, rank, lengths, layout), what + f" d{n}")
+
+
+def _expect_error(fn, *words):
+    try:
+        fn()
+    except ValueError as e:
+        assert all(w in str(e) for w in words), f"{e} should name {words}"
+        return
+    raise AssertionError(f"no ValueError naming {words}")
+
+
+def _check_lasp2(rank, world, lengths):
+    torch.manual_seed(1)
+    s, d = sum(lengths), 8
+    q, k, v, dout = (torch.randn(1, h, s, d, dtype=torch.float64) for h in (4, 2, 2, 4))
+    g = torch.nn.functional.logsigmoid(torch.randn(1, 2, s, d, dtype=torch.float64))
+    for name, extra, params in (("gla", {"g": g}, {"chunk_size": 4}), ("retention", {}, {"chunk_size": 4}),
+                                ("linear", {}, {"normalize": True, "chunk_size": 4})):
+        attn = az.get(name, **params)
+        ref_in = [t.clone().requires_grad_() for t in (q, k, v, *extra.values())]
+        ref, ref_state = attn(*ref_in[:3], causal=True, backend="torch", output_final_state=True,
+                              **dict(zip(extra, ref_in[3:])))
+        (ref * dout).sum().add(ref_state.sum()).backward()
+        local = [_piece(t, rank, lengths, "contiguous").clone().requires_grad_() for t in (q, k, v, *extra.values())]
+        with context_parallel():
+            out, state = attn(*local[:3], causal=True, output_final_state=True, **dict(zip(extra, local[3:])))
+            (out * _piece(dout, rank, lengths, "contiguous")).sum().add(state.sum() / world).backward()
+        _close(out, _piece(ref, rank, lengths, "contiguous"), f"lasp2 {name} out rank {rank}")
+        _close(state, ref_state, f"lasp2 {name} final state rank {rank}")
+        for t, r, n in zip(local, ref_in, ["q", "k", "v", *extra]):
+            _close(t.grad, _piece(r.grad, rank, lengths, "contiguous"), f"lasp2 {name} d{n} rank {rank}")
+
+
+def _worker(rank, world, store_path, cases):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    torch_blockwise.Q_BLOCK, torch_blockwise.KV_BLOCK = 4, 8  # many tiles and runs at these tiny lengths
+    try:
+        for case in cases:
+            _check_softmax(rank, world, **case)
+        _check_lasp2(rank, world, [3, 5, 4, 6][:world] if world == 4 else [7, 5])
+        even = [6] * world
+        lengths = [6] * (world - 1) + [8]
+        x = torch.randn(1, 2, lengths[rank], 8, dtype=torch.float64)
+        with context_parallel(layout="zigzag"):
+            _expect_error(lambda: az.attention(x, x, x, causal=True), "zigzag", str(lengths))
+        _expect_error(lambda: _check_softmax(rank, world, "full", {}, True, "ulysses", "contiguous", even, hq=6, hkv=3),
+                      "Hkv=3", str(world))
+        # rank 0 passes another head dim: every rank raises (shapes are all-gathered first), none hangs
+        q = torch.randn(1, 2, 5, 8 if rank else 4, dtype=torch.float64)
+        with context_parallel():
+            _expect_error(lambda: az.attention(q, q, q, causal=True), "disagree", "D=4", "D=8")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, cases, tmp_path):
+    mp.start_processes(_worker, args=(world, str(tmp_path / "store"), cases), nprocs=world, join=True,
+                       start_method="spawn")
+
+
+def _cases(world):
+    odd = [5, 9] if world == 2 else [3, 7, 6, 5]
+    even = [6] * world
+    win = {"window": 4}
+    return [
+        dict(name="full", params={}, causal=True, strategy="ring", layout="contiguous", lengths=odd),
+        dict(name="full", params={}, causal=False, strategy="ring", layout="contiguous", lengths=odd),
+        dict(name="full", params={}, causal=True, strategy="ring", layout="zigzag", lengths=even),
+        dict(name="sliding_window", params=win, causal=True, strategy="ring", layout="contiguous", lengths=even),
+        dict(name="sliding_window", params=win, causal=False, strategy="ring", layout="zigzag", lengths=even),
+        dict(name="sink_window", params={"sinks": 2, "window": 3}, causal=True, strategy="ring",
+             layout="contiguous", lengths=odd),
+        dict(name="document", params={}, causal=True, strategy="ring", layout="contiguous", lengths=odd, docs=True),
+        dict(name="prefix_lm", params={"prefix": 7}, causal=False, strategy="ring", layout="zigzag", lengths=even),
+        dict(name="full", params={}, causal=True, strategy="allgather", layout="contiguous", lengths=odd),
+        dict(name="document", params={}, causal=False, strategy="allgather", layout="zigzag", lengths=even,
+             docs=True),
+        dict(name="sliding_window", params=win, causal=True, strategy="ulysses", layout="contiguous", lengths=odd,
+             hq=world * 2, hkv=world),
+        dict(name="full", params={}, causal=False, strategy="ulysses", layout="zigzag", lengths=even,
+             hq=world * 2, hkv=world),
+    ]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_context_parallel_equals_one_process(world, tmp_path):
+    _spawn(world, _cases(world), tmp_path)
+
+
+@pytest.mark.parametrize("name,params,causal", [("full", {}, True), ("full", {}, False),
+                                                ("sliding_window", {"window": 5}, True),
+                                                ("sliding_window", {"window": 3, "right": 2}, False)])
+def test_flash_band_tiles_on_cpu(name, params, causal):
+    """The CUDA kernel's band cutting, with the flash calls replaced by the same band written densely:
+    queries in two segments against keys in three, merged, forward and backward."""
+    torch.manual_seed(2)
+    s = 23
+    q, k, v, dout = (torch.randn(1, h, s, 8, dtype=torch.float64) for h in (4, 2, 2, 4))
+    attn = az.get(name, **params)
+    qs, ks = ((3, 9), (15, 8)), ((0, 7), (7, 10), (17, 6))
+    rows = torch.zeros(s, 1, dtype=torch.float64)
+    for a, n in qs:
+        rows[a:a + n] = 1
+    dout = dout * rows  # the reference's dk/dv then count only the queries the tiles hold
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attn.reference(*ref_in, causal=causal)
+    ref.backward(dout)
+    gcall = global_call(attn, q, k, v, causal, 8 ** -0.5, s, {})
+    problem = Problem(attn, gcall, [list(qs)], FlashKernel(*band_of(attn, causal), band_reference, band_reference_bwd))
+    loc = [torch.cat([t[:, :, a:a + n] for a, n in segs], 2).clone().requires_grad_() for t, segs in
+           ((q, qs), (k, ks), (v, ks))]
+    out = _Tiles.apply(*loc, problem, qs, ks)
+    out.backward(torch.cat([dout[:, :, a:a + n] for a, n in qs], 2))
+    pick = lambda t, segs: torch.cat([t[:, :, a:a + n] for a, n in segs], 2)  # noqa: E731
+    _close(out, pick(ref, qs), "out")
+    _close(loc[0].grad, pick(ref_in[0].grad, qs), "dq")
+    _close(loc[1].grad, pick(ref_in[1].grad, ks), "dk")
+    _close(loc[2].grad, pick(ref_in[2].grad, ks), "dv")
+
+
+def test_communication_plan_structure():
+    """A window over 8 ranks talks to neighbours only; zigzag balances causal work; documents skip ranks."""
+    kw = dict(seq_len=8 * 64, world=8, heads=2, head_dim=8)
+    window = communication_plan(az.get("sliding_window", window=40), causal=True, ranks_per_host=4, **kw)
+    assert [r["receives_from"] for r in window["ranks"]] == [[]] + [[r - 1] for r in range(1, 8)]
+    assert window["ratio_vs_ring"] == pytest.approx(1 / 7)
+    assert window["inter_host_fwd_bytes"] < window["plain_ring_inter_host_fwd_bytes"]
+    causal = communication_plan(az.get("full"), causal=True, **kw)
+    zigzag = communication_plan(az.get("full"), causal=True, layout="zigzag", **kw)
+    assert causal["work_imbalance"] > 1.8 and zigzag["work_imbalance"] == pytest.approx(1.0)
+    ids = torch.arange(8 * 64).div(128, rounding_mode="floor").view(1, -1)  # 4 documents of 2 ranks each
+    docs = communication_plan(az.get("document"), causal=True, document_ids=ids, **kw)
+    assert [r["receives_from"] for r in docs["ranks"]] == [[], [0], [], [2], [], [4], [], [6]]
+    with pytest.raises(ValueError, match="zigzag.*\\[64, 64, 64, 64, 64, 64, 64, 70\\]"):
+        communication_plan(az.get("full"), causal=True, layout="zigzag", lengths=[64] * 7 + [70],
+                           **{**kw, "seq_len": 8 * 64 + 6})
+
+
+def test_outside_a_group_it_says_why():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="context_parallel"):
+        az.attention(q, q, q, backend="ring")
+    assert az.get("full").explain(q, q, q)[0]["backend"] == "context_parallel"
