@@ -54,7 +54,8 @@ def main(argv=None) -> dict:
             bar.set_postfix_str(name)
             start = bar.n
             try:
-                rows[name] = {"by_context": decode.recurrent_decode(name, contexts, geo, dtype, device, steps, gen,
+                rows[name] = {"params": decode.DECODE_PARAMS.get(name, {}),
+                              "by_context": decode.recurrent_decode(name, contexts, geo, dtype, device, steps, gen,
                                                                     bar.update)}
             except Exception as e:  # a variant that cannot decode here is reported, not fatal
                 rows[name] = {"error": f"{type(e).__name__}: {e}"}

@@ -25,6 +25,16 @@ from ..core.recurrent import RecurrentVariant
 from .cases import make_inputs
 
 
+# Parameters a variant needs to carry a state between calls at all (lln moment-matches its temperatures per
+# call unless they are fixed).
+DECODE_PARAMS = {"lln": {"alpha": 1.0, "beta": 1.0}}
+
+
+def decoder(name: str):
+    """`name` configured for decoding: its defaults, or DECODE_PARAMS where those cannot carry a state."""
+    return get(name, **DECODE_PARAMS.get(name, {}))
+
+
 @dataclass
 class Geometry:
     batch: int = 1
@@ -82,8 +92,8 @@ def time_steps(fn, steps: int, device: torch.device, warmup: int = 3) -> dict:
 
 def recurrent_decode(name: str, contexts: list[int], geo: Geometry, dtype, device, steps: int, gen,
                      on_context=None) -> dict:
-    """{context: {"us_per_token", "state_elements"}} for one recurrent variant."""
-    attn = get(name)
+    """{context: {"us_per_token", "median_us", "state_elements"}} for one recurrent variant."""
+    attn = decoder(name)
     state = attn.init_state(geo.batch, geo.heads, geo.head_dim, geo.head_dim, dtype=torch.float32, device=device)
     out, seen = {}, 0
     for n in contexts:
