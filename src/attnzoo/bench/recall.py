@@ -262,6 +262,9 @@ class RecallModel(nn.Module):
 def layer_state(mha, seq_len: int) -> int:
     """One MultiheadAttention layer's decoding state after `seq_len` tokens, in elements."""
     if mha.recurrent:
+        grows = getattr(mha.attn, "state_elements", None)  # a state that grows with the tokens (RAT)
+        if grows is not None:
+            return grows(seq_len, mha.kv_heads, mha.head_dim, mha.head_dim)
         return mha.state_bytes(1, torch.float32) // 4
     return mha.kv_elements_per_token() * keys_held(mha.attn, seq_len, mha.heads, mha.kv_heads)
 

@@ -42,6 +42,10 @@ class RAT(LinearVariant):
         """The empty state (no chunk seen); it grows by one row per chunk."""
         return (batch, heads, 0, dk + dv + 1)
 
+    def state_elements(self, tokens: int, heads: int, dk: int, dv: int) -> int:
+        """Elements of one sequence's state after `tokens` tokens: one row per chunk begun."""
+        return heads * -(-tokens // self.config["chunk"]) * (dk + dv + 1)
+
     def validate_call(self, call):
         for name in ("fk", "fv"):
             f = call.inputs.get(name)
