@@ -1,5 +1,9 @@
-"""attnzoo's own Triton kernels, registered as the `triton` backend (priority 40: `auto` takes it on CUDA
-for the calls it can run; `why_not` says why not for the others).
+"""attnzoo's own Triton kernels, registered as the `triton` backend (priority 40).
+
+Two kernel families share the backend: `linear` (chunk kernels of decaying-state linear attention: `auto` takes
+them on CUDA for the calls they can run) and `blocksparse` (exact softmax attention under any mask, over the
+variant's block structure: `auto` takes them only where `speed.FASTER` records them measured faster than the
+next backend for that variant, shape class and dtype; `backend="triton"` runs them for every mask variant).
 
 Importing this package needs triton: without it the import raises ImportError and the backend is
 simply absent (attnzoo.backends imports it inside try/except ImportError).
@@ -8,7 +12,29 @@ from __future__ import annotations
 
 import triton  # noqa: F401  (ImportError here: no triton, no `triton` backend)
 
-from ...core.dispatch import register_backend
-from . import linear
+from ...core.dispatch import Backend, register_backend
+from . import blocksparse, linear, speed
 
-register_backend(linear.backend(), replace=True)
+
+def _family(variant):
+    return blocksparse if blocksparse.serves(type(variant)) else linear
+
+
+def _why_not(variant, call, q):
+    return _family(variant).why_not(variant, call, q)
+
+
+def _run(variant, q, k, v, call):
+    return _family(variant).run(variant, q, k, v, call)
+
+
+def _auto_why_not(variant, call, q):
+    return speed.auto_why_not(variant, call, q) if blocksparse.serves(type(variant)) else None
+
+
+register_backend(Backend(
+    "triton", 40, _why_not, _run, serves=lambda cls: linear.serves(cls) or blocksparse.serves(cls),
+    auto_why_not=_auto_why_not,
+    doc="Triton kernels: chunked decaying-state linear attention (gla, retention, lightning, linear without "
+        "normaliser) and block-sparse exact softmax attention for mask variants; forward and backward, on CUDA"),
+    replace=True)

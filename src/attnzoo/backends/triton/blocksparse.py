@@ -1,0 +1,527 @@
+"""Triton kernels for exact softmax attention over a block-sparse structure: every mask variant (windows, sinks,
+documents, prefix-LM, block-RAG, dilated and per-head windows, neighborhoods, ...) on CUDA, forward and backward.
+
+The variant's block structure (`core/blocks.py`, what the torch and flex backends use) is turned into a `Layout`
+for BLOCK_M x BLOCK_N tiles (128 queries x 64 keys):
+
+- per (batch', head', query block): the key blocks whose tile the mask leaves full (no mask work), and the key
+  blocks of partial tiles, each with a tile id;
+- per partial tile, its mask as bits (BLOCK_M rows of BLOCK_N / 32 int32 words), evaluated once from the
+  variant's own mask function on that tile only: any mask the variant can write is exact in the kernel, and
+  the kernel's cost per partial tile is one 1 KB load;
+- the same lists transposed (per key block: its query blocks) for the dK/dV kernel.
+
+Causality, bottom-right alignment (query i at position i + Sk - Sq) and the ends of the sequences are part of
+the bits (the last key tile of a ragged Sk is always partial). Layouts are cached per (configuration, shapes,
+causal, device) and rebuilt only when the call's inputs change (`reuse.InputsKey`): a repeated call does no
+host work beyond the launch. Building one reads the number of partial tiles (one device sync per build).
+
+Kernels (FlashAttention-2's algorithm, our code): `_fwd` (one program per query block and query head: online
+softmax in base 2 over the full then the partial tiles; saves the log-sum-exp), `_bwd_dq` (the same walk,
+dQ = dS K), `_bwd_dkdv` (one program per key block and KV head, walking every query head of its group over the
+transposed lists: GQA without repeating K/V). Rows with no allowed key give zeros and zero gradients.
+If a kernel fails to compile or launch, the call falls back to flex (CUDA) or torch with a one-time warning.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ...core.variant import Call, SoftmaxVariant
+from ..reuse import InputsKey
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_ERROR: str | None = None
+except ImportError as _err:  # pragma: no cover - exercised where triton is absent
+    triton = tl = None
+    TRITON_ERROR = f"triton is not importable ({_err})"
+
+BLOCK_M = 128  # queries a tile
+BLOCK_N = 64   # keys a tile (a multiple of 32: one int32 word per 32 keys of a mask row)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MASK_CHUNK = 2048  # partial tiles whose mask is evaluated at once (2048 x 128 x 64 bools = 16 MiB)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---- layout: the block structure as kernel tables ------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    """Tile lists of one call's mask for BLOCK_M x BLOCK_N tiles; index rows by (batch', head', block).
+
+    `b_step` / `h_step` are the row strides of batch and query head (0 where the mask is the same for all)."""
+
+    block_m: int
+    block_n: int
+    full_num: torch.Tensor   # int32 (R,): full tiles of each query-block row
+    full_idx: torch.Tensor   # int32 (R, nk): their key blocks, ascending
+    part_num: torch.Tensor
+    part_idx: torch.Tensor   # int32 (R, nk): key blocks of partial tiles
+    part_tile: torch.Tensor  # int32 (R, nk): their tile ids (rows of `bits`)
+    bits: torch.Tensor       # int32 (tiles, block_m, block_n / 32): bit c of word w = key 32 w + c allowed
+    t_full_num: torch.Tensor  # the same, transposed: rows are (batch', head', key block), entries query blocks
+    t_full_idx: torch.Tensor
+    t_part_num: torch.Tensor
+    t_part_idx: torch.Tensor
+    t_part_tile: torch.Tensor
+    b_step: int
+    h_step: int
+    t_b_step: int
+    t_h_step: int
+
+    def dense(self, sq: int, sk: int, batch: int, heads: int) -> torch.Tensor:
+        """The mask the tables encode, bool (batch, heads, Sq, Sk): for tests (the layout is the kernel's input)."""
+        nq, nk = -(-sq // self.block_m), -(-sk // self.block_n)
+        out = torch.zeros(batch, heads, nq * self.block_m, nk * self.block_n, dtype=torch.bool)
+        bits = (self.bits.cpu().unsqueeze(-1) >> torch.arange(32)) & 1  # (tiles, block_m, words, 32)
+        bits = bits.bool().reshape(self.bits.shape[0], self.block_m, self.block_n)
+        for b in range(batch):
+            for h in range(heads):
+                for i in range(nq):
+                    r = b * self.b_step + h * self.h_step + i
+                    rows = slice(i * self.block_m, (i + 1) * self.block_m)
+                    for j in self.full_idx[r, : int(self.full_num[r])].tolist():
+                        out[b, h, rows, j * self.block_n:(j + 1) * self.block_n] = True
+                    for j, t in zip(self.part_idx[r, : int(self.part_num[r])].tolist(),
+                                    self.part_tile[r, : int(self.part_num[r])].tolist()):
+                        out[b, h, rows, j * self.block_n:(j + 1) * self.block_n] = bits[t]
+        return out[:, :, :sq, :sk]
+
+
+def _lists(flags: torch.Tensor):
+    """bool (R, n) -> (count int32 (R,), indices of the set flags first, ascending, int32 (R, n))."""
+    num = flags.sum(-1).to(torch.int32)
+    idx = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num.contiguous(), idx.contiguous()
+
+
+def _pack_bits(m: torch.Tensor) -> torch.Tensor:
+    """bool (..., n) with n a multiple of 32 -> int32 (..., n / 32), bit c of word w = element 32 w + c."""
+    words = m.view(*m.shape[:-1], -1, 32).to(torch.int64)
+    w = (words << torch.arange(32, device=m.device)).sum(-1)
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+def build_layout(variant: SoftmaxVariant, call: Call, block_m: int = BLOCK_M, block_n: int = BLOCK_N) -> Layout:
+    s = call.shapes
+    struct = variant.block_structure(call, block_m, block_n)
+    bp, hp, nq, nk = struct.any.shape
+    any_ = struct.any
+    full = struct.full & any_
+    if s.sk % block_n:  # the kernel loads whole key tiles: a ragged last tile is masked by its bits
+        full = full.clone()
+        full[..., -1] = False
+    part = any_ & ~full
+    tile_id = (part.flatten().cumsum(0) - 1).view(part.shape).to(torch.int32)
+    full_num, full_idx = _lists(full.reshape(-1, nk))
+    part_num, part_idx = _lists(part.reshape(-1, nk))
+    part_tile = torch.gather(tile_id.reshape(-1, nk), 1, part_idx.long()).contiguous()
+    t_full_num, t_full_idx = _lists(full.transpose(-1, -2).reshape(-1, nq))
+    t_part_num, t_part_idx = _lists(part.transpose(-1, -2).reshape(-1, nq))
+    t_part_tile = torch.gather(tile_id.transpose(-1, -2).reshape(-1, nq), 1, t_part_idx.long()).contiguous()
+    return Layout(block_m, block_n, full_num, full_idx, part_num, part_idx, part_tile,
+                  _tile_bits(variant, call, part, block_m, block_n),
+                  t_full_num, t_full_idx, t_part_num, t_part_idx, t_part_tile,
+                  hp * nq if bp > 1 else 0, nq if hp > 1 else 0, hp * nk if bp > 1 else 0, nk if hp > 1 else 0)
+
+
+def _tile_bits(variant, call: Call, part: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """The variant's mask (with causality and the sequence ends) on every partial tile, packed to bits."""
+    s = call.shapes
+    dev = part.device
+    coords = part.nonzero()  # (tiles, 4): b', h', i, j in tile-id order (the one device sync of a build)
+    out = torch.empty(coords.shape[0], block_m, block_n // 32, dtype=torch.int32, device=dev)
+    rows = torch.arange(block_m, device=dev).view(1, -1, 1)
+    cols = torch.arange(block_n, device=dev).view(1, 1, -1)
+    for c0 in range(0, coords.shape[0], MASK_CHUNK):
+        b, h, i, j = (x.view(-1, 1, 1) for x in coords[c0:c0 + MASK_CHUNK].unbind(1))
+        q_idx, kv_idx = i * block_m + rows, j * block_n + cols
+        inside = (q_idx < s.sq) & (kv_idx < s.sk)
+        # clamped, so variants that index per-call inputs by position stay inside them
+        m = variant.full_mask(call, b, h, q_idx.clamp(max=s.sq - 1) + s.offset, kv_idx.clamp(max=s.sk - 1))
+        m = inside if m is None else m & inside
+        out[c0:c0 + MASK_CHUNK] = _pack_bits(m.expand(inside.shape[0], block_m, block_n))
+    return out
+
+
+_lock = threading.Lock()
+_layouts: dict = {}
+stats = {"layouts_built": 0}
+
+
+def layout_for(variant: SoftmaxVariant, call: Call) -> Layout:
+    """The call's layout, rebuilt only when the configuration, shapes or inputs changed."""
+    s = call.shapes
+    key = (variant.key, s, call.causal, call.device, BLOCK_M, BLOCK_N)
+    given = InputsKey(variant, call.inputs)
+    with _lock:
+        hit = _layouts.get(key)
+        if hit is not None and hit[0] == given:
+            return hit[1]
+    layout = build_layout(variant, call, BLOCK_M, BLOCK_N)
+    with _lock:
+        _layouts[key] = (given, layout)
+        stats["layouts_built"] += 1
+    return layout
+
+
+# ---- kernels ----------------------------------------------------------------------------------------------------------
+
+if triton is not None:
+    _KEYS = ["BD", "BDV", "BM", "BN"]
+
+    def _configs(kind: str):
+        if _interpreting():
+            return [triton.Config({}, num_warps=4, num_stages=1)]
+        if kind == "fwd":
+            return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((8, 3), (4, 3), (8, 2), (8, 4))]
+        return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((8, 2), (4, 2), (8, 3))]
+
+    def _autotune(kind: str):
+        try:
+            return triton.autotune(_configs(kind), key=_KEYS, cache_results=True)
+        except TypeError:  # a triton without the on-disk autotune cache
+            return triton.autotune(_configs(kind), key=_KEYS)
+
+    @triton.jit
+    def _tile_allowed(BITS, tile, BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr):
+        """bool (BM, BN): the partial tile's mask from its bits (W loads of BM words, spread over the columns)."""
+        rows = (tile * BM + tl.arange(0, BM)) * W
+        cols = tl.arange(0, BN)
+        bits = tl.zeros([BM, BN], tl.int32)
+        for w in tl.static_range(W):
+            word = tl.load(BITS + rows + w)
+            bits = tl.where((cols // 32 == w)[None, :], word[:, None] >> (cols % 32)[None, :], bits)
+        return (bits & 1) != 0
+
+    @triton.jit
+    def _tile_allowed_t(BITS, tile, BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr):
+        """bool (BN, BM): the partial tile's mask, transposed (keys x queries)."""
+        rows = (tile * BM + tl.arange(0, BM)) * W
+        cols = tl.arange(0, BN)
+        bits = tl.zeros([BN, BM], tl.int32)
+        for w in tl.static_range(W):
+            word = tl.load(BITS + rows + w)
+            bits = tl.where((cols // 32 == w)[:, None], word[None, :] >> (cols % 32)[:, None], bits)
+        return (bits & 1) != 0
+
+    @triton.jit
+    def _online_step(acc, m_i, l_i, s, v, PREC: tl.constexpr):
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        return acc, m_new, l_i
+
+    @_autotune("fwd")
+    @triton.jit
+    def _fwd(Q, K, V, O, LSE, FN, FI, PN, PI, PT, BITS,
+             sq, sk, hq, group, qk_scale, row_b, row_h, nmax,
+             s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
+             D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr):
+        i = tl.num_programs(0) - 1 - tl.program_id(0)  # causal rows: the longest first
+        bh = tl.program_id(1)
+        b = bh // hq
+        h = bh % hq
+        hk = h // group
+        r = b * row_b + h * row_h + i
+        offs_m = i * BM + tl.arange(0, BM)
+        offs_n = tl.arange(0, BN)
+        offs_d = tl.arange(0, BD)
+        offs_dv = tl.arange(0, BDV)
+        q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :],
+                    mask=(offs_m[:, None] < sq) & (offs_d[None, :] < D), other=0.0)
+        k_base = K + b.to(tl.int64) * s_kb + hk * s_kh
+        v_base = V + b.to(tl.int64) * s_vb + hk * s_vh
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, BDV], tl.float32)
+        for j in range(0, tl.load(FN + r)):
+            kn = tl.load(FI + r * nmax + j) * BN + offs_n
+            k = tl.load(k_base + kn[None, :] * s_ks + offs_d[:, None], mask=offs_d[:, None] < D, other=0.0)
+            v = tl.load(v_base + kn[:, None] * s_vs + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
+            s = tl.dot(q, k, input_precision=PREC) * qk_scale
+            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, PREC)
+        for j in range(0, tl.load(PN + r)):
+            kn = tl.load(PI + r * nmax + j) * BN + offs_n
+            k = tl.load(k_base + kn[None, :] * s_ks + offs_d[:, None], mask=(offs_d[:, None] < D) & (kn[None, :] < sk),
+                        other=0.0)
+            v = tl.load(v_base + kn[:, None] * s_vs + offs_dv[None, :], mask=(offs_dv[None, :] < DV) & (kn[:, None] < sk),
+                        other=0.0)
+            s = tl.dot(q, k, input_precision=PREC) * qk_scale
+            s = tl.where(_tile_allowed(BITS, tl.load(PT + r * nmax + j), BM, BN, W), s, float("-inf"))
+            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, PREC)
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+        # base-2 log-sum-exp of the scaled scores; +inf on empty rows makes every backward weight 0
+        lse = tl.where(empty, float("inf"), m_use + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_dv[None, :],
+                 out.to(O.dtype.element_ty), mask=(offs_m[:, None] < sq) & (offs_dv[None, :] < DV))
+        tl.store(LSE + bh.to(tl.int64) * sq + offs_m, lse, mask=offs_m < sq)
+
+    @_autotune("bwd")
+    @triton.jit
+    def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, FN, FI, PN, PI, PT, BITS,
+                sq, sk, hq, group, qk_scale, scale, row_b, row_h, nmax,
+                s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
+                D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr):
+        """dQ of one query block; DO and DQ share Q's / O's strides (s_o* for DO)."""
+        i = tl.num_programs(0) - 1 - tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // hq
+        h = bh % hq
+        hk = h // group
+        r = b * row_b + h * row_h + i
+        offs_m = i * BM + tl.arange(0, BM)
+        offs_n = tl.arange(0, BN)
+        offs_d = tl.arange(0, BD)
+        offs_dv = tl.arange(0, BDV)
+        rows = offs_m[:, None] < sq
+        q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :],
+                    mask=rows & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_dv[None, :],
+                     mask=rows & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * sq + offs_m, mask=offs_m < sq, other=float("inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * sq + offs_m, mask=offs_m < sq, other=0.0)
+        k_base = K + b.to(tl.int64) * s_kb + hk * s_kh
+        v_base = V + b.to(tl.int64) * s_vb + hk * s_vh
+        dq = tl.zeros([BM, BD], tl.float32)
+        for j in range(0, tl.load(FN + r)):
+            kn = tl.load(FI + r * nmax + j) * BN + offs_n
+            kt = tl.load(k_base + kn[None, :] * s_ks + offs_d[:, None], mask=offs_d[:, None] < D, other=0.0)
+            vt = tl.load(v_base + kn[None, :] * s_vs + offs_dv[:, None], mask=offs_dv[:, None] < DV, other=0.0)
+            p = tl.exp2(tl.dot(q, kt, input_precision=PREC) * qk_scale - lse[:, None])
+            ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+        for j in range(0, tl.load(PN + r)):
+            kn = tl.load(PI + r * nmax + j) * BN + offs_n
+            kt = tl.load(k_base + kn[None, :] * s_ks + offs_d[:, None], mask=(offs_d[:, None] < D) & (kn[None, :] < sk),
+                         other=0.0)
+            vt = tl.load(v_base + kn[None, :] * s_vs + offs_dv[:, None],
+                         mask=(offs_dv[:, None] < DV) & (kn[None, :] < sk), other=0.0)
+            # masked before exp2: a masked score may exceed the row's log-sum-exp by any amount
+            st = tl.where(_tile_allowed(BITS, tl.load(PT + r * nmax + j), BM, BN, W),
+                          tl.dot(q, kt, input_precision=PREC) * qk_scale, float("-inf"))
+            p = tl.exp2(st - lse[:, None])
+            ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+        tl.store(DQ + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=rows & (offs_d[None, :] < D))
+
+    @triton.jit
+    def _dkdv_tile(k, v, dk, dv, Q, DO, LSE, DELTA, q_base, do_base, lh, i, sq,
+                   s_qs, s_os, qk_scale, allowed, MASKED: tl.constexpr,
+                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
+                   PREC: tl.constexpr):
+        offs_m = i * BM + tl.arange(0, BM)
+        offs_d = tl.arange(0, BD)
+        offs_dv = tl.arange(0, BDV)
+        qt = tl.load(q_base + offs_m[None, :] * s_qs + offs_d[:, None], mask=(offs_m[None, :] < sq) & (offs_d[:, None] < D),
+                     other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * s_os + offs_dv[None, :],
+                     mask=(offs_m[:, None] < sq) & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + lh + offs_m, mask=offs_m < sq, other=float("inf"))
+        delta = tl.load(DELTA + lh + offs_m, mask=offs_m < sq, other=0.0)
+        st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (BN, BM)
+        if MASKED:  # before exp2: a masked score may exceed the row's log-sum-exp by any amount
+            st = tl.where(allowed, st, float("-inf"))
+        pt = tl.exp2(st - lse[None, :])
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dst = pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC)
+        return dk, dv
+
+    @_autotune("bwd")
+    @triton.jit
+    def _bwd_dkdv(Q, K, V, DO, DK, DV_, LSE, DELTA, FN, FI, PN, PI, PT, BITS,
+                  sq, sk, hq, hkv, group, qk_scale, scale, row_b, row_h, nmax,
+                  s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
+                  D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr):
+        """dK, dV of one key block of one KV head, summed over its group's query heads (DK/DV_ share K/V strides)."""
+        j = tl.program_id(0)
+        bhk = tl.program_id(1)
+        b = bhk // hkv
+        hk = bhk % hkv
+        offs_n = j * BN + tl.arange(0, BN)
+        offs_d = tl.arange(0, BD)
+        offs_dv = tl.arange(0, BDV)
+        cols = offs_n[:, None] < sk
+        k = tl.load(K + b.to(tl.int64) * s_kb + hk * s_kh + offs_n[:, None] * s_ks + offs_d[None, :],
+                    mask=cols & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(V + b.to(tl.int64) * s_vb + hk * s_vh + offs_n[:, None] * s_vs + offs_dv[None, :],
+                    mask=cols & (offs_dv[None, :] < DV), other=0.0)
+        dk = tl.zeros([BN, BD], tl.float32)
+        dv = tl.zeros([BN, BDV], tl.float32)
+        for g in range(0, group):
+            h = hk * group + g
+            r = b * row_b + h * row_h + j
+            q_base = Q + b.to(tl.int64) * s_qb + h * s_qh
+            do_base = DO + b.to(tl.int64) * s_ob + h * s_oh
+            lh = (b * hq + h).to(tl.int64) * sq
+            for t in range(0, tl.load(FN + r)):
+                i = tl.load(FI + r * nmax + t)
+                dk, dv = _dkdv_tile(k, v, dk, dv, Q, DO, LSE, DELTA, q_base, do_base, lh, i, sq, s_qs, s_os, qk_scale,
+                                    None, False, D, DV, BD, BDV, BM, PREC)
+            for t in range(0, tl.load(PN + r)):
+                i = tl.load(PI + r * nmax + t)
+                allowed = _tile_allowed_t(BITS, tl.load(PT + r * nmax + t), BM, BN, W)
+                dk, dv = _dkdv_tile(k, v, dk, dv, Q, DO, LSE, DELTA, q_base, do_base, lh, i, sq, s_qs, s_os, qk_scale,
+                                    allowed, True, D, DV, BD, BDV, BM, PREC)
+        tl.store(DK + b.to(tl.int64) * s_kb + hk * s_kh + offs_n[:, None] * s_ks + offs_d[None, :],
+                 (dk * scale).to(DK.dtype.element_ty), mask=cols & (offs_d[None, :] < D))
+        tl.store(DV_ + b.to(tl.int64) * s_vb + hk * s_vh + offs_n[:, None] * s_vs + offs_dv[None, :],
+                 dv.to(DV_.dtype.element_ty), mask=cols & (offs_dv[None, :] < DV))
+
+
+# ---- launches ---------------------------------------------------------------------------------------------------------
+
+LOG2E = 1.4426950408889634
+
+
+def _sizes(q, k, v, lay: Layout) -> dict:
+    d, dv = q.shape[-1], v.shape[-1]
+    return dict(D=d, DV=dv, BD=max(16, triton.next_power_of_2(d)), BDV=max(16, triton.next_power_of_2(dv)),
+                BM=lay.block_m, BN=lay.block_n, W=lay.block_n // 32,
+                PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _strides(*ts) -> list[int]:
+    return [s for t in ts for s in t.stride()[:3]]
+
+
+def forward(q, k, v, lay: Layout, scale: float):
+    """(out (B, Hq, Sq, Dv) in q's dtype, base-2 log-sum-exp float32 (B, Hq, Sq)); q, k, v contiguous in the last dim."""
+    b, hq, sq, _ = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    o = torch.empty(b, hq, sq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(sq, lay.block_m), b * hq)
+    _fwd[grid](q, k, v, o, lse, lay.full_num, lay.full_idx, lay.part_num, lay.part_idx, lay.part_tile, lay.bits,
+               sq, sk, hq, hq // hkv, scale * LOG2E, lay.b_step, lay.h_step, lay.full_idx.shape[1],
+               *_strides(q, k, v, o), **_sizes(q, k, v, lay))
+    return o, lse
+
+
+def backward(q, k, v, o, lse, do, lay: Layout, scale: float):
+    b, hq, sq, _ = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    do = do.contiguous() if do.stride() != o.stride() else do
+    delta = (o.float() * do.float()).sum(-1)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    sizes = _sizes(q, k, v, lay)
+    _bwd_dq[(triton.cdiv(sq, lay.block_m), b * hq)](
+        q, k, v, do, dq, lse, delta, lay.full_num, lay.full_idx, lay.part_num, lay.part_idx, lay.part_tile, lay.bits,
+        sq, sk, hq, hq // hkv, scale * LOG2E, scale, lay.b_step, lay.h_step, lay.full_idx.shape[1],
+        *_strides(q, k, v, do), **sizes)
+    _bwd_dkdv[(triton.cdiv(sk, lay.block_n), b * hkv)](
+        q, k, v, do, dk, dv, lse, delta, lay.t_full_num, lay.t_full_idx, lay.t_part_num, lay.t_part_idx,
+        lay.t_part_tile, lay.bits, sq, sk, hq, hkv, hq // hkv, scale * LOG2E, scale, lay.t_b_step, lay.t_h_step,
+        lay.t_full_idx.shape[1], *_strides(q, k, v, do), **sizes)
+    return dq, dk, dv
+
+
+class _BlockSparse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lay, scale, variant, call):
+        o, lse = forward(q, k, v, lay, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.lay, ctx.scale, ctx.variant, ctx.call = lay, scale, variant, call
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        try:
+            dq, dk, dv = backward(q, k, v, o, lse, do, ctx.lay, ctx.scale)
+        except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
+            _warn_once("backward", err)
+            dq, dk, dv = _fallback_grads(ctx, q, k, v, do)
+        return dq, dk, dv, None, None, None, None
+
+
+def _fallback_grads(ctx, q, k, v, do):
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = _fallback(ctx.variant, *leaves, ctx.call)
+        return torch.autograd.grad(out, leaves, do)
+
+
+# ---- the backend ------------------------------------------------------------------------------------------------------
+
+_warned: set = set()
+
+
+def _warn_once(where: str, err: Exception) -> None:
+    if where not in _warned:
+        _warned.add(where)
+        warnings.warn(f"attnzoo triton block-sparse {where} kernel failed ({type(err).__name__}: {err}); "
+                      "running this call on flex/torch instead", RuntimeWarning, stacklevel=3)
+
+
+def serves(cls) -> bool:
+    return (issubclass(cls, SoftmaxVariant) and cls.has_mask and not cls.has_score and cls.normalization == "softmax"
+            and not cls.carries)
+
+
+def why_not(variant, call: Call, q) -> str | None:
+    if not serves(type(variant)):
+        return (f"{variant.name}: the triton block-sparse kernels serve softmax attention under a mask with no score "
+                "modifier")
+    if TRITON_ERROR is not None:
+        return TRITON_ERROR
+    if q.device.type != "cuda":
+        return f"triton kernels run on CUDA tensors; q is on {q.device}"
+    if q.dtype not in DTYPES:
+        return f"the triton kernels take float16/bfloat16/float32, got {q.dtype}"
+    if max(call.shapes.d, call.shapes.dv) > 256:
+        return f"head dims up to 256, got D={call.shapes.d}, Dv={call.shapes.dv}"
+    if any(t.requires_grad for t in call.inputs.values()):
+        return "an input tensor requires grad: the kernels give gradients of q, k, v only"
+    return None
+
+
+def _fallback(variant, q, k, v, call):
+    from .. import flex as _flex
+    from ..torch_blockwise import softmax_blockwise
+
+    if q.device.type == "cuda" and _flex.can_run(variant, call, q) is None:
+        return _flex.flex(variant, q, k, v, call)
+    return softmax_blockwise(variant, q, k, v, call)
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def run(variant, q, k, v, call: Call):
+    try:
+        lay = layout_for(variant, call)
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return _BlockSparse.apply(q, k, v, lay, call.scale, variant, call)
+        return forward(q, k, v, lay, call.scale)[0]
+    except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
+        _warn_once("forward", err)
+        return _fallback(variant, q, k, v, call)
+
+
+__all__ = ["Layout", "build_layout", "layout_for", "forward", "backward", "serves", "why_not", "run", "BLOCK_M",
+           "BLOCK_N", "stats"]

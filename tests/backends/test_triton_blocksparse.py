@@ -1,0 +1,233 @@
+"""The `triton` backend's block-sparse kernels for mask variants (backends/triton/blocksparse.py).
+
+- Everywhere (no triton needed): the kernel tables (`Layout`) encode exactly the variant's dense mask, for every
+  pattern, GQA, per-head and per-batch masks and lengths off the tile grid; they are reused while the inputs are
+  unchanged; a failing kernel falls back with a warning.
+- With triton: the kernels themselves under Triton's CPU interpreter (TRITON_INTERPRET=1, in a subprocess, small
+  tiles and shapes), forward and gradients against float64, fully masked rows, the backward's fallback.
+- On CUDA: FlashAttention's rule in float16 and bfloat16, outputs and gradients, for every structured variant.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnzoo as az
+from attnzoo.backends.triton import blocksparse as bs
+from harness import qkv
+
+CUDA = torch.cuda.is_available()
+
+
+def _docs(b, s, cuts):
+    ids = torch.zeros(b, s, dtype=torch.long)
+    for c in cuts:
+        ids[:, c:] += 1
+    return ids
+
+
+# name, params, inputs(b, sq, sk), heads (hq, hkv)
+CASES = [
+    ("sliding_window", {"window": 21}, lambda b, sq, sk: {}, (4, 2)),
+    ("sink_window", {"sinks": 3, "window": 17}, lambda b, sq, sk: {}, (2, 1)),
+    ("prefix_lm", {"prefix": 37}, lambda b, sq, sk: {}, (2, 2)),
+    ("document", {}, lambda b, sq, sk: {"document_ids": _docs(b, sk, (23, 60, 61))}, (2, 1)),
+    ("document", {}, lambda b, sq, sk: {"document_ids": _docs(b, sk, (40,)) % 2 * torch.arange(sk).lt(80)}, (2, 2)),
+    ("block_rag", {}, lambda b, sq, sk: {"block_ids": _docs(b, sk, (30, 70))}, (2, 1)),
+    ("dilated_window", {"window": 6, "dilation": 3, "offsets": "cyclic"}, lambda b, sq, sk: {}, (3, 1)),
+    ("multi_scale_window", {"window": 24}, lambda b, sq, sk: {}, (4, 2)),
+    ("strided_shards", {"block_size": 8, "local_blocks": 2, "vert_stride": 3}, lambda b, sq, sk: {}, (4, 2)),
+]
+
+
+def _patterns(name):
+    if name == "prefix_lm":
+        return [(False, 101, 101), (False, 45, 101)]
+    if name == "block_rag":
+        return [(True, 101, 101), (False, 45, 101)]
+    return [(True, 101, 101), (False, 101, 101), (True, 45, 101), (False, 45, 101)]
+
+
+@pytest.mark.parametrize("name,params,inputs,heads", CASES, ids=lambda c: c if isinstance(c, str) else "")
+def test_layout_encodes_the_dense_mask(name, params, inputs, heads):
+    attn = az.get(name, **params)
+    hq, hkv = heads
+    for causal, sq, sk in _patterns(name):
+        given = inputs(2, sq, sk)
+        if name == "document" and sq != sk:
+            given["q_document_ids"] = given["document_ids"][:, -sq:].clone()
+        q, k, v = qkv(2, hq, hkv, sq, sk, 8)
+        call = attn.prepare(q, k, v, causal, None, given)
+        lay = bs.build_layout(attn, call, 32, 32)
+        want = attn.dense_mask(sq, sk, causal=causal, heads=hq, kv_heads=hkv, batch=2, **given)
+        want = want.expand(2, hq, sq, sk)
+        assert torch.equal(lay.dense(sq, sk, 2, hq), want), (causal, sq, sk)
+
+
+def test_neighborhood_2d_layout():
+    attn = az.get("neighborhood", grid=(12, 20), kernel_size=(5, 7), dilation=(1, 2))
+    q, k, v = qkv(1, 2, 2, 240, 240, 8)
+    call = attn.prepare(q, k, v, False, None, {})
+    lay = bs.build_layout(attn, call, 64, 32)
+    assert torch.equal(lay.dense(240, 240, 1, 2), attn.dense_mask(240, 240, heads=2).expand(1, 2, 240, 240))
+
+
+def test_layout_is_reused_until_the_ids_change():
+    attn = az.get("document")
+    q, k, v = qkv(1, 2, 2, 200, 200, 8)
+    ids = _docs(1, 200, (90,))
+    call = lambda: attn.prepare(q, k, v, True, None, {"document_ids": ids})  # noqa: E731
+    first = bs.layout_for(attn, call())
+    built = bs.stats["layouts_built"]
+    assert bs.layout_for(attn, call()) is first and bs.stats["layouts_built"] == built
+    ids[0, 50:90] = 1
+    assert bs.layout_for(attn, call()) is not first and bs.stats["layouts_built"] == built + 1
+
+
+def test_refusals_name_the_reason():
+    q = torch.randn(1, 2, 16, 8)
+    call = az.get("sliding_window").prepare(q, q, q, True, None, {})
+    assert "CUDA" in bs.why_not(az.get("sliding_window"), call, q)
+    assert "score modifier" in bs.why_not(az.get("alibi", heads=2), call, q)
+    assert not bs.serves(type(az.get("full"))) and bs.serves(type(az.get("document")))
+
+
+def test_a_failing_kernel_falls_back_with_a_warning(monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(bs, "forward", boom)
+    monkeypatch.setattr(bs, "_warned", set())
+    attn = az.get("sliding_window", window=9)
+    q, k, v = qkv(1, 2, 1, 50, 50, 8)
+    call = attn.prepare(q, k, v, True, None, {})
+    with pytest.warns(RuntimeWarning, match="simulated kernel failure"):
+        out = bs.run(attn, q, k, v, call)
+    assert (out - attn.reference(q, k, v, causal=True)).abs().max() < 1e-10
+
+
+# ---- the kernels under Triton's CPU interpreter -------------------------------------------------------------------
+INTERPRETED = textwrap.dedent(r"""
+    import warnings
+    import torch, torch.nn.functional as F
+    import attnzoo as az
+    from attnzoo.backends.triton import blocksparse as bs
+    bs.BLOCK_M, bs.BLOCK_N = 32, 64  # two bit words a tile row
+    warnings.simplefilter("error", RuntimeWarning)   # a fallback would hide a kernel failure
+    torch.manual_seed(0)
+    worst = {}
+
+    def ids(b, s, cuts):
+        t = torch.zeros(b, s, dtype=torch.long)
+        for c in cuts:
+            t[:, c:] += 1
+        return t
+
+    def check(tag, attn, causal, b, hq, hkv, sq, sk, d, dv, inputs, dtype):
+        q, k, v = torch.randn(b, hq, sq, d), torch.randn(b, hkv, sk, d), torch.randn(b, hkv, sk, dv)
+        ours = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+        ref = [t.to(dtype).double().detach().requires_grad_() for t in (q, k, v)]
+        call = attn.prepare(*ours, causal, None, inputs)
+        o = bs.run(attn, *ours, call)
+        ro = attn.reference(*ref, causal=causal, **inputs)
+        do = torch.randn_like(ro)
+        (o.double() * do).sum().backward()
+        (ro * do).sum().backward()
+        for n, a, r in (("o", o, ro), *zip(("dq", "dk", "dv"), (t.grad for t in ours), (t.grad for t in ref))):
+            assert torch.isfinite(a).all(), (tag, n)
+            err = ((a.double() - r).norm() / r.norm().clamp(min=1e-30)).item()
+            worst[f"{tag}.{n}"] = err
+        return o, ours
+
+    cases = [
+        ("window", az.get("sliding_window", window=21), True, 2, 4, 2, 70, 70, 24, 16, {}),
+        ("window.cross", az.get("sliding_window", window=21, right=5), False, 1, 2, 1, 30, 75, 16, 16, {}),
+        ("sinks.cross", az.get("sink_window", sinks=3, window=10), True, 1, 2, 1, 40, 90, 16, 16, {}),
+        ("document", az.get("document"), True, 2, 2, 1, 75, 75, 16, 16, {"document_ids": ids(2, 75, (20, 50))}),
+        ("dilated", az.get("dilated_window", window=6, dilation=3, offsets="cyclic"), False, 1, 3, 1, 50, 50, 16, 16, {}),
+        ("prefix", az.get("prefix_lm", prefix=33), False, 1, 2, 2, 64, 64, 32, 32, {}),
+    ]
+    # float16, not bfloat16: the interpreter's dot multiplies numpy arrays, and numpy has no bfloat16
+    for dtype in (torch.float32, torch.float16):
+        for tag, attn, causal, b, hq, hkv, sq, sk, d, dv, inputs in cases:
+            if dtype == torch.float16 and tag not in ("window", "document"):
+                continue
+            check(f"{str(dtype)[6:]}.{tag}", attn, causal, b, hq, hkv, sq, sk, d, dv, inputs, dtype)
+
+    # rows with no allowed key: queries of a document absent from the keys give zeros and zero gradients
+    kd = ids(1, 64, (32,))
+    qd = torch.full((1, 20), 7)
+    qd[:, :5] = 1
+    o, ours = check("float32.empty_rows", az.get("document"), False, 1, 2, 2, 20, 64, 16, 16,
+                    {"document_ids": kd, "q_document_ids": qd}, torch.float32)
+    assert (o[:, :, 5:] == 0).all() and (ours[0].grad[:, :, 5:] == 0).all()
+
+    # a backward kernel failure falls back (right gradients, one warning)
+    def boom(*a, **k):
+        raise RuntimeError("simulated")
+    bs.backward = boom
+    warnings.simplefilter("ignore", RuntimeWarning)
+    check("float32.fallback", az.get("sliding_window", window=9), True, 1, 2, 1, 40, 40, 16, 16, {}, torch.float32)
+    print("WORST", worst)
+    bad = {k: v for k, v in worst.items() if v > (1e-5 if k.startswith("float32") else 1.5e-2)}
+    assert not bad, bad
+""")
+
+
+def test_kernels_under_the_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert "WORST" in out.stdout
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------------------------
+GPU_CASES = [
+    ("sliding_window", {"window": 100}, {}), ("sink_window", {"sinks": 4, "window": 100}, {}),
+    ("prefix_lm", {"prefix": 150}, {}), ("document", {}, "docs"), ("block_rag", {}, "blocks"),
+    ("dilated_window", {"window": 32, "dilation": 4, "offsets": "cyclic"}, {}),
+    ("neighborhood", {"grid": (20, 25), "kernel_size": 7}, {}), ("neighborhood", {"grid": (500,), "kernel_size": 63}, {}),
+]
+
+
+def _low_precision_grads(attn, q, k, v, causal, dtype, inputs, do):
+    """SDPA with the variant's dense mask in `dtype`: FlashAttention's baseline for outputs and gradients."""
+    mask = attn.dense_mask(q.shape[2], k.shape[2], causal=causal, heads=q.shape[1], kv_heads=k.shape[1],
+                           batch=q.shape[0], device=q.device, **inputs).expand(q.shape[0], q.shape[1], q.shape[2], -1)
+    g = q.shape[1] // k.shape[1]
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    o = F.scaled_dot_product_attention(leaves[0], leaves[1].repeat_interleave(g, 1), leaves[2].repeat_interleave(g, 1),
+                                       attn_mask=mask)
+    o = torch.where(mask.any(-1, keepdim=True), o, 0)
+    return [o, *torch.autograd.grad(o, leaves, do.to(dtype))]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name,params,inputs", GPU_CASES)
+def test_fa_rule_forward_and_backward_on_cuda(name, params, inputs, dtype):
+    attn = az.get(name, **params)
+    s = 500
+    given = {"docs": {"document_ids": _docs(2, s, (70, 200, 201, 330)).cuda()},
+             "blocks": {"block_ids": _docs(2, s, (100, 250, 400)).cuda()}}.get(inputs, {})
+    causal = name not in ("prefix_lm", "neighborhood")
+    q, k, v = (t.cuda() for t in qkv(2, 4, 2, s, s, 64))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attn.reference(*leaves, causal=causal, **given)
+    do = torch.randn_like(ref)
+    ref = [ref, *torch.autograd.grad(ref, leaves, do)]
+    base = _low_precision_grads(attn, q, k, v, causal, dtype, given, do)
+    ours_leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = attn(*ours_leaves, causal=causal, backend="triton", **given)
+    ours = [out, *torch.autograd.grad(out, ours_leaves, do.to(dtype))]
+    for n, a, b_, r in zip(("o", "dq", "dk", "dv"), ours, base, ref):
+        err, base_err = (a.double() - r).abs().max().item(), (b_.double() - r).abs().max().item()
+        assert err <= 2 * base_err + 1e-6, f"{n}: {err:.3e} > 2 x SDPA's {base_err:.3e}"
