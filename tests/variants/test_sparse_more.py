@@ -356,3 +356,29 @@ def test_seer_gate_distilled_on_real_activations_keeps_more_attention_than_untra
     assert after > before + 0.05, (before, after)
     with pytest.raises(ValueError, match=r"q must be \(B, heads=9, Sq, head_dim=64\)"):
         gate(q[:, :3], k)
+
+
+# ---- a Flex BlockMask from a selection's indices ----------------------------------------------------------
+
+
+@pytest.mark.flex
+def test_flex_block_mask_from_a_selection_gives_the_selected_attention():
+    """Eager FlexAttention (the reference path; compiled on GPU) under the BlockMask built from the indices
+    equals the gather path, every pattern; one mask_mod per shape, its table refreshed by each call."""
+    from attnzoo.core.selection import attend_selected
+    from attnzoo.core.selection_flex import block_mask, flex_attend_selected
+
+    for attn in (az.get("seer", block_size=16, top_k=2), az.get("quest", page=16, top_k=2)):
+        for seed, (causal, sq, sk) in enumerate(((True, 90, 90), (True, 33, 90), (False, 90, 90), (False, 33, 90))):
+            q, k, v = qkv(2, 4, 2, sq, sk, 16, seed=seed)
+            call = attn.prepare(q, k, v, causal, None, {})
+            sel = attn.select(q, k, call)
+            out = flex_attend_selected(q, k, v, sel, call, q_block=32)
+            assert (out - attend_selected(q, k, v, sel, call)).abs().max() < 1e-10, (causal, sq, sk, seed)
+        q, k, v = qkv(2, 4, 2, 33, 90, 16, seed=9)                         # same shapes, new selection
+        call = attn.prepare(q, k, v, False, None, {})
+        sel = attn.select(q, k, call)
+        assert (flex_attend_selected(q, k, v, sel, call, q_block=32) - attend_selected(q, k, v, sel, call)).abs().max() < 1e-10
+        assert block_mask(sel, call, q_block=32).mask_mod is block_mask(attn.select(q.flip(2), k, call), call, 32).mask_mod
+    with pytest.raises(ValueError, match="picks single tokens"):
+        block_mask(az.get("topk", top_k=4).selection(q, k), call)
