@@ -129,7 +129,7 @@ def _cases(world):
     odd = [5, 9] if world == 2 else [3, 7, 6, 5]
     even = [6] * world
     win = {"window": 4}
-    return [
+    cases = [
         dict(name="full", params={}, causal=True, strategy="ring", layout="contiguous", lengths=odd),
         dict(name="full", params={}, causal=False, strategy="ring", layout="contiguous", lengths=odd),
         dict(name="full", params={}, causal=True, strategy="ring", layout="zigzag", lengths=even),
@@ -147,6 +147,8 @@ def _cases(world):
         dict(name="full", params={}, causal=False, strategy="ulysses", layout="zigzag", lengths=even,
              hq=world * 2, hkv=world),
     ]
+    # 4 ranks on a 2-core machine are slow to spawn and run: there, every strategy and layout once
+    return cases if world == 2 else [cases[i] for i in (2, 3, 6, 8, 10)]
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -191,7 +193,8 @@ def test_communication_plan_structure():
     window = communication_plan(az.get("sliding_window", window=40), causal=True, ranks_per_host=4, **kw)
     assert [r["receives_from"] for r in window["ranks"]] == [[]] + [[r - 1] for r in range(1, 8)]
     assert window["ratio_vs_ring"] == pytest.approx(1 / 7)
-    assert window["inter_host_fwd_bytes"] < window["plain_ring_inter_host_fwd_bytes"]
+    assert window["inter_host_fwd_bytes"] == window["relay_inter_host_fwd_bytes"] < window[
+        "plain_ring_inter_host_fwd_bytes"]
     causal = communication_plan(az.get("full"), causal=True, **kw)
     zigzag = communication_plan(az.get("full"), causal=True, layout="zigzag", **kw)
     assert causal["work_imbalance"] > 1.8 and zigzag["work_imbalance"] == pytest.approx(1.0)
