@@ -32,14 +32,15 @@ def ids(n: int, vocab: int = 256, seed: int = 1, batch: int = 1) -> torch.Tensor
 
 
 @torch.no_grad()
-def greedy_logits(model, input_ids, steps: int, press=None):
-    """Prefill logits and `steps` greedy decoding logits, with an explicit DynamicCache."""
+def greedy_logits(model, input_ids, steps: int, press=None, layout=None):
+    """Prefill logits and `steps` greedy decoding logits, with an explicit DynamicCache (`layout`: the
+    press session's)."""
     from transformers import DynamicCache
 
     from attnzoo.kv.base import with_cache
 
     cache = with_cache(model, DynamicCache(config=model.config))
-    ctx = press(model) if press is not None else _null()
+    ctx = press(model, layout=layout) if press is not None else _null()
     with ctx:
         out = model(input_ids=input_ids, **cache)
         logits = [out.logits]

@@ -170,7 +170,7 @@ def test_unknown_method_and_bad_parameters_are_refused():
         kv.get("snapkv", kernel=4)
     with pytest.raises(ValueError, match="kv_quant removes no entries"):
         kv.get("kv_quant", ratio=0.5)
-    with pytest.raises(ValueError, match="parameter 'bits' must be 8 or 4, got 3"):
+    with pytest.raises(ValueError, match="parameter 'bits' must be 8, 4 or 2, got 3"):
         kv.get("kv_quant", bits=3)
     with pytest.raises(TypeError):
         kv.get("snapkv", window_size=64)

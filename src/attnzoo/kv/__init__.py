@@ -3,6 +3,8 @@
 from . import gate, headwise, quant, retrieval, scorers  # noqa: F401  (registers the presses)
 from .base import (SUPPORTED_TRANSFORMERS, KVPress, PressSession, Selection, Step, UnsupportedTransformers, get,
                    methods, register)
+from .compose import Pipeline, compose
+from .ragged import ragged_cache
 
-__all__ = ["SUPPORTED_TRANSFORMERS", "KVPress", "PressSession", "Selection", "Step", "UnsupportedTransformers",
-           "get", "methods", "register"]
+__all__ = ["SUPPORTED_TRANSFORMERS", "KVPress", "Pipeline", "PressSession", "Selection", "Step",
+           "UnsupportedTransformers", "compose", "get", "methods", "ragged_cache", "register"]

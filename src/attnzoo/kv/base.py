@@ -23,16 +23,19 @@ Definitions every method shares:
   per layer and KV head on average. Read-sparse methods (`kind == "read"`) remove nothing from
   memory: for them `ratio` is the fraction of entries left unread at each decoding step. kv_quant
   removes no entries at all (`kind == "quantize"`). Measured bytes are reported next to the ratio.
-- Per-head selection: every KV head keeps its own tokens. Cache tensors stay rectangular: a layer
-  holds as many slots as its fullest head needs; heads (or padded rows) with smaller budgets carry
-  empty slots masked with -inf. So per-head *budgets* (duo_attention, razor, moa, task_kv) save fewer
-  bytes than entries; both numbers are reported.
+- Per-head selection: every KV head keeps its own tokens. In the default "rectangular" layout the
+  cache tensors stay transformers' own: a layer holds as many slots as its fullest head needs; heads
+  (or padded rows) with smaller budgets carry empty slots masked with -inf, so per-head *budgets*
+  (duo_attention, razor, moa, task_kv) save fewer bytes than entries. In the "ragged" layout
+  (`press(model, layout="ragged")`, and every `compose`d press) each KV head holds only its own
+  entries (ragged.py) and bytes follow entries. Both numbers are reported.
 - `stages`: when a method compresses: "prefill" (once, after the first forward of a sequence) and/or
   "decode" (every later forward, holding the budget fixed at what prefill kept).
 - With `ratio=0` every method leaves the model's computation untouched: logits are bit-identical.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -46,6 +49,7 @@ from ..core.registry import Registry
 
 SUPPORTED_TRANSFORMERS = hf.SUPPORTED_TRANSFORMERS
 STAGES = ("prefill", "decode")
+LAYOUTS = ("rectangular", "ragged")
 KINDS = ("evict", "read", "quantize")
 
 
@@ -206,6 +210,9 @@ class KVPress(Configurable):
     stages: ClassVar[tuple[str, ...]] = ("prefill",)
     kind: ClassVar[str] = "evict"
     summary: ClassVar[str] = ""
+    # How a session stores the cache: "rectangular" (transformers' tensors, each layer padded to its
+    # fullest KV head) or "ragged" (each KV head holds only its own entries, see ragged.py).
+    layout: ClassVar[str] = "rectangular"
     # The constructor's parameters, validated by `validate_params` and then set as attributes of the
     # same names; subclasses extend the base's: `params = KVPress.params + (Param(...), ...)`.
     params: ClassVar[tuple[Param, ...]] = (RATIO,)
@@ -220,10 +227,21 @@ class KVPress(Configurable):
         """{parameter name: doc}, in declared order (what `params` was before it held `Param`s)."""
         return {p.name: p.doc for p in cls.params}
 
-    def __call__(self, model, tokenizer=None) -> "PressSession":
+    def __call__(self, model, tokenizer=None, layout: str | None = None) -> "PressSession":
         """A context manager applying this press to `model` (`tokenizer`: used by presses that profile
-        the model on real text; without one they read the text's UTF-8 bytes as token ids)."""
-        return PressSession(self, model, tokenizer)
+        the model on real text; without one they read the text's UTF-8 bytes as token ids; `layout`:
+        "rectangular" or "ragged", default the press's own)."""
+        return PressSession(self, model, tokenizer, layout)
+
+    def __add__(self, other: "KVPress") -> "KVPress":
+        """`press_a + press_b`: a pipeline applying a, then b to what a kept (see `attnzoo.kv.compose`)."""
+        from .compose import compose
+
+        return compose(self, other)
+
+    def quantization(self) -> tuple[int, int] | None:
+        """(bits, group) the kept entries are stored in after compression, or None (full precision)."""
+        return None
 
     @property
     def label(self) -> str:
@@ -297,8 +315,14 @@ class _Forward:
 class PressSession:
     """`with press(model) as session:` hooks `model` for the duration; `session.stats()` measures the cache."""
 
-    def __init__(self, press: KVPress, model, tokenizer=None):
+    def __init__(self, press: KVPress, model, tokenizer=None, layout: str | None = None):
         self.press, self.model, self.tokenizer = press, model, tokenizer
+        self.layout = press.layout if layout is None else layout
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if self.layout == "rectangular" and press.quantization() is not None:
+            raise ValueError(f"{press.label} stores its entries quantized, which needs layout='ragged'")
+        self.active = False
         self.cache = None
         self._handles: list = []
         self._reset()
@@ -326,12 +350,14 @@ class PressSession:
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             self.model.register_forward_hook(self._after_forward, with_kwargs=True),
         ]
+        self.active = True
         return self
 
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.active = False
 
     # -- model-level hooks ---------------------------------------------------------------------------
 
@@ -360,7 +386,10 @@ class PressSession:
             self._reset()
             self.cache, self._seen = cache, held
             self._real_seen = torch.full((batch,), held, dtype=torch.long)
-            _check_layers(cache, self._layer_class)
+            if self.layout == "ragged":
+                self._make_ragged(cache)
+            else:
+                _check_layers(cache, self._layer_class)
             if self.press.active:
                 self.press.on_new_cache(cache, self.n_layers)
         mask = kwargs.get("attention_mask")
@@ -376,6 +405,22 @@ class PressSession:
         self._real_seen = self._real_seen + valid.sum(1)
         return args, kwargs
 
+    def _make_ragged(self, cache) -> None:
+        """Give `cache` ragged layers (empty ones are replaced; ragged ones are adopted)."""
+        from .ragged import ragged_layer_class
+
+        ragged = ragged_layer_class()
+        _check_layers(cache, self._layer_class, allowed=(ragged,))
+        if len(cache.layers) < self.n_layers:
+            cache.layers.extend(ragged() for _ in range(self.n_layers - len(cache.layers)))
+        for i, layer in enumerate(cache.layers):
+            if not isinstance(layer, ragged):
+                if layer.get_seq_length():
+                    raise ValueError("a ragged session must see the sequence from its first token (got a non-empty "
+                                     "DynamicCache); start from an empty cache or attnzoo.kv.ragged_cache(config)")
+                cache.layers[i] = layer = ragged()
+            layer.reader = self
+
     def _after_forward(self, module, args, kwargs, output):
         if self._forward is not None:
             self._seen += self._forward.length
@@ -390,6 +435,18 @@ class PressSession:
             if fwd is None:
                 return call_next(query, key, value, attention_mask)
             self._check_cache_is_read(layer, key)
+            if self.layout == "ragged":
+                cache_layer = self.cache.layers[layer]
+                valid = fwd.valid.to(key.device)
+                cache_layer.tail_valid = valid if cache_layer.tail_valid is None else torch.cat(
+                    [cache_layer.tail_valid, valid], dim=1)
+                if cache_layer.packed is not None:
+                    if not self._steps_after_prefill:
+                        from .ragged import ragged_attention
+
+                        scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+                        return ragged_attention(query, cache_layer.packed, key, value, cache_layer.tail_valid, scale)
+                    key, value = self._padded_view(cache_layer, key, value)
             with torch.no_grad():
                 step = self._step(layer, module, fwd, query, key, value, scaling)
                 read = self.press.read(step) if self.press.active else None
@@ -410,10 +467,27 @@ class PressSession:
 
         return run
 
+    @property
+    def _steps_after_prefill(self) -> bool:
+        """Whether later forwards need a Step (decode-stage and read-sparse presses); the others attend to a
+        ragged cache directly."""
+        return self.press.active and ("decode" in self.press.stages or self.press.kind == "read")
+
+    def _padded_view(self, cache_layer, tail_keys, tail_values):
+        """Rectangular keys / values of a ragged layer (packed entries to the front of each head, then the
+        tail): the slots the session's bookkeeping is aligned with."""
+        from .ragged import unpack
+
+        k, v, _ = unpack(cache_layer.packed, tail_keys.shape[0])
+        return (torch.cat([k.to(tail_keys.dtype), tail_keys], dim=2),
+                torch.cat([v.to(tail_values.dtype), tail_values], dim=2))
+
     def _check_cache_is_read(self, layer: int, key: torch.Tensor) -> None:
         """The keys this layer attends to must be the ones the press's cache holds: if transformers
         routed another cache (or none) to the layer, compressing ours would be a silent no-op."""
-        held = self.cache.layers[layer].get_seq_length() if layer < len(self.cache.layers) else 0
+        cache_layer = self.cache.layers[layer] if layer < len(self.cache.layers) else None
+        held = 0 if cache_layer is None else (
+            cache_layer.keys.shape[-2] if self.layout == "ragged" else cache_layer.get_seq_length())
         if held != key.shape[-2]:
             import transformers
 
@@ -462,31 +536,48 @@ class PressSession:
         """Keep the selected slots of `step.layer` (packed to the front, per row and head) in the cache."""
         if selection is None:
             return
-        if isinstance(selection, torch.Tensor):
-            selection = Selection(selection)
-        keep = selection.keep & step.valid
-        if bool((keep | ~step.valid).all()) and selection.extra_keys is None:
+        quantized = self.layout == "ragged" and self.press.quantization() is not None
+        kept = selection if isinstance(selection, Step) else restrict(step, selection, keep_all=quantized)
+        if kept is None:
             return  # nothing valid dropped: leave the cache (and the model's own masks) untouched
-        count = keep.sum(-1)
-        n = int(count.max())
-        order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :n]
-        filler = torch.arange(n, device=count.device).view(1, 1, n) >= count.unsqueeze(-1)
         slots = self._slots[step.layer]
-        keys, values = (t.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
-                        for t in (step.keys, step.values))
-        slots.index = step.index.gather(2, order)
-        slots.bias = step.bias.gather(2, order).masked_fill(filler, -math.inf)
-        slots.extra = {k: t.gather(2, order) for k, t in step.extra.items()}
-        if selection.extra_keys is not None:
-            m = selection.extra_keys.shape[2]
-            keys = torch.cat([keys, selection.extra_keys.to(keys.dtype)], dim=2)
-            values = torch.cat([values, selection.extra_values.to(values.dtype)], dim=2)
-            slots.index = torch.cat([slots.index, slots.index.new_full((*slots.index.shape[:2], m), -1)], dim=2)
-            slots.bias = torch.cat([slots.bias, selection.extra_bias.float()], dim=2)
-            slots.extra = {k: torch.cat([t, t.new_zeros(*t.shape[:2], m)], dim=2) for k, t in slots.extra.items()}
         cache_layer = self.cache.layers[step.layer]
-        cache_layer.keys, cache_layer.values = keys.contiguous(), values.contiguous()
+        if self.layout == "ragged":
+            from .ragged import pack
+
+            keep = kept.bias > -math.inf
+            bits, group = self.press.quantization() or (None, 32)
+            cache_layer.store(pack(kept.keys, kept.values, keep, kept.bias, bits, group))
+            # the bookkeeping follows the order the packed entries unpack in (each head's to the front)
+            n = int(keep.sum(-1).max())
+            order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :n]
+            kept = _gathered(kept, order, keys=False)
+        else:
+            cache_layer.keys, cache_layer.values = kept.keys.contiguous(), kept.values.contiguous()
+        slots.index, slots.bias, slots.extra = kept.index, kept.bias, kept.extra
         self.exact = False
+
+    @property
+    def replays_prefill(self) -> bool:
+        """Whether this press's prefill output is the uncompressed model's (it compresses only after each
+        layer's attention and reads everything): then one shared prefill serves every such press."""
+        return type(self.press).read is KVPress.read
+
+    @torch.no_grad()
+    def replay_prefill(self, input_ids: torch.Tensor, captured: dict, cache) -> None:
+        """Fill and compress `cache` as `model(input_ids=input_ids, cache=cache)` would in this session,
+        from the (query, key, value, scaling) each layer produced on that forward uncompressed
+        (`capture_prefill`), without running the model again: only for presses that `replays_prefill`."""
+        if not self.replays_prefill:
+            raise ValueError(f"{self.press.label} reads sparsely during prefill: its prefill cannot be replayed")
+        _, kwargs = self._before_forward(self.model, (), {"input_ids": input_ids, self._cache_arg: cache})
+        cache = kwargs[self._cache_arg]
+        modules = dict(hf.attention_modules(self.model))
+        for layer in sorted(captured):
+            query, key, value, scaling = captured[layer]
+            keys, values = cache.update(key, value, layer)
+            self._layer_hook(layer)(modules[layer], query, keys, values, None, scaling, lambda *a: None)
+        self._after_forward(self.model, (), kwargs, None)
 
     # -- measurements --------------------------------------------------------------------------------
 
@@ -496,7 +587,10 @@ class PressSession:
         nbytes = cache_bytes(self.cache) if self.cache is not None else 0
         slots = entries = 0
         for i, l in enumerate(layers):
-            if i in self._slots:
+            if self.layout == "ragged":
+                slots += l.entries()
+                entries += l.entries()
+            elif i in self._slots:
                 s = self._slots[i]
                 slots += s.bias.numel()
                 entries += int((s.bias > -math.inf).sum())
@@ -533,12 +627,12 @@ def _version() -> str:
         return "(source)"
 
 
-def _check_layers(cache, DynamicLayer) -> None:
-    """Every layer must be a plain full-attention DynamicLayer: pruning a sliding-window, static or
-    quantized layer would break its own bookkeeping."""
+def _check_layers(cache, DynamicLayer, allowed: tuple = ()) -> None:
+    """Every layer must be a plain full-attention DynamicLayer (or one of `allowed`): pruning a
+    sliding-window, static or quantized layer would break its own bookkeeping."""
     kinds = {type(l) for l in cache.layers} | ({cache.layer_class_to_replicate} if cache.layer_class_to_replicate
                                                 else set())
-    bad = sorted(k.__name__ for k in kinds if k is not DynamicLayer)
+    bad = sorted(k.__name__ for k in kinds if k is not DynamicLayer and k not in allowed)
     if bad:
         raise TypeError(f"attnzoo.kv prunes full-attention DynamicLayer caches; this cache has {', '.join(bad)} "
                         "layers (sliding-window or hybrid models, static or quantized caches are not supported)")
@@ -550,11 +644,47 @@ def cache_bytes(cache) -> int:
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", False):
             continue
-        if hasattr(layer, "nbytes"):
-            total += layer.nbytes()
+        if hasattr(layer, "bytes_held"):  # quantized and ragged layers count codes, scales, offsets, tails
+            total += layer.bytes_held()
         else:
             total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
     return total
+
+
+def _gathered(step: Step, order: torch.Tensor, keys: bool = True) -> Step:
+    """`step` with its slots reordered / cut to `order` (B, Hkv, n); keys and values too when `keys`."""
+    take = lambda t: t.gather(2, order)
+    kv = (t.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])) for t in (step.keys, step.values)) \
+        if keys else (step.keys, step.values)
+    k, v = kv
+    return dataclasses.replace(step, keys=k, values=v, index=take(step.index), bias=take(step.bias),
+                               extra={name: take(t) for name, t in step.extra.items()})
+
+
+def restrict(step: Step, selection: Selection | torch.Tensor, keep_all: bool = False) -> Step | None:
+    """`step` reduced to what `selection` keeps: the kept slots packed to the front of each row and head
+    (empty slots after them masked with -inf), then the selection's synthetic slots. None when nothing
+    valid is dropped and nothing added (unless `keep_all`). This is what a press's cache holds after
+    `keep`, and what the next press of a pipeline sees."""
+    if isinstance(selection, torch.Tensor):
+        selection = Selection(selection)
+    keep = selection.keep & step.valid
+    if not keep_all and bool((keep | ~step.valid).all()) and selection.extra_keys is None:
+        return None
+    count = keep.sum(-1)
+    n = int(count.max())
+    order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :n]
+    filler = torch.arange(n, device=count.device).view(1, 1, n) >= count.unsqueeze(-1)
+    out = _gathered(step, order)
+    out.bias = out.bias.masked_fill(filler, -math.inf)
+    if selection.extra_keys is not None:
+        m = selection.extra_keys.shape[2]
+        out.keys = torch.cat([out.keys, selection.extra_keys.to(out.keys.dtype)], dim=2)
+        out.values = torch.cat([out.values, selection.extra_values.to(out.values.dtype)], dim=2)
+        out.index = torch.cat([out.index, out.index.new_full((*out.index.shape[:2], m), -1)], dim=2)
+        out.bias = torch.cat([out.bias, selection.extra_bias.float()], dim=2)
+        out.extra = {k: torch.cat([t, t.new_zeros(*t.shape[:2], m)], dim=2) for k, t in out.extra.items()}
+    return out
 
 
 def attention_mask_for(step: Step, read: torch.Tensor | None) -> torch.Tensor:

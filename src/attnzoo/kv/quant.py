@@ -1,4 +1,4 @@
-"""KV-cache quantization: entries are kept, stored in 8 or 4 bits."""
+"""KV-cache quantization: entries are kept, stored in 8, 4 or 2 bits."""
 from __future__ import annotations
 
 import functools
@@ -9,23 +9,47 @@ from ..core.info import Paper, Param, positive_int
 from .base import KVPress, register, require_cache_api
 
 
-def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric min/max quantization of `x` with one (scale, minimum) per slice along `dim`.
-    Returns (codes uint8, 4-bit codes packed two per byte along the last axis; scale; minimum)."""
+BITS = (8, 4, 2)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes of `bits` bits packed 8 // bits per byte along the last axis (its length a multiple of that)."""
+    per = 8 // bits
+    if codes.shape[-1] % per:
+        raise ValueError(f"{bits}-bit codes pack {per} per byte: the last axis ({codes.shape[-1]}) must be a multiple "
+                         f"of {per}")
+    codes = codes.view(*codes.shape[:-1], -1, per)
+    out = codes[..., 0].clone()
+    for i in range(1, per):
+        out |= codes[..., i] << (bits * i)
+    return out
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack_codes`."""
+    per, mask = 8 // bits, 2 ** bits - 1
+    if per == 1:
+        return packed
+    return torch.stack([(packed >> (bits * i)) & mask for i in range(per)], dim=-1).flatten(-2)
+
+
+def quantize(x: torch.Tensor, bits: int, dim: int, scale_dtype: torch.dtype | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max quantization of `x` with one (scale, minimum) per slice along `dim`, stored in
+    `scale_dtype` (default: x's). Returns (uint8 codes, 8 // bits packed per byte along the last axis;
+    scale; minimum)."""
     lo = x.amin(dim=dim, keepdim=True)
     hi = x.amax(dim=dim, keepdim=True)
     levels = 2 ** bits - 1
     scale = ((hi - lo) / levels).clamp(min=1e-8)
-    codes = torch.round((x - lo) / scale).clamp(0, levels).to(torch.uint8)
-    if bits == 4:
-        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return codes, scale, lo
+    if scale_dtype is not None:  # codes are computed from the stored (rounded) scale and minimum
+        scale, lo = scale.to(scale_dtype), lo.to(scale_dtype)
+    codes = torch.round((x - lo.to(x.dtype)) / scale.to(x.dtype)).clamp(0, levels).to(torch.uint8)
+    return pack_codes(codes, bits), scale, lo
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int) -> torch.Tensor:
-    if bits == 4:
-        codes = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
-    return codes.to(scale.dtype) * scale + lo
+    return unpack_codes(codes, bits).to(scale.dtype) * scale + lo
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,7 +89,7 @@ def _quantized_layer_class():
         def get_seq_length(self) -> int:
             return self.length
 
-        def nbytes(self) -> int:
+        def bytes_held(self) -> int:
             parts = [t for g in self.key_groups + self.value_tokens for t in g] + [self.keys]
             return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
@@ -79,16 +103,16 @@ class KVQuantPress(KVPress):
     stages = ("prefill", "decode")
     kind = "quantize"
     summary = ("Keeps every entry, stored quantized: keys per channel over groups of `group` tokens (the "
-               "newest partial group in full precision), values per token; int8 or int4 (two codes per byte). "
+               "newest partial group in full precision), values per token; int8, int4 or int2 (two or four codes per byte). "
                "`ratio` must be 0: nothing is removed; the saving shows in the measured bytes.")
     params = KVPress.params + (
-        Param("bits", 8, "bits per stored number: 8 or 4", (int,), lambda v: v in (8, 4), "8 or 4"),
+        Param("bits", 8, "bits per stored number: 8, 4 or 2", (int,), lambda v: v in BITS, "8, 4 or 2"),
         positive_int("group", 32, "tokens per key-quantization group"),
     )
 
     def validate_config(self):
         if self.ratio != 0:
-            raise ValueError("kv_quant removes no entries: ratio must be 0 (choose bits=8 or 4 instead)")
+            raise ValueError("kv_quant removes no entries: ratio must be 0 (choose bits=8, 4 or 2 instead)")
 
     @property
     def label(self) -> str:

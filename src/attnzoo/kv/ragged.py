@@ -1,0 +1,250 @@
+"""Ragged per-head KV storage: each (row, KV head) holds only its own kept entries.
+
+A rectangular cache pads every KV head of a layer to its fullest head, so per-head budgets save fewer
+bytes than entries. Here a layer holds two parts:
+- `packed`: the entries kept by compression, flattened head after head as varlen attention lays out
+  sequences (segment i = row i // Hkv, KV head i % Hkv, at `offsets[i]:offsets[i + 1]`), optionally
+  quantized (KIVI's layout: keys per channel over groups of `group` entries of a segment, values per
+  entry), with an optional additive logit per entry (razor's compensation tokens);
+- the tail: entries written since the last compression, dense `(B, Hkv, T, D)` and full precision
+  (every head holds them all, so no padding), with their padding mask.
+
+`ragged_attention` attends over both with segment reductions (index_add / scatter_reduce: plain
+torch, any device, nothing padded to the fullest head); `padded_attention` is its definition written
+plainly: the packed entries scattered into a rectangular, masked cache, then one softmax.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .base import require_cache_api
+from .quant import dequantize, quantize, unpack_codes, pack_codes
+
+SCALE_DTYPE = torch.float16  # scales and minimums of quantized entries are stored as KIVI stores them
+
+
+def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
+    """(N,) segment of each packed entry, from the (segments,) entry counts."""
+    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths,
+                                   output_size=int(lengths.sum()))
+
+
+def key_groups(lengths: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
+    """(N,) quantization group of each packed key (runs of `group` consecutive entries of a segment,
+    never spanning two segments), and the number of groups."""
+    per_segment = (lengths + group - 1) // group
+    first = torch.cumsum(per_segment, 0) - per_segment
+    seg = segment_ids(lengths)
+    start = torch.cumsum(lengths, 0) - lengths
+    position = torch.arange(len(seg), device=lengths.device) - start[seg]
+    return first[seg] + position // group, int(per_segment.sum())
+
+
+class Packed:
+    """The kept entries of every (row, KV head) of one layer, flattened (see the module docstring)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                 bias: torch.Tensor | None = None, bits: int | None = None, group: int = 32):
+        if keys.dim() != 2 or values.dim() != 2 or keys.shape[0] != values.shape[0]:
+            raise ValueError(f"keys (N, D) and values (N, Dv) with the same N expected; got {tuple(keys.shape)} "
+                             f"and {tuple(values.shape)}")
+        if int(lengths.sum()) != keys.shape[0]:
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but {keys.shape[0]} entries were given")
+        self.n_segments, self.n_entries = len(lengths), keys.shape[0]
+        self.dtype, self.bits, self.group = keys.dtype, bits, group
+        self.offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).to(torch.int32)
+        self.bias = bias
+        if bits is None:
+            self._keys, self._values = keys, values
+        else:
+            groups, n_groups = key_groups(lengths.long(), group)
+            self._keys = quantize_grouped(keys, groups, n_groups, bits)
+            self._values = quantize(values, bits, dim=-1, scale_dtype=SCALE_DTYPE)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return (self.offsets[1:] - self.offsets[:-1]).long()
+
+    def segments(self) -> torch.Tensor:
+        return segment_ids(self.lengths)
+
+    def keys(self) -> torch.Tensor:
+        if self.bits is None:
+            return self._keys
+        codes, scale, lo = self._keys
+        groups, _ = key_groups(self.lengths, self.group)
+        return (unpack_codes(codes, self.bits).to(self.dtype) * scale[groups].to(self.dtype)
+                + lo[groups].to(self.dtype))
+
+    def values(self) -> torch.Tensor:
+        if self.bits is None:
+            return self._values
+        return dequantize(*self._values, self.bits).to(self.dtype)
+
+    def bytes_held(self) -> int:
+        parts = [self.offsets, self.bias]
+        parts += list(self._keys) if self.bits is not None else [self._keys]
+        parts += list(self._values) if self.bits is not None else [self._values]
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def quantize_grouped(x: torch.Tensor, groups: torch.Tensor, n_groups: int, bits: int):
+    """Per-channel asymmetric quantization of the (N, D) rows of `x` over the groups `groups` (N,):
+    (codes packed along D, scale (n_groups, D), minimum (n_groups, D))."""
+    index = groups.view(-1, 1).expand_as(x)
+    lo = x.new_full((n_groups, x.shape[1]), math.inf).scatter_reduce(0, index, x, "amin")
+    hi = x.new_full((n_groups, x.shape[1]), -math.inf).scatter_reduce(0, index, x, "amax")
+    levels = 2 ** bits - 1
+    scale = ((hi - lo) / levels).clamp(min=1e-8).to(SCALE_DTYPE)
+    lo = lo.to(SCALE_DTYPE)
+    codes = torch.round((x - lo[groups].to(x.dtype)) / scale[groups].to(x.dtype)).clamp(0, levels).to(torch.uint8)
+    return pack_codes(codes, bits), scale, lo
+
+
+def pack(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, bias: torch.Tensor | None = None,
+         bits: int | None = None, group: int = 32) -> Packed:
+    """Packed entries from rectangular (B, Hkv, S, D) keys / values and a (B, Hkv, S) keep mask (slot
+    order is kept within each head); `bias` (B, Hkv, S): additive logits, stored only where nonzero."""
+    if keep.shape != keys.shape[:3] or keep.shape != values.shape[:3]:
+        raise ValueError(f"keep must be (B, Hkv, S) = {tuple(keys.shape[:3])}; got {tuple(keep.shape)}")
+    lengths = keep.flatten(0, 1).sum(-1)
+    flat_bias = None
+    if bias is not None:
+        flat_bias = bias[keep].float()
+        if not bool((flat_bias != 0).any()):
+            flat_bias = None
+    return Packed(keys[keep], values[keep], lengths, flat_bias, bits, group)
+
+
+def unpack(packed: Packed, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rectangular (B, Hkv, n, D) keys and values with the entries packed to the front of each head, and
+    the (B, Hkv, n) additive bias (-inf on empty slots): the padded layout a rectangular cache holds."""
+    lengths = packed.lengths
+    n = int(lengths.max()) if len(lengths) else 0
+    heads = packed.n_segments // batch
+    slot = torch.arange(n, device=lengths.device).view(1, n) < lengths.view(-1, 1)  # (segments, n)
+    keys, values = packed.keys(), packed.values()
+    k = keys.new_zeros(packed.n_segments, n, keys.shape[1])
+    v = values.new_zeros(packed.n_segments, n, values.shape[1])
+    k[slot], v[slot] = keys, values
+    bias = torch.full((packed.n_segments, n), -math.inf, device=keys.device,
+                      dtype=torch.float32 if packed.bias is None else packed.bias.dtype)
+    bias[slot] = 0.0 if packed.bias is None else packed.bias
+    return (k.view(batch, heads, n, keys.shape[1]), v.view(batch, heads, n, values.shape[1]),
+            bias.view(batch, heads, n))
+
+
+def tail_bias(tail_valid: torch.Tensor, n_queries: int, heads: int) -> torch.Tensor:
+    """(B, Hkv, Sq, T) additive mask over the tail: padding excluded, and the last `n_queries` tail
+    entries (this forward's) causal to this forward's queries."""
+    length = tail_valid.shape[1]
+    query_at = torch.arange(length - n_queries, length, device=tail_valid.device)
+    visible = torch.arange(length, device=tail_valid.device).view(1, -1) <= query_at.view(-1, 1)  # (Sq, T)
+    allowed = visible.unsqueeze(0) & tail_valid.unsqueeze(1)  # (B, Sq, T)
+    bias = torch.zeros(allowed.shape, device=tail_valid.device).masked_fill(~allowed, -math.inf)
+    return bias.unsqueeze(1).expand(-1, heads, -1, -1)
+
+
+def ragged_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tensor, tail_values: torch.Tensor,
+                     tail_valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(B, Hq, Sq, Dv) softmax attention of `query` (B, Hq, Sq, D) over the packed entries of each KV
+    head and the tail (B, Hkv, T, D), the tail's last Sq entries causal to the queries. Rows with
+    nothing to attend to give zeros."""
+    b, hq, sq, d = query.shape
+    hkv = tail_keys.shape[1]
+    groups = hq // hkv
+    rows = groups * sq
+    q = query.reshape(b * hkv, rows, d)  # (segments, G * Sq, D): the query heads that share each KV head
+    keys, values = packed.keys().to(query.dtype), packed.values().to(query.dtype)
+    seg = packed.segments()
+    logit_p = torch.einsum("nd,nrd->nr", keys, q.index_select(0, seg)) * scaling  # (N, G * Sq)
+    if packed.bias is not None:
+        logit_p = logit_p + packed.bias.to(logit_p.dtype).unsqueeze(1)
+    mask_t = tail_bias(tail_valid, sq, hkv).to(query.dtype)  # (B, Hkv, Sq, T)
+    mask_t = mask_t.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(b * hkv, rows, -1)
+    logit_t = torch.bmm(q, tail_keys.reshape(b * hkv, -1, d).transpose(1, 2)) * scaling + mask_t
+    top = logit_t.amax(-1) if logit_t.shape[-1] else q.new_full((b * hkv, rows), -math.inf)
+    top = top.scatter_reduce(0, seg.view(-1, 1).expand_as(logit_p), logit_p, "amax")
+    top = top.masked_fill(top == -math.inf, 0.0)
+    weight_p = torch.exp(logit_p - top.index_select(0, seg))
+    weight_t = torch.exp(logit_t - top.unsqueeze(-1))
+    total = weight_t.sum(-1).index_add(0, seg, weight_p)
+    out = torch.bmm(weight_t, tail_values.reshape(b * hkv, -1, tail_values.shape[-1]))
+    out = out.index_add(0, seg, weight_p.unsqueeze(-1) * values.unsqueeze(1))
+    out = out / total.unsqueeze(-1).masked_fill(total.unsqueeze(-1) == 0, 1.0)
+    return out.view(b, hq, sq, -1)
+
+
+def padded_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tensor, tail_values: torch.Tensor,
+                     tail_valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The definition of `ragged_attention`: a rectangular cache padded to the fullest head, masked."""
+    b, hq, sq, _ = query.shape
+    hkv = tail_keys.shape[1]
+    k, v, bias = unpack(packed, b)
+    keys = torch.cat([k.to(query.dtype), tail_keys], dim=2).repeat_interleave(hq // hkv, dim=1)
+    values = torch.cat([v.to(query.dtype), tail_values], dim=2).repeat_interleave(hq // hkv, dim=1)
+    mask = torch.cat([bias.unsqueeze(2).expand(-1, -1, sq, -1), tail_bias(tail_valid, sq, hkv)], dim=-1)
+    logits = query @ keys.transpose(-1, -2) * scaling + mask.repeat_interleave(hq // hkv, dim=1).to(query.dtype)
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0) @ values
+
+
+@functools.lru_cache(maxsize=1)
+def ragged_layer_class():
+    _, DynamicLayer = require_cache_api()
+
+    class RaggedLayer(DynamicLayer):
+        """A DynamicLayer whose `keys` / `values` hold only the tail; compressed entries live in `packed`.
+        `update` returns the tail, which only attnzoo's attention hook (a press session) knows how to
+        complete: used outside an active session with packed entries, it raises rather than let the
+        model attend to the tail alone."""
+
+        def __init__(self):
+            super().__init__()
+            self.packed: Packed | None = None
+            self.tail_valid: torch.Tensor | None = None  # (B, T) bool
+            self.seen = 0
+            self.reader = None  # the session whose attention hook reads this layer
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if self.packed is not None and (self.reader is None or not self.reader.active):
+                raise RuntimeError("this cache holds ragged (per-head) entries that only an active attnzoo.kv press "
+                                   "session can attend to: run the model inside `with press(model):`")
+            self.seen += key_states.shape[-2]
+            return super().update(key_states, value_states, *args, **kwargs)
+
+        def get_seq_length(self) -> int:
+            return self.seen
+
+        def bytes_held(self) -> int:
+            parts = [self.keys, self.values, self.tail_valid]
+            held = sum(t.numel() * t.element_size() for t in parts if t is not None)
+            return held + (self.packed.bytes_held() if self.packed is not None else 0)
+
+        def entries(self) -> int:
+            tail = int(self.tail_valid.sum()) * self.keys.shape[1] if self.tail_valid is not None else 0
+            return tail + (self.packed.n_entries if self.packed is not None else 0)
+
+        def store(self, packed: Packed) -> None:
+            """Hold `packed` and an empty tail (the entries were compressed into it)."""
+            self.packed = packed
+            self.keys, self.values = self.keys[..., :0, :], self.values[..., :0, :]
+            self.tail_valid = self.tail_valid[:, :0]
+
+        def reset(self) -> None:
+            super().reset()
+            self.packed, self.tail_valid, self.seen = None, None, 0
+
+    return RaggedLayer
+
+
+def ragged_cache(config) -> "object":
+    """A transformers DynamicCache whose layers are ragged (pass it to `generate` or a forward inside
+    `with press(model, layout="ragged"):`; a session also converts a plain DynamicCache)."""
+    DynamicCache, _ = require_cache_api()
+    cache = DynamicCache(config=config)
+    layer = ragged_layer_class()
+    cache.layers = [layer() for _ in cache.layers]
+    return cache
