@@ -328,3 +328,11 @@ def test_fuzz_agent_fast_path_equals_the_definition(b, hkv, groups, sq, sk, d, d
     q, k, v = make(b=b, hq=hkv * groups, hkv=hkv, sq=sq, sk=sk, d=d, dv=dv, seed=sq + 3 * sk)
     attn = az.get("agent", agents=agents)
     assert err(attn(q, k, v), attn.reference(q, k, v)) < 1e-10
+
+
+def test_lln_moment_matched_per_call_in_every_form():
+    q, k, v = make(sq=17)
+    attn = az.get("lln", chunk_size=5)
+    ref = attn.reference(q, k, v, causal=True)
+    for mode in MODES:
+        assert err(attn(q, k, v, causal=True, mode=mode), ref) < 1e-10, mode

@@ -132,7 +132,17 @@ class FeatureMapVariant(BothDirections):
 
     def step(self, q_t, k_t, v_t, state, *, scale=None, **inputs):
         d = self.check_step(q_t, k_t, v_t, state, inputs)[2]
-        ctx = self.step_context(d, scale)
+        return self._token(q_t, k_t, v_t, state, self.step_context(d, scale))
+
+    def _recurrent(self, q, k, v, call, state, inputs):
+        # token by token like `step`, with this call's context (per-call coefficients included)
+        ctx, outs = self._context(q, k, call), []
+        for t in range(k.shape[2]):
+            o_t, state = self._token(q[:, :, t], k[:, :, t], v[:, :, t], state, ctx)
+            outs.append(o_t)
+        return torch.stack(outs, dim=2), state
+
+    def _token(self, q_t, k_t, v_t, state, ctx):
         acc = state.dtype
         fq = self.features(q_t.to(acc).unsqueeze(2) * ctx.scale, "q", ctx).squeeze(2)
         fk = self.features(k_t.to(acc).unsqueeze(2), "k", ctx).squeeze(2)
