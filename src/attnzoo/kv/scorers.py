@@ -249,3 +249,47 @@ class PromptDistillPress(KVPress):
         chosen = step.session.shared["promptdistill"]
         all_layers = self.plan(int(step.row_length.max()), step.n_layers)[0] < 0
         return chosen if (step.layer > s or all_layers) else None
+
+
+@register
+class ExpectedAttentionPress(ScorePress):
+    name = "expected_attention"
+    paper = Paper("Expected Attention: KV Cache Compression by Estimating Attention from Future Queries Distribution",
+                  2025, "2510.00636")
+    summary = ("Query-agnostic: the queries to come are modelled as a Gaussian with the mean and covariance of the "
+               "prompt's own queries (un-rotated, then carried by RoPE averaged over the next `future` positions); "
+               "each key scores its expected attention, E[exp(q.k * scale)] = exp(scale mu.k + scale^2 k'Sigma k / "
+               "2), normalised per head, averaged over each KV group and weighted by the value's norm; the first "
+               "`sinks` tokens are always kept. Needs RoPE.")
+    params = KVPress.params + (
+        positive_int("future", 512, "future positions the rotation is averaged over (kvpress: 512)"),
+        nonneg_int("sinks", 4, "initial tokens always kept (kvpress: 4)"),
+        Param("covariance", True, "include the queries' covariance term", (bool,)),
+    )
+
+    def score(self, step):
+        from .retrieval import rotary_module, rotate
+
+        rotary = rotary_module(step.session.model)
+        dt = torch.promote_types(step.query.dtype, torch.float32)
+        valid = step.query_valid.view(step.query.shape[0], 1, -1, 1).to(dt)
+        n = valid.sum(2).clamp(min=1)
+        plain = rotate(rotary, step.query.to(dt), -step.query_position)  # the queries before RoPE
+        mean = (plain * valid).sum(2) / n  # (B, Hq, D)
+        # RoPE averaged over the next positions: v -> v * mean cos + rotate_half(v) * mean sin
+        ahead = step.query_position[:, -1:] + torch.arange(1, self.future + 1, device=step.query.device)
+        cos, sin = rotary(plain, ahead)
+        cos, sin = cos.to(dt).mean(1).unsqueeze(1), sin.to(dt).mean(1).unsqueeze(1)  # (B, 1, D)
+        half = plain.shape[-1] // 2
+        carry = lambda x: x * cos.unsqueeze(-2) + torch.cat([-x[..., half:], x[..., :half]], -1) * sin.unsqueeze(-2)
+        keys = step.keys.to(dt).repeat_interleave(step.groups, dim=1)  # (B, Hq, S, D)
+        mu = carry(mean.unsqueeze(2)).squeeze(2)
+        logits = (keys @ mu.unsqueeze(-1)).squeeze(-1) * step.scaling
+        if self.covariance:
+            centred = (plain - mean.unsqueeze(2)) * valid
+            cov = centred.transpose(-1, -2) @ centred / n.unsqueeze(-1)  # (B, Hq, D, D)
+            cov = carry(carry(cov).transpose(-1, -2))  # R Sigma R^T with R the averaged rotation
+            logits = logits + 0.5 * step.scaling ** 2 * ((keys @ cov) * keys).sum(-1)
+        logits = logits.masked_fill(~step.valid.repeat_interleave(step.groups, dim=1), -math.inf)
+        expected = step.group_mean(torch.softmax(logits, dim=-1).nan_to_num(0.0))
+        return (expected * step.values.to(dt).norm(dim=-1)).masked_fill(first_slots(step, self.sinks), math.inf)
