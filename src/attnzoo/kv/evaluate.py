@@ -7,6 +7,11 @@ Settings:
 - query_aware: context and question are prefilled (and compressed) together.
 Greedy decoding. Prefill time covers every forward before the first answer token; decode time is
 per generated token after it.
+
+`share_prefill`: presses whose prefill output is the uncompressed model's (they compress after each
+layer's attention and read everything) replay the uncompressed run's prefill (its per-layer queries,
+keys and values) instead of recomputing it: the same cache and answers, in a fraction of the time;
+their prefill time then measures compression only (`shared_prefill` in the record).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from collections import defaultdict
 
 import torch
 
+from .. import hf
 from .base import KVPress, cache_bytes, get, require_cache_api, with_cache
 from .tasks import Prompt, Sample, is_correct, make_prompt
 
@@ -36,8 +42,29 @@ def presses_for(methods: list[str], ratios: list[float]) -> list[KVPress]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt: Prompt, setting: str, press: KVPress | None, max_new_tokens: int) -> dict:
-    """Greedy answer of `model` to `prompt` under `press` (None: uncompressed) in `setting`."""
+def capture_prefill(model, input_ids: torch.Tensor, cache) -> tuple[dict, torch.Tensor]:
+    """The uncompressed prefill of `input_ids` into `cache`: ({layer: (query, key, value, scaling)}, the
+    last token's logits), what `PressSession.replay_prefill` replays."""
+    captured = {}
+
+    def make(layer):
+        def grab(module, query, key, value, attention_mask, scaling, call_next):
+            captured[layer] = (query, key, value, scaling)
+            return call_next(query, key, value, attention_mask)
+
+        return grab
+
+    with hf.hook(model, {i: make(i) for i, _ in hf.attention_modules(model)}, innermost=True):
+        out = model(input_ids=input_ids, **with_cache(model, cache), logits_to_keep=1)
+    return captured, out.logits
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: Prompt, setting: str, press: KVPress | None, max_new_tokens: int,
+             shared: tuple | None = None, capture: bool = False) -> dict:
+    """Greedy answer of `model` to `prompt` under `press` (None: uncompressed) in `setting`. `capture`
+    (uncompressed only): keep the prefill's per-layer tensors in the result's "shared"; `shared`: such a
+    capture, replayed instead of the prefill when the press allows it."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     DynamicCache, _ = require_cache_api()
@@ -46,14 +73,21 @@ def generate(model, tokenizer, prompt: Prompt, setting: str, press: KVPress | No
     cache = DynamicCache(config=model.config)
     session = press(model, tokenizer) if press is not None else contextlib.nullcontext()
     eos = tokenizer.eos_token_id
+    replay = shared is not None and press is not None and session.replays_prefill
+    first = torch.cat([ctx, question], dim=1) if setting == "query_aware" else ctx
     with session:
         start = _clock(device)
-        if setting == "query_aware":
-            out = model(input_ids=torch.cat([ctx, question], dim=1), **with_cache(model, cache), logits_to_keep=1)
+        if replay:
+            session.replay_prefill(first, shared[0], cache)
+            logits = shared[1]
+        elif capture:
+            captured = capture_prefill(model, first, cache)
+            logits = captured[1]
         else:
-            model(input_ids=ctx, **with_cache(model, cache), logits_to_keep=1)
-            out = model(input_ids=question, **with_cache(model, cache), logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+            logits = model(input_ids=first, **with_cache(model, cache), logits_to_keep=1).logits
+        if setting == "query_agnostic":
+            logits = model(input_ids=question, **with_cache(model, cache), logits_to_keep=1).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
         prefill = _clock(device) - start
         held = session.stats() if press is not None else _plain_stats(cache)
         tokens, steps = [int(token)], []
@@ -64,7 +98,9 @@ def generate(model, tokenizer, prompt: Prompt, setting: str, press: KVPress | No
             steps.append(_clock(device) - start)
             tokens.append(int(token))
         end = session.stats() if press is not None else _plain_stats(cache)
-    return {"output": tokenizer.decode([t for t in tokens if t != eos]), "prefill_s": prefill,
+    extra = {"shared": captured} if capture else {}
+    return {**extra, "shared_prefill": replay, "output": tokenizer.decode([t for t in tokens if t != eos]),
+            "prefill_s": prefill,
             "decode_s": statistics.median(steps) if steps else None, "new_tokens": len(tokens),
             "bytes": held["bytes"], "bytes_end": end["bytes"], "removed": held["removed"],
             "read_fraction": end["read_fraction"]}
@@ -83,7 +119,7 @@ def _plain_stats(cache) -> dict:
 
 
 def evaluate(model, tokenizer, presses: list[KVPress], samples: list[Sample], settings=SETTINGS,
-             progress: bool = True, records: list | None = None) -> list[dict]:
+             progress: bool = True, records: list | None = None, share_prefill: bool = False) -> list[dict]:
     """Every (sample, setting) run uncompressed and under every press: one record per run, appended to
     `records` (a new list if None) as each run ends, so an interrupted evaluation keeps what it measured."""
     from tqdm.auto import tqdm
@@ -94,10 +130,13 @@ def evaluate(model, tokenizer, presses: list[KVPress], samples: list[Sample], se
     for sample in samples:
         prompt = make_prompt(sample, tokenizer)
         for setting in settings:
+            shared = None
             for press in [None, *presses]:
                 label = BASELINE if press is None else press.label
                 bar.set_postfix_str(f"{sample.task}@{sample.length} d={sample.depth} {setting} {label}")
-                run = generate(model, tokenizer, prompt, setting, press, sample.max_new_tokens)
+                run = generate(model, tokenizer, prompt, setting, press, sample.max_new_tokens, shared=shared,
+                               capture=share_prefill and press is None)
+                shared = run.pop("shared", shared)
                 records.append({
                     "task": sample.task, "length": sample.length, "prompt_tokens": prompt.n_tokens,
                     "depth": sample.depth, "seed": sample.seed, "setting": setting, "method": label,

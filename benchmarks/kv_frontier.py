@@ -1,0 +1,92 @@
+"""Accuracy vs KV bytes really held (codes, scales, minimums, offsets and full-precision tails counted)
+on SmolLM2: eviction composed with int4 / int2 storage, eviction alone in the ragged layout, and
+quantization alone, against the uncompressed model in the same run (issue 23's frontier).
+
+    python benchmarks/kv_frontier.py --out results/kv_frontier            # 2k tokens, CPU
+    python benchmarks/kv_frontier.py --passkey 2 --others 0 --out /tmp/x   # a quick look
+
+Every press here compresses after each layer's attention, so the uncompressed prefill is computed
+once per sample and replayed for each press (`evaluate(share_prefill=True)`): same caches and answers.
+Writes results.json (records + summary, after every sample) and report.html; prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import attnzoo.kv as kv
+from attnzoo import models
+from attnzoo.kv import evaluate, report, tasks
+
+
+def presses() -> list:
+    q4, q2 = kv.get("kv_quant", bits=4), kv.get("kv_quant", bits=2)
+    return [
+        kv.compose(q2),                                                   # quantization alone, ~0.09 of the bytes
+        kv.get("snapkv", ratio=0.5) + q4, kv.get("expected_attention", ratio=0.5) + q4,      # <= 0.10
+        kv.get("snapkv", ratio=0.65) + q2, kv.get("expected_attention", ratio=0.65) + q2,    # <= 0.05
+        kv.compose(kv.get("razor", ratio=0.78)), kv.compose(kv.get("snapkv", ratio=0.78)),  # eviction only,
+        kv.compose(kv.get("expected_attention", ratio=0.78)),                              # <= 0.25
+        kv.get("razor", ratio=0.5) + kv.get("tova", ratio=0.78),
+    ]
+
+
+def markdown(summary: list[dict]) -> str:
+    rows = {}
+    for r in summary:
+        row = rows.setdefault(r["method"], {})
+        row[r["setting"]] = r
+    lines = ["| method | agnostic | aware | bytes agnostic | bytes aware | decode ×full (aware) |",
+             "|---|---|---|---|---|---|"]
+    for method, by in rows.items():
+        a, w = by.get("query_agnostic"), by.get("query_aware")
+        cell = lambda r: f"{round(r['accuracy'] * r['n'])}/{r['n']}" if r else "–"
+        frac = lambda r: f"{r['bytes_fraction']:.3f}" if r else "–"
+        dec = f"{w['decode_vs_full']:.2f}" if w and w["decode_vs_full"] else "–"
+        lines.append(f"| {method} | {cell(a)} | {cell(w)} | {frac(a)} | {frac(w)} | {dec} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--passkey", type=int, default=10, help="passkey samples (run first)")
+    ap.add_argument("--others", type=int, default=2, help="samples of each other task")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("results/kv_frontier"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    lm, tok = models.load_causal_lm()
+    depths = [0.1, 0.3, 0.5, 0.7, 0.9]
+    samples = [tasks.make_sample("passkey", tok, args.length, depths[i % 5], i // 5) for i in range(args.passkey)]
+    samples += [tasks.make_sample(t, tok, args.length, [0.3, 0.7][i % 2], i // 2)
+                for t in tasks.TASKS if t != "passkey" for i in range(args.others)]
+    press_list = presses()
+    args.out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    for i, sample in enumerate(samples):
+        evaluate.evaluate(lm, tok, press_list, [sample], records=records, share_prefill=True)
+        results = {"model": "smollm2", "length": args.length, "presses": [repr(p) for p in press_list],
+                   "samples_done": i + 1, "samples": len(samples), "records": records,
+                   "summary": evaluate.summarize(records), "wall_s": time.perf_counter() - start}
+        (args.out / "results.json").write_text(json.dumps(report.jsonable(results), indent=1))
+        print(f"[{i + 1}/{len(samples)}] {sample.task} d={sample.depth} {time.perf_counter() - start:.0f} s",
+              flush=True)
+    by_task = {}
+    for task in dict.fromkeys(s.task for s in samples):
+        by_task[task] = markdown(evaluate.summarize([r for r in records if r["task"] == task]))
+    table = markdown(evaluate.summarize(records))
+    (args.out / "table.md").write_text("all tasks\n\n" + table + "\n\n" + "\n\n".join(
+        f"{t}\n\n{m}" for t, m in by_task.items()) + "\n")
+    report.write_html({**results, "device": "cpu", "machine": "", "config": {}, "methods": [], "interrupted": False},
+                      args.out / "report.html")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
