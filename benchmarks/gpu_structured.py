@@ -234,12 +234,16 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None, help="comma-separated row names (default: all)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="start no row after this many seconds")
     ap.add_argument("--no-flex", action="store_true", help="skip Flex used directly")
+    ap.add_argument("--tile", default=None, help="forward/dQ tile of the triton tables, e.g. 128x128 (default: "
+                                                 "the module's BLOCK_M x BLOCK_N)")
     args = ap.parse_args(argv)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from attnzoo.backends.triton import blocksparse as bs
 
+    if args.tile:
+        bs.BLOCK_M, bs.BLOCK_N = (int(x) for x in args.tile.split("x"))
     t_start = time.perf_counter()
     device = torch.device("cuda")
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
@@ -248,7 +252,7 @@ def main(argv=None) -> int:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "dtype": "bfloat16", "date": time.strftime("%Y-%m-%d"),
               "flops": "2 (D + Dv) per allowed pair forward; 3.5x forward+backward", "rows": [], "skipped": [],
-              "correctness": {}}
+              "correctness": {}, "tile": [bs.BLOCK_M, bs.BLOCK_N], "bwd_tile": [bs.BWD_BLOCK_M, bs.BWD_BLOCK_N]}
 
     def save():
         with open(args.out, "w") as f:

@@ -17,9 +17,10 @@ causal, device) and rebuilt only when the call's inputs change (`reuse.InputsKey
 host work beyond the launch. Building one reads the number of partial tiles (one device sync per build).
 
 Kernels (FlashAttention-2's algorithm, our code): `_fwd` (one program per query block and query head: online
-softmax in base 2 over the full then the partial tiles; saves the log-sum-exp), `_bwd_dq` (the same walk,
-dQ = dS K), `_bwd_dkdv` (one program per key block and KV head, walking every query head of its group over the
-transposed lists: GQA without repeating K/V). Rows with no allowed key give zeros and zero gradients.
+softmax in base 2 over the full then the partial tiles; saves the log-sum-exp), `_bwd_delta` (rowsum(O dO)),
+`_bwd_dq` (the forward's walk, dQ = dS K), `_bwd_dkdv` (one program per key block and KV head, walking every query
+head of its group over the transposed lists of a second layout of 64 x 128 tiles, so its products have 128 rows:
+GQA without repeating K/V). Rows with no allowed key give zeros and zero gradients.
 If a kernel fails to compile or launch, the call falls back to flex (CUDA) or torch with a one-time warning.
 """
 from __future__ import annotations
@@ -43,8 +44,12 @@ except ImportError as _err:  # pragma: no cover - exercised where triton is abse
     triton = tl = None
     TRITON_ERROR = f"triton is not importable ({_err})"
 
-BLOCK_M = 128  # queries a tile
+BLOCK_M = 128  # queries a tile (forward and dQ)
 BLOCK_N = 64   # keys a tile (a multiple of 32: one int32 word per 32 keys of a mask row)
+# dK/dV walk the transposed lists of their own layout, 64 queries x 128 keys, so that every product of that
+# kernel has 128 rows (the key block), as FlashAttention-2's backward; its tables are built at the first backward.
+BWD_BLOCK_M = 64
+BWD_BLOCK_N = 128
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MASK_CHUNK = 2048  # partial tiles whose mask is evaluated at once (2048 x 128 x 64 bools = 16 MiB)
 
@@ -160,16 +165,17 @@ _layouts: dict = {}
 stats = {"layouts_built": 0}
 
 
-def layout_for(variant: SoftmaxVariant, call: Call) -> Layout:
-    """The call's layout, rebuilt only when the configuration, shapes or inputs changed."""
+def layout_for(variant: SoftmaxVariant, call: Call, block_m: int | None = None, block_n: int | None = None) -> Layout:
+    """The call's layout (forward tiles by default), rebuilt only when the configuration, shapes or inputs changed."""
     s = call.shapes
-    key = (variant.key, s, call.causal, call.device, BLOCK_M, BLOCK_N)
+    block_m, block_n = block_m or BLOCK_M, block_n or BLOCK_N
+    key = (variant.key, s, call.causal, call.device, block_m, block_n)
     given = InputsKey(variant, call.inputs)
     with _lock:
         hit = _layouts.get(key)
         if hit is not None and hit[0] == given:
             return hit[1]
-    layout = build_layout(variant, call, BLOCK_M, BLOCK_N)
+    layout = build_layout(variant, call, block_m, block_n)
     with _lock:
         _layouts[key] = (given, layout)
         stats["layouts_built"] += 1
@@ -180,6 +186,8 @@ def layout_for(variant: SoftmaxVariant, call: Call) -> Layout:
 
 if triton is not None:
     _KEYS = ["BD", "BDV", "BM", "BN"]
+    # sizes that change between calls: not specialised on (no recompilation, and no autotuning, per length)
+    _RUNTIME = ["sq", "sk", "hq", "hkv", "group", "row_b", "row_h", "nmax"]
 
     def _configs(kind: str):
         if _interpreting():
@@ -227,7 +235,7 @@ if triton is not None:
         return acc, m_new, l_i
 
     @_autotune("fwd")
-    @triton.jit
+    @triton.jit(do_not_specialize=_RUNTIME[:3] + _RUNTIME[4:])
     def _fwd(Q, K, V, O, LSE, FN, FI, PN, PI, PT, BITS,
              sq, sk, hq, group, qk_scale, row_b, row_h, nmax,
              s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
@@ -275,7 +283,7 @@ if triton is not None:
         tl.store(LSE + bh.to(tl.int64) * sq + offs_m, lse, mask=offs_m < sq)
 
     @_autotune("bwd")
-    @triton.jit
+    @triton.jit(do_not_specialize=_RUNTIME[:3] + _RUNTIME[4:])
     def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, FN, FI, PN, PI, PT, BITS,
                 sq, sk, hq, group, qk_scale, scale, row_b, row_h, nmax,
                 s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
@@ -324,6 +332,23 @@ if triton is not None:
         tl.store(DQ + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=rows & (offs_d[None, :] < D))
 
+    @triton.jit(do_not_specialize=["sq", "hq"])
+    def _bwd_delta(O, DO, DELTA, sq, hq, s_ob, s_oh, s_os, s_db, s_dh, s_ds,
+                   DV: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr):
+        """delta = rowsum(O * dO) in float32 (FlashAttention's preprocessing), no float32 copies of O or dO."""
+        bh = tl.program_id(1)
+        b = bh // hq
+        h = bh % hq
+        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+        offs_dv = tl.arange(0, BDV)
+        inside = (offs_m[:, None] < sq) & (offs_dv[None, :] < DV)
+        o = tl.load(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_dv[None, :], mask=inside,
+                    other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * s_db + h * s_dh + offs_m[:, None] * s_ds + offs_dv[None, :], mask=inside,
+                     other=0.0)
+        tl.store(DELTA + bh.to(tl.int64) * sq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
+                 mask=offs_m < sq)
+
     @triton.jit
     def _dkdv_tile(k, v, dk, dv, Q, DO, LSE, DELTA, q_base, do_base, lh, i, sq,
                    s_qs, s_os, qk_scale, allowed, MASKED: tl.constexpr,
@@ -348,7 +373,7 @@ if triton is not None:
         return dk, dv
 
     @_autotune("bwd")
-    @triton.jit
+    @triton.jit(do_not_specialize=_RUNTIME)
     def _bwd_dkdv(Q, K, V, DO, DK, DV_, LSE, DELTA, FN, FI, PN, PI, PT, BITS,
                   sq, sk, hq, hkv, group, qk_scale, scale, row_b, row_h, nmax,
                   s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
@@ -419,21 +444,24 @@ def forward(q, k, v, lay: Layout, scale: float):
     return o, lse
 
 
-def backward(q, k, v, o, lse, do, lay: Layout, scale: float):
+def backward(q, k, v, o, lse, do, lay: Layout, lay_kv: Layout, scale: float):
+    """(dq, dk, dv): dQ over `lay` (the forward's tiles), dK/dV over `lay_kv`'s transposed lists."""
     b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     do = do.contiguous() if do.stride() != o.stride() else do
-    delta = (o.float() * do.float()).sum(-1)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     sizes = _sizes(q, k, v, lay)
+    _bwd_delta[(triton.cdiv(sq, 64), b * hq)](o, do, delta, sq, hq, *o.stride()[:3], *do.stride()[:3],
+                                              DV=sizes["DV"], BDV=sizes["BDV"], BM=64)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _bwd_dq[(triton.cdiv(sq, lay.block_m), b * hq)](
         q, k, v, do, dq, lse, delta, lay.full_num, lay.full_idx, lay.part_num, lay.part_idx, lay.part_tile, lay.bits,
         sq, sk, hq, hq // hkv, scale * LOG2E, scale, lay.b_step, lay.h_step, lay.full_idx.shape[1],
         *_strides(q, k, v, do), **sizes)
-    _bwd_dkdv[(triton.cdiv(sk, lay.block_n), b * hkv)](
-        q, k, v, do, dk, dv, lse, delta, lay.t_full_num, lay.t_full_idx, lay.t_part_num, lay.t_part_idx,
-        lay.t_part_tile, lay.bits, sq, sk, hq, hkv, hq // hkv, scale * LOG2E, scale, lay.t_b_step, lay.t_h_step,
-        lay.t_full_idx.shape[1], *_strides(q, k, v, do), **sizes)
+    _bwd_dkdv[(triton.cdiv(sk, lay_kv.block_n), b * hkv)](
+        q, k, v, do, dk, dv, lse, delta, lay_kv.t_full_num, lay_kv.t_full_idx, lay_kv.t_part_num, lay_kv.t_part_idx,
+        lay_kv.t_part_tile, lay_kv.bits, sq, sk, hq, hkv, hq // hkv, scale * LOG2E, scale, lay_kv.t_b_step,
+        lay_kv.t_h_step, lay_kv.t_full_idx.shape[1], *_strides(q, k, v, do), **_sizes(q, k, v, lay_kv))
     return dq, dk, dv
 
 
@@ -450,7 +478,8 @@ class _BlockSparse(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         try:
-            dq, dk, dv = backward(q, k, v, o, lse, do, ctx.lay, ctx.scale)
+            lay_kv = layout_for(ctx.variant, ctx.call, BWD_BLOCK_M, BWD_BLOCK_N)
+            dq, dk, dv = backward(q, k, v, o, lse, do, ctx.lay, lay_kv, ctx.scale)
         except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
             _warn_once("backward", err)
             dq, dk, dv = _fallback_grads(ctx, q, k, v, do)
