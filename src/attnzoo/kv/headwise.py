@@ -100,6 +100,51 @@ class DuoAttentionPress(WholeOrWindowPress):
 
 
 @register
+class HeadRolesPress(WholeOrWindowPress):
+    name = "head_roles"
+    paper = Paper("Retrieval Head Mechanistically Explains Long-Context Factuality", 2024, "2404.15574")
+    summary = ("Per-head budgets from attnzoo.heads' own retrieval probe (the copy-paste criterion on passkey "
+               "questions over real prose), computed once per model and probe setting and cached on disk keyed by "
+               "the model's weights: retrieval heads (highest scores, as many as the ratio allows) keep the whole "
+               "cache, the others (streaming heads) sinks + a recent window. Any causal LM; needs its tokenizer.")
+    params = KVPress.params + (nonneg_int("sinks", 4, "initial tokens streaming heads keep"),
+                               positive_int("recent", 64, "recent window of streaming heads"),
+                               positive_int("examples", 8, "passkey questions the probe reads"),
+                               positive_int("context", 384, "tokens of each probe question"))
+
+    def head_scores(self, model, tokenizer):
+        return role_scores(model, tokenizer, self.examples, self.context)
+
+
+def role_scores(model, tokenizer, examples: int = 8, context: int = 384) -> torch.Tensor:
+    """(layers, Hkv) retrieval scores from attnzoo.heads (a KV head scores its best query head), cached
+    on disk per model and probe setting (`profile.disk_cached`)."""
+    if tokenizer is None:
+        raise ValueError("head_roles probes the model with passkey questions: pass the tokenizer, press(model, "
+                         "tokenizer)")
+    from ..heads import retrieval_scores
+
+    def compute():
+        scores = retrieval_scores(model, tokenizer, examples, context, split="train", seed=0)
+        return scores.view(scores.shape[0], model.config.num_key_value_heads, -1).amax(-1).float()
+
+    return profile.disk_cached(model, "head_roles", role_config(examples, context), compute)
+
+
+def role_config(examples: int, context: int) -> dict:
+    """What a head_roles profile is keyed by, besides the model."""
+    return {"probe": "retrieval", "examples": examples, "context": context}
+
+
+def role_ratios(scores: torch.Tensor, length: int, ratio: float, window: int) -> torch.Tensor:
+    """(layers, Hkv) ratios for `ScorePress.with_budgets` from head-role scores: the `split_budget`
+    allocation at `length` tokens (retrieval heads remove nothing, the others keep `window` entries)."""
+    n_full, keep = split_budget(length, ratio, window, scores.numel())
+    whole = profile.full_heads(scores, n_full)
+    return torch.where(whole, 0.0, 1.0 - keep / length).double()
+
+
+@register
 class RazorAttentionPress(WholeOrWindowPress):
     name = "razor"
     paper = Paper("RazorAttention: Efficient KV Cache Compression Through Retrieval Heads", 2024, "2407.15891")

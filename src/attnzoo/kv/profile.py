@@ -6,8 +6,11 @@ through `attnzoo.hf` hooks. Results are cached per model object for the life of 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -22,6 +25,40 @@ def cached(model, key, compute):
     if key not in per_model:
         per_model[key] = compute()
     return per_model[key]
+
+
+def fingerprint(model) -> str:
+    """A short hash of the model's config and a sample of its weights: what a disk cache is keyed by."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    params = list(model.parameters())
+    for p in params[:: max(1, len(params) // 8)]:
+        h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def disk_cached(model, name: str, config: dict, compute) -> torch.Tensor:
+    """`compute()` once per (model, name, config), kept in memory and on disk (under
+    `models.cache_dir()/kv_profiles`, keyed by the model's `fingerprint` and `config`), so a later
+    process reads the same tensor back instead of profiling again."""
+    path = disk_path(model, name, config)
+
+    def load_or_compute():
+        if path.exists():
+            return torch.load(path)
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".part")
+        torch.save(value, partial)
+        partial.replace(path)  # atomic: a concurrent reader never sees half a file
+        return value
+
+    return cached(model, (name, path.name), load_or_compute)
+
+
+def disk_path(model, name: str, config: dict) -> Path:
+    """Where `disk_cached` keeps (model, name, config)'s tensor."""
+    key = hashlib.sha256(json.dumps({"model": fingerprint(model), **config}, sort_keys=True).encode()).hexdigest()[:20]
+    return models.cache_dir() / "kv_profiles" / f"{name}-{key}.pt"
 
 
 def text_ids(model, tokenizer, n_tokens: int, offset: int = 0) -> torch.Tensor:
