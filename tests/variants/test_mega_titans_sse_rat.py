@@ -60,9 +60,9 @@ CASES = {
     "titans": ("titans", {"mini_batch": 5}, _titans_inputs,
                lambda q, k, v, x, p: titans_loop(q, k, v, x["theta"], x["eta"], x["alpha"], p["mini_batch"]), True),
     "titans-online-defaults": ("titans", {"mini_batch": 1}, lambda *a: {}, _default_titans, True),
-    "sse-gated-top2": ("sse", {"states": 3, "top_k": 2}, _sse_inputs,
+    "sse-gated-top2": ("sse", {"states": 3, "active": 2}, _sse_inputs,
                        lambda q, k, v, x, p: sse_loop(q, k, v, x["router"], 2, x["g"]), True),
-    "sse-top1-raw-keys": ("sse", {"states": 4, "top_k": 1, "key_softmax": False},
+    "sse-top1-raw-keys": ("sse", {"states": 4, "active": 1, "key_softmax": False},
                           lambda *a: _sse_inputs(*a, gated=False, states=4),
                           lambda q, k, v, x, p: sse_loop(q, k, v, x["router"], 1, key_softmax=False), True),
     "rat": ("rat", {"chunk": 5}, _rat_inputs, lambda q, k, v, x, p: rat_loop(q, k, v, x["fk"], x["fv"], 5), True),
@@ -294,8 +294,8 @@ def test_bad_values_name_the_input_and_the_range():
     q, k, v, x = make("sse-gated-top2", s=10)
     with pytest.raises(ValueError, match="log forget gates"):
         az.get("sse", states=3)(q, k, v, causal=True, **{**x, "g": -x["g"] + 1})
-    with pytest.raises(ValueError, match="'top_k'.*<= states"):
-        az.get("sse", states=3, top_k=4)(q, k, v, causal=True, **x)
+    with pytest.raises(ValueError, match="'active'.*<= states"):
+        az.get("sse", states=3, active=4)(q, k, v, causal=True, **x)
     with pytest.raises(TypeError, match="missing required input 'router'"):
         az.get("sse")(q, k, v, causal=True)
     with pytest.raises(ValueError, match="router"):

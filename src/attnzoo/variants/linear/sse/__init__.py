@@ -14,7 +14,7 @@ from .naive import sse_parallel
 class SSE(LinearVariant):
     name = "sse"
     summary = ("Sparse State Expansion: `states` partitions per KV head, each a (gated) linear-attention state. Router "
-               "logits (input 'router') classify every token: the top_k partitions by softmax are written with weight "
+               "logits (input 'router') classify every token: the `active` (top-k) partitions by softmax are written with weight "
                "w = softmax * mask (S^n += w_n phi(k)^T v, phi = softmax over the key dimension: the row-sparse "
                "classification update) and read with the same weight (o = scale * sum_n w_n q S^n); unselected "
                "partitions are untouched. Optional GLA log decays 'g' (<= 0) apply to the selected partitions only. "
@@ -23,7 +23,8 @@ class SSE(LinearVariant):
     paper = Paper("Scaling Linear Attention with Sparse State Expansion", 2025, "2507.16577")
     params = (
         positive_int("states", 4, "N, the number of state partitions per KV head"),
-        positive_int("top_k", 1, "partitions each token writes and reads (<= states)"),
+        positive_int("active", 1, "k, the partitions each token writes and reads: the paper's top-k (<= states; "
+                     "not named top_k, which means a key budget elsewhere in attnzoo)"),
         Param("key_softmax", True, "phi(k) = softmax(k) over the key dimension (the classification view; fla's "
               "use_k_softmax); False keeps k", (bool,), None, "a bool"),
         positive_int("chunk_size", 64, "tokens per chunk of the chunk form (C x C tiles inside a chunk)"),
@@ -42,7 +43,7 @@ class SSE(LinearVariant):
         return (batch, heads, self.config["states"] * dk, dv)
 
     def validate_call(self, call):
-        self._check_top_k()
+        self._check_active()
         g = call.inputs.get("g")
         if g is not None and (not torch.isfinite(g).all() or bool((g > 0).any())):
             raise ValueError(f"{self.name}: input 'g' holds log forget gates and must be finite and <= 0; got positive "
@@ -50,13 +51,13 @@ class SSE(LinearVariant):
         if not torch.isfinite(call.inputs["router"]).all():
             raise ValueError(f"{self.name}: input 'router' must be finite")
 
-    def _check_top_k(self):
-        if self.config["top_k"] > self.config["states"]:
-            raise ValueError(f"{self.name}: parameter 'top_k' ({self.config['top_k']}) must be <= states "
+    def _check_active(self):
+        if self.config["active"] > self.config["states"]:
+            raise ValueError(f"{self.name}: parameter 'active' ({self.config['active']}) must be <= states "
                              f"({self.config['states']})")
 
     def _args(self):
-        return self.config["top_k"], self.config["key_softmax"]
+        return self.config["active"], self.config["key_softmax"]
 
     def parallel(self, q, k, v, call, state, inputs):
         return sse_parallel(q, k, v, inputs["router"], inputs.get("g"), call.scale, *self._args(), state)
@@ -67,7 +68,7 @@ class SSE(LinearVariant):
 
     def step(self, q_t, k_t, v_t, state, *, scale=None, router=None, g=None, **inputs):
         b, hkv, d, _ = self.check_step(q_t, k_t, v_t, state, inputs)
-        self._check_top_k()
+        self._check_active()
         if not isinstance(router, torch.Tensor) or tuple(router.shape) != (b, hkv, self.config["states"]):
             raise ValueError(f"{self.name}: step needs router (B, Hkv, states) = {(b, hkv, self.config['states'])}, "
                              f"got {tuple(router.shape) if isinstance(router, torch.Tensor) else router!r}")

@@ -10,10 +10,10 @@ from .._decay import decay_chunk, decay_step
 from .naive import key_map, route
 
 
-def expand(q, k, v, router, g, top_k: int, key_softmax: bool, acc):
+def expand(q, k, v, router, g, active: int, key_softmax: bool, acc):
     """(B, Hq|Hkv, [S,] ...) tensors -> the same over N x Hkv heads (partition-major inside each KV head)."""
     b, hkv = k.shape[:2]
-    w, mask = route(router.to(acc), top_k)                  # (B, Hkv, [S,] N)
+    w, mask = route(router.to(acc), active)                  # (B, Hkv, [S,] N)
     n = w.shape[-1]
     w_, m_ = w.movedim(-1, 2), mask.movedim(-1, 2)          # (B, Hkv, N, [S])
     qg = q.to(acc).view(b, hkv, 1, q.shape[1] // hkv, *q.shape[2:])
@@ -29,18 +29,18 @@ def collapse(o: torch.Tensor, hkv: int, n: int) -> torch.Tensor:
     return o.view(o.shape[0], hkv, n, -1, *o.shape[2:]).sum(2).flatten(1, 2)
 
 
-def sse_chunk(q, k, v, router, g, scale: float, top_k: int, key_softmax: bool, state: torch.Tensor,
+def sse_chunk(q, k, v, router, g, scale: float, active: int, key_softmax: bool, state: torch.Tensor,
               chunk_size: int):
     """Same arguments and results as `naive.sse_parallel`."""
     b, hkv, _, d = k.shape
-    qn, kn, vn, gn, n = expand(q, k, v, router, g, top_k, key_softmax, state.dtype)
+    qn, kn, vn, gn, n = expand(q, k, v, router, g, active, key_softmax, state.dtype)
     o, final = decay_chunk(qn, kn, vn, gn, scale, state.view(b, hkv * n, d, -1), chunk_size)
     return collapse(o, hkv, n), final.reshape(state.shape)
 
 
-def sse_step(q_t, k_t, v_t, router_t, g_t, scale: float, top_k: int, key_softmax: bool, state: torch.Tensor):
+def sse_step(q_t, k_t, v_t, router_t, g_t, scale: float, active: int, key_softmax: bool, state: torch.Tensor):
     """One token: q_t (B, Hq, D), k_t (B, Hkv, D), v_t (B, Hkv, Dv), router_t (B, Hkv, N), g_t None | (B, Hkv, D)."""
     b, hkv, d = k_t.shape
-    qn, kn, vn, gn, n = expand(q_t, k_t, v_t, router_t, g_t, top_k, key_softmax, state.dtype)
+    qn, kn, vn, gn, n = expand(q_t, k_t, v_t, router_t, g_t, active, key_softmax, state.dtype)
     o, final = decay_step(qn, kn, vn, gn, state.view(b, hkv * n, d, -1), scale)
     return collapse(o, hkv, n), final.reshape(state.shape)

@@ -23,10 +23,10 @@ import torch
 from ....core.recurrent import group_queries, ungroup
 
 
-def route(router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def route(router: torch.Tensor, active: int) -> tuple[torch.Tensor, torch.Tensor]:
     """router logits (..., N) -> (w = softmax * top-k mask, the mask), both (..., N)."""
     p = torch.softmax(router, dim=-1)
-    mask = torch.zeros_like(p, dtype=torch.bool).scatter(-1, p.topk(top_k, dim=-1).indices, True)
+    mask = torch.zeros_like(p, dtype=torch.bool).scatter(-1, p.topk(active, dim=-1).indices, True)
     return p * mask, mask
 
 
@@ -34,13 +34,13 @@ def key_map(k: torch.Tensor, key_softmax: bool) -> torch.Tensor:
     return torch.softmax(k, dim=-1) if key_softmax else k
 
 
-def sse_parallel(q, k, v, router, g, scale: float, top_k: int, key_softmax: bool, state: torch.Tensor):
+def sse_parallel(q, k, v, router, g, scale: float, active: int, key_softmax: bool, state: torch.Tensor):
     """q (B, Hq, S, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), router (B, Hkv, S, N), g None | (B, Hkv, S, D),
     state (B, Hkv, N D, Dv) -> (o (B, Hq, S, Dv), final state)."""
     acc = state.dtype
     b, hkv, s, d = k.shape
     n = router.shape[-1]
-    w, mask = route(router.to(acc), top_k)
+    w, mask = route(router.to(acc), active)
     fk, v = key_map(k.to(acc), key_softmax), v.to(acc)
     qg = group_queries(q.to(acc), hkv)                                   # (B, Hkv, G, S, D)
     s0 = state.view(b, hkv, n, d, -1)
