@@ -142,7 +142,8 @@ bench_cli.register(app)
 
 @app.command("kv")
 def kv_cmd(
-    methods: str = typer.Option("all", help="comma-separated methods (attnzoo kv --list), or all"),
+    methods: str = typer.Option("all", help="comma-separated methods (attnzoo kv --list), or all; 'a+b+int4' "
+                                           "composes presses, stored in int8/int4/int2"),
     ratios: str = typer.Option("0.25,0.5,0.75,0.9", help="fractions of KV entries removed, each in [0, 1)"),
     lengths: str = typer.Option("1024", help="prompt lengths in tokens (each >= 128), e.g. 1024,2048"),
     tasks: str = typer.Option("passkey,niah_single,qa", help=f"comma-separated tasks from {', '.join(KV_TASKS)}, or all"),
@@ -154,6 +155,9 @@ def kv_cmd(
     threads: int = opts.threads_option(),
     device: str = typer.Option("cpu", help="where the model runs: cpu, cuda or cuda:N"),
     list_methods: bool = typer.Option(False, "--list", help="list the methods and exit"),
+    compare: str = typer.Option("", callback=opts.choice(("", "kvpress")),
+                                help="kvpress: also run kvpress's versions of the methods, same samples and table "
+                                     "(skipped with the reason when kvpress cannot run here)"),
 ):
     """Compress the KV cache of a Hugging Face causal LM with each method and ratio; measure accuracy on
     long-context tasks over real text, the KV bytes held and the latency, against the uncompressed model."""
@@ -168,7 +172,8 @@ def kv_cmd(
         settings=opts.name_list(settings, "--settings", KV_SETTINGS, allow_all=True),
     )
     kv = _tool("attnzoo.kv.cli")
-    kv.run(methods, **checked, samples=samples, model=model, out=out, threads=threads, device=opts.device(device))
+    kv.run(methods, **checked, samples=samples, model=model, out=out, threads=threads, device=opts.device(device),
+           compare=compare)
 
 
 @app.command("heads")

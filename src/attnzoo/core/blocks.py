@@ -91,3 +91,28 @@ def from_mask_rows(mask_rows, sq: int, sk: int, q_block: int, kv_block: int) -> 
         any_blocks.append(a.view(*a.shape[:-1], nk, kv_block).any(-1))
         full_blocks.append(f.view(*f.shape[:-1], nk, kv_block).all(-1))
     return BlockStructure(q_block, kv_block, sq, sk, torch.stack(any_blocks, -2), torch.stack(full_blocks, -2))
+
+
+def from_lattice(lo: torch.Tensor, hi: torch.Tensor, residue: torch.Tensor, step: int, sq: int, sk: int,
+                 q_block: int, kv_block: int, rows_at_once: int = 8192) -> BlockStructure:
+    """Rows allowed on the keys k in [lo, hi) with k = residue (mod step), each (B', H', Sq) (dilated windows).
+
+    Exact, in O(Sq x key blocks) whatever the number of lattice points (as intervals they would cost one pass each):
+    a tile holds an allowed key when the first lattice key at or after the start of its overlap with [lo, hi)
+    lies before the overlap's end; with step > 1 no tile is full. Rows are processed `rows_at_once` at a time.
+    """
+    nk = n_blocks(sk, kv_block)
+    k0 = torch.arange(nk, device=lo.device) * kv_block
+    k1 = torch.clamp(k0 + kv_block, max=sk)
+    lo, hi, residue = torch.broadcast_tensors(lo, hi, residue)
+    rows_at_once -= rows_at_once % q_block
+    any_blocks, full_blocks = [], []
+    for r0 in range(0, sq, rows_at_once):
+        r1 = min(r0 + rows_at_once, sq)
+        lo_, hi_ = (t[..., r0:r1].clamp(0, sk).unsqueeze(-1) for t in (lo, hi))
+        start = torch.maximum(lo_, k0)
+        first = start + (residue[..., r0:r1].unsqueeze(-1) - start) % step
+        any_blocks.append(_reduce_rows(first < torch.minimum(hi_, k1), r1 - r0, q_block, "any"))
+        full = (lo_ <= k0) & (hi_ >= k1) if step == 1 else torch.zeros_like(first, dtype=torch.bool)
+        full_blocks.append(_reduce_rows(full, r1 - r0, q_block, "all"))
+    return BlockStructure(q_block, kv_block, sq, sk, torch.cat(any_blocks, -2), torch.cat(full_blocks, -2))

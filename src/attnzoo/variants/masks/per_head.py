@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...core import blocks as _blocks
 from ...core.info import Paper, Param, nonneg_int, positive_int
 from ...core.registry import register
 from ...core.variant import Call, SoftmaxVariant
@@ -214,6 +215,16 @@ class DilatedWindow(_PerHead):
         d = self.config["dilation"]
         t = kv_pos - q_pos + self.head_value(call, h)
         return (t % d == 0) & (t >= -self.config["window"] * d) & (t <= self._right() * d)
+
+    def block_structure(self, call, q_block, kv_block):
+        """The lattice of the head's keys, in one pass (as intervals it would take window + right + 1 passes)."""
+        d = self.config["dilation"]
+        q_pos = call.shapes.query_positions(device=call.device).view(1, 1, -1)
+        base = q_pos - self.head_rows(call)
+        lo, hi = base - self.config["window"] * d, base + self._right() * d + 1
+        if call.causal:
+            hi = torch.minimum(hi, q_pos + 1)
+        return _blocks.from_lattice(lo, hi, base, d, call.shapes.sq, call.shapes.sk, q_block, kv_block)
 
     def kv_intervals(self, call, q_pos):
         steps = range(-self.config["window"], self._right() + 1)
