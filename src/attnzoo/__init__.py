@@ -28,13 +28,13 @@ _API = {
 __all__ = [
     "ALL_PATTERNS", "Call", "Input", "Paper", "Param", "RecurrentVariant", "Selection", "SelectionVariant",
     "SoftmaxVariant", "Variant", "VariantInfo", "and_masks", "attention", "get", "inside_documents", "or_masks",
-    "nn", "register", "variants", "__version__",
+    "distributed", "nn", "register", "variants", "__version__",
 ]
 
 
 def __getattr__(name: str):
-    if name == "nn":  # the modules package, as az.nn.MultiheadAttention
-        return importlib.import_module(".nn", __name__)
+    if name in ("nn", "distributed"):  # submodules: az.nn.MultiheadAttention, az.distributed.context_parallel
+        return importlib.import_module(f".{name}", __name__)
     module = _API.get(name)
     if module is None:
         raise AttributeError(f"module 'attnzoo' has no attribute {name!r}")
