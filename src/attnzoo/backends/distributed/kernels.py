@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import torch_blockwise as tb
 from ...core.checks import Shapes
 from ...core.variant import Call, SoftmaxVariant
+from .. import torch_blockwise as tb
 from .view import GlobalView
 
 INF = math.inf
@@ -169,21 +169,25 @@ class FlashKernel:
         return dq, dk, dv
 
 
-def band_reference(q, k, v, scale, left, right):
-    """FlashAttention's bottom-right-aligned window written densely on (B, S, H, D) tensors (float64 ok):
-    the stand-in for `_flash_fwd` in tests."""
-    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-    g = qh.shape[1] // kh.shape[1]
-    kh, vh = kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1)
-    sq, sk = qh.shape[2], kh.shape[2]
+def _band_mask(sq: int, sk: int, left: int, right: int) -> torch.Tensor:
+    """FlashAttention's window, bottom-right aligned: key j - query i in [sk - sq - left, sk - sq + right]
+    (-1 = unbounded)."""
     rel = torch.arange(sk).view(1, -1) - torch.arange(sq).view(-1, 1) - (sk - sq)
     allowed = torch.ones(sq, sk, dtype=torch.bool)
     if left >= 0:
         allowed &= rel >= -left
     if right >= 0:
         allowed &= rel <= right
-    s = (qh @ kh.transpose(-1, -2)) * scale
-    s = s.masked_fill(~allowed, -INF)
+    return allowed
+
+
+def band_reference(q, k, v, scale, left, right):
+    """FlashAttention's bottom-right-aligned window written densely on (B, S, H, D) tensors (float64 ok):
+    the stand-in for `_flash_fwd` in tests."""
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    g = qh.shape[1] // kh.shape[1]
+    kh, vh = kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1)
+    s = ((qh @ kh.transpose(-1, -2)) * scale).masked_fill(~_band_mask(qh.shape[2], kh.shape[2], left, right), -INF)
     lse = torch.logsumexp(s, -1)
     out = torch.softmax(s, -1) @ vh
     return out.transpose(1, 2), lse
@@ -194,14 +198,8 @@ def band_reference_bwd(dout, q, k, v, out, lse, scale, left, right):
     qh, kh, vh, doh, oh = (x.transpose(1, 2) for x in (q, k, v, dout, out))
     hkv, g = kh.shape[1], qh.shape[1] // kh.shape[1]
     kr, vr = kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1)
-    sq, sk = qh.shape[2], kh.shape[2]
-    rel = torch.arange(sk).view(1, -1) - torch.arange(sq).view(-1, 1) - (sk - sq)
-    allowed = torch.ones(sq, sk, dtype=torch.bool)
-    if left >= 0:
-        allowed &= rel >= -left
-    if right >= 0:
-        allowed &= rel <= right
-    s = ((qh @ kr.transpose(-1, -2)) * scale).masked_fill(~allowed, -INF)
+    sk = kh.shape[2]
+    s = ((qh @ kr.transpose(-1, -2)) * scale).masked_fill(~_band_mask(qh.shape[2], sk, left, right), -INF)
     p = torch.exp(s - lse.to(s.dtype).unsqueeze(-1))
     dv = p.transpose(-1, -2) @ doh
     dp = doh @ vr.transpose(-1, -2)
