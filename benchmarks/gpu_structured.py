@@ -11,6 +11,8 @@ For every structured variant at (B, H, S, D) = (4,16,8192,128), (8,16,2048,64), 
   shape (built once, as users do; its build time is reported apart), forward and forward+backward;
 - ratios to cuDNN SDPA causal attention (its TFLOP/s on causal pairs, same shape) and to Flex;
 - peak memory above the inputs (forward+backward) for both;
+- the time to build the kernel tables (forward and backward layouts, as on every change of the ids) against Flex's
+  create_block_mask;
 - correctness per variant on a small shape: FlashAttention's rule, the error of our bf16 output and gradients
   vs float64 over SDPA's error in bf16 with the dense mask (<= 2 passes).
 
@@ -234,6 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None, help="comma-separated row names (default: all)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="start no row after this many seconds")
     ap.add_argument("--no-flex", action="store_true", help="skip Flex used directly")
+    ap.add_argument("--no-host", action="store_true", help="skip the per-call host time measurement")
     ap.add_argument("--tile", default=None, help="forward/dQ tile of the triton tables, e.g. 128x128 (default: "
                                                  "the module's BLOCK_M x BLOCK_N)")
     args = ap.parse_args(argv)
@@ -259,8 +262,9 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=1)
 
     try:
-        result["host_overhead"] = host_overhead(device)
-        print("host", json.dumps(result["host_overhead"]), flush=True)
+        if not args.no_host:
+            result["host_overhead"] = host_overhead(device)
+            print("host", json.dumps(result["host_overhead"]), flush=True)
     except Exception as e:  # noqa: BLE001 - recorded, the run goes on
         result["host_overhead"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     for (b, h, s, d) in shapes:
@@ -301,7 +305,14 @@ def main(argv=None) -> int:
                 ours().sum().backward()  # compiles and builds the tables
                 torch.cuda.synchronize()
                 row["first_call_s"] = time.perf_counter() - t0
-                lay = bs.layout_for(attn, attn.prepare(q, k, v, causal, None, inputs))
+                call = attn.prepare(q, k, v, causal, None, inputs)
+                lay = bs.layout_for(attn, call)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                bs.build_layout(attn, call, bs.BLOCK_M, bs.BLOCK_N)
+                bs.build_layout(attn, call, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N)
+                torch.cuda.synchronize()
+                row["triton_build_ms"] = (time.perf_counter() - t0) * 1e3  # both layouts, as when the ids change
                 pairs = layout_pairs(lay, s, b, h)
                 row["density"] = pairs / (s * s)
                 tf, tfb = bench_ms(ours, long), bench_ms(fwd_bwd(ours, (q, k, v), do), long)
