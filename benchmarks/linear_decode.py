@@ -3,6 +3,10 @@ exact softmax decoding with a KV cache that grows with the context, in the same 
 attnzoo.bench.decode for the method). Prints the table and the ratios, writes JSON.
 
     python benchmarks/linear_decode.py [--device cuda] [--out linear_decode.json] [--contexts 1024 4096 ...]
+                                       [--budget-s 150] [--heads 8] [--variants gla titans ...]
+
+Points (variant, context) not reached within --budget-s are listed as such (the default keeps a CUDA run of
+every variant under 3 minutes; a CPU run to 64k needs a larger budget or fewer heads).
 
 CPU: float32, up to 4 threads. CUDA: bfloat16 inputs (states accumulate in
 float32). Geometry: B1, 8 heads (query = KV), head dim 64.
@@ -35,6 +39,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--variants", nargs="+", default=None, help="default: every recurrent variant")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--budget-s", type=float, default=150.0,
+                    help="stop prefilling new points after this many seconds (points not reached are listed)")
     ap.add_argument("--out", default="linear_decode.json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -48,6 +54,7 @@ def main(argv=None) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     rows: dict[str, dict] = {}
     t0 = time.time()
+    deadline = time.monotonic() + args.budget_s
     with tqdm(total=(len(names) + 1) * len(contexts), desc="decode", unit="point") as bar:
         rows["full"] = {"by_context": decode.full_decode(contexts, geo, dtype, device, steps, gen, bar.update)}
         for name in names:
@@ -56,7 +63,11 @@ def main(argv=None) -> dict:
             try:
                 rows[name] = {"params": decode.DECODE_PARAMS.get(name, {}),
                               "by_context": decode.recurrent_decode(name, contexts, geo, dtype, device, steps, gen,
-                                                                    bar.update)}
+                                                                    bar.update, deadline)}
+                missed = [n for n in contexts if n not in rows[name]["by_context"]]
+                if missed:
+                    rows[name]["not_reached"] = missed
+                    bar.update(len(missed))
             except Exception as e:  # a variant that cannot decode here is reported, not fatal
                 rows[name] = {"error": f"{type(e).__name__}: {e}"}
                 bar.update(start + len(contexts) - bar.n)
@@ -83,6 +94,10 @@ def show(result: dict) -> None:
     for name, row in result["rows"].items():
         if "error" in row:
             table.add_row(name, *["-"] * len(contexts), row["error"][:40], "", "")
+            continue
+        if name not in ratios:  # the time budget ended first
+            table.add_row(name, *(f"{row['by_context'][n]['us_per_token']:.0f}" if n in row["by_context"] else
+                                  "(time)" for n in contexts), "", "", "")
             continue
         r = ratios[name]
         speed = r.get("speedup_vs_full", {}).get(contexts[-1])

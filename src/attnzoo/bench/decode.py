@@ -5,8 +5,8 @@ measured in the same run.
 For each context length n (1k ... 64k by default) a variant's state is the one its chunk form returns
 after n random tokens (fed in pieces of `piece` tokens with the state carried, which equals one pass:
 tests/variants), then `steps` decode steps are timed one by one (CUDA: synchronised per step); the fastest
-(`us_per_token`, robust to other processes on a shared machine) and the median are reported. `full` decodes one query against n cached keys and values, appending the new key
-and value to the cache as a growing cache does. Required extra inputs (GLA's gates, SSE's router...)
+(`us_per_token`, robust to other processes on a shared machine) and the median are reported. `full` decodes one query against n cached keys and values with PyTorch's SDPA, appending
+the new key and value to the cache as a growing cache does. Required extra inputs (GLA's gates, SSE's router...)
 are filled as `attnzoo bench` fills them (bench.cases.make_inputs).
 
 The structural claim behind the timing, `state_elements(attn, n)`: a recurrent state has the same size
@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..core.api import get, variants
 from ..core.recurrent import RecurrentVariant
@@ -64,10 +65,18 @@ def step_inputs(attn, q_t, k_t, v_t) -> dict:
     return {n: t[:, :, 0] if n in per_token else t for n, t in one.items()}
 
 
-def prefill(attn, state, tokens: int, geo: Geometry, dtype, device, gen, piece: int = 2048):
-    """The state after `tokens` more random tokens, fed through the chunk form in pieces."""
+class OutOfTime(Exception):
+    """The run's time budget ended before this point."""
+
+
+def prefill(attn, state, tokens: int, geo: Geometry, dtype, device, gen, piece: int = 2048,
+            deadline: float = float("inf")):
+    """The state after `tokens` more random tokens, fed through the chunk form in pieces; OutOfTime once
+    time.monotonic() passes `deadline`."""
     done = 0
     while done < tokens:
+        if time.monotonic() > deadline:
+            raise OutOfTime
         n = min(piece, tokens - done)
         q, k, v = _qkv(geo, n, dtype, device, gen)
         _, state = attn(q, k, v, causal=True, initial_state=state, output_final_state=True,
@@ -91,13 +100,17 @@ def time_steps(fn, steps: int, device: torch.device, warmup: int = 3) -> dict:
 
 
 def recurrent_decode(name: str, contexts: list[int], geo: Geometry, dtype, device, steps: int, gen,
-                     on_context=None) -> dict:
-    """{context: {"us_per_token", "median_us", "state_elements"}} for one recurrent variant."""
+                     on_context=None, deadline: float = float("inf")) -> dict:
+    """{context: {"us_per_token", "median_us", "state_elements"}} for one recurrent variant; the contexts
+    reached before `deadline` (time.monotonic())."""
     attn = decoder(name)
     state = attn.init_state(geo.batch, geo.heads, geo.head_dim, geo.head_dim, dtype=torch.float32, device=device)
     out, seen = {}, 0
     for n in contexts:
-        state = prefill(attn, state, n - seen, geo, dtype, device, gen)
+        try:
+            state = prefill(attn, state, n - seen, geo, dtype, device, gen, deadline=deadline)
+        except OutOfTime:
+            break
         seen = n
         q_t, k_t, v_t = (x[:, :, 0] for x in _qkv(geo, 1, dtype, device, gen))
         extra = step_inputs(attn, q_t, k_t, v_t)
@@ -110,8 +123,8 @@ def recurrent_decode(name: str, contexts: list[int], geo: Geometry, dtype, devic
 
 
 def full_decode(contexts: list[int], geo: Geometry, dtype, device, steps: int, gen, on_context=None) -> dict:
-    """Exact softmax decoding: one query against the n cached keys/values plus the new one (cache grown by cat)."""
-    attn = get("full")
+    """Exact softmax decoding: one query against the n cached keys/values plus the new one (cache grown by cat),
+    by PyTorch's SDPA called directly (as the recurrent steps are: no dispatch in either)."""
     out = {}
     for n in contexts:
         _, k_cache, v_cache = _qkv(geo, n, dtype, device, gen)
@@ -120,7 +133,7 @@ def full_decode(contexts: list[int], geo: Geometry, dtype, device, steps: int, g
         def one():
             k = torch.cat([k_cache, k_t], 2)
             v = torch.cat([v_cache, v_t], 2)
-            return attn(q_t, k, v, causal=True)
+            return F.scaled_dot_product_attention(q_t, k, v)   # one query sees every cached key: causal
 
         out[n] = {**time_steps(one, steps, device), "state_elements": 2 * k_cache.numel()}
         if on_context:
@@ -136,7 +149,7 @@ def ratios(rows: dict[str, dict], contexts: list[int]) -> dict[str, dict]:
     out = {}
     for name, row in rows.items():
         by = row.get("by_context")
-        if not by:
+        if not by or any(n not in by for n in contexts):
             continue
         entry = {"growth": by[hi]["us_per_token"] / by[lo]["us_per_token"],
                  "state_growth": by[hi]["state_elements"] / by[lo]["state_elements"]}
