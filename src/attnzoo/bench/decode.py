@@ -3,14 +3,15 @@ after a real prefill, against exact softmax decoding over a KV cache that grows 
 measured in the same run.
 
 For each context length n (1k ... 64k by default) a variant's state is the one its chunk form returns
-after n random tokens (fed in pieces of `piece` tokens with the state carried, which equals one pass:
-tests/variants), then `steps` decode steps are timed one by one (CUDA: synchronised per step); the fastest
-(`us_per_token`, robust to other processes on a shared machine) and the median are reported. `full` decodes one query against n cached keys and values with PyTorch's SDPA, appending
-the new key and value to the cache as a growing cache does. Required extra inputs (GLA's gates, SSE's router...)
-are filled as `attnzoo bench` fills them (bench.cases.make_inputs).
+after n random tokens (fed in pieces with the state carried, which equals one pass: tests/variants), then
+`steps` decode steps are timed one by one (CUDA: synchronised per step); the fastest (`us_per_token`,
+robust to other processes on a shared machine) and the median are reported. `full` decodes one query
+against n cached keys and values with PyTorch's SDPA, appending the new key and value to the cache as a
+growing cache does. Required extra inputs (GLA's gates, SSE's router...) are filled as `attnzoo bench`
+fills them (bench.cases.make_inputs).
 
-The structural claim behind the timing, `state_elements(attn, n)`: a recurrent state has the same size
-after any number of tokens (RAT's grows by one row per chunk: it attends across chunk summaries).
+The structural claim behind the timing: a recurrent state has the same size after any number of tokens
+(`state_elements` in the results; RAT's grows by one row per chunk: it attends across chunk summaries).
 """
 from __future__ import annotations
 
