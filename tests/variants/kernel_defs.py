@@ -71,8 +71,9 @@ def kernel_loop(name, params, q, k, v, causal=True, scale=None):
                 den = sum(w)
                 num = sum(wj * v[bi, h // g, j] for wj, j in zip(w, range(last + 1)))
                 out[bi, h, i] = num / den if den != 0 else 0 * v[bi, 0, 0]
+    ones = torch.ones(1, dtype=F64)
     state = torch.stack([torch.stack([
-        sum(torch.outer(features(name, params, k[bi, h, j], "k", h, scale), torch.cat([v[bi, h, j], torch.ones(1, dtype=F64)]))
+        sum(torch.outer(features(name, params, k[bi, h, j], "k", h, scale), torch.cat([v[bi, h, j], ones]))
             for j in range(sk)) for h in range(hkv)]) for bi in range(b)])
     return out, state
 

@@ -76,7 +76,8 @@ def write(results: dict, out: Path) -> tuple[Path, Path]:
     from .report import line_plot, table
     from .report import write as write_report
 
-    rows = [[r["layer"], f"{r['fitted']['teacher_entropy']:.3f}", f"{r['untrained']['distillation_loss']:.3f}", f"{r['fitted']['distillation_loss']:.3f}",
+    rows = [[r["layer"], f"{r['fitted']['teacher_entropy']:.3f}", f"{r['untrained']['distillation_loss']:.3f}",
+             f"{r['fitted']['distillation_loss']:.3f}",
              f"{r['untrained']['output_error']:.3f}", f"{r['fitted']['output_error']:.3f}",
              f"{r['linear_elu1_output_error']:.3f}", f"{r['seconds']:.1f}"] for r in results["layers"]]
     curves = {f"layer {r['layer']}": list(enumerate(r["loss"])) for r in results["layers"]}

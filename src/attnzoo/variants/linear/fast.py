@@ -29,7 +29,8 @@ class Fast(FeatureMapVariant):
                "1 + s (order 1), s = scale * q_i . k_j, the Taylor polynomial of exp, computed through the factorised "
                "features [1, x', x' ⊗ x' / sqrt 2] (x' = x sqrt(scale)). normalize=True puts q and k on the unit "
                "sphere first (per token; the paper's code divides by the sequence's largest norm) and `scale` then "
-               "defaults to 1 (|s| <= 1). Causal and non-causal. State (B, Hkv, 1 + D + D^2, Dv + 1) (1 + D for order 1).")
+               "defaults to 1 (|s| <= 1). Causal and non-causal. State (B, Hkv, 1 + D + D^2, Dv + 1) (1 + D for "
+               "order 1).")
     paper = Paper("FAST: Factorizable Attention for Speeding up Transformers", 2024, "2402.07901")
     params = (
         Param("order", 2, "order p of the Taylor polynomial of exp: 2 (1 + s + s^2/2, the paper's Fastmax) or 1",

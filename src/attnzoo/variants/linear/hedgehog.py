@@ -41,7 +41,8 @@ class Hedgehog(FeatureMapVariant):
     name = "hedgehog"
     summary = ("Hedgehog: normalised linear attention with learned feature maps phi(x) = softmax([xW + b, -(xW + b)]) "
                "(2F positive features per head; one map for queries, one for keys) trained by distillation to "
-               "mimic softmax attention weights (az.nn.HedgehogFeatureMap, fitted by attnzoo.nn.hedgehog.distill). The maps' weights "
+               "mimic softmax attention weights (az.nn.HedgehogFeatureMap, fitted by attnzoo.nn.hedgehog.distill). "
+               "The maps' weights "
                "are parameters: weight_q (Hq, D, F), bias_q (Hq, F), weight_k (Hkv, D, F), bias_k (Hkv, F); None "
                "= the identity map (F = D, untrained). `scale` (default 1) multiplies q first. Causal and "
                "non-causal. State (B, Hkv, 2F, Dv + 1).")

@@ -44,7 +44,8 @@ def lln_moments(q: torch.Tensor, k: torch.Tensor) -> tuple[float, float]:
 
 
 def _temperature(name: str) -> Param:
-    return Param(name, None, f"{name} of the feature map exp({name} x); None: moment-matched per call (see lln_moments)",
+    return Param(name, None,
+                 f"{name} of the feature map exp({name} x); None: moment-matched per call (see lln_moments)",
                  (type(None), int, float), lambda v: v is None or (math.isfinite(v) and v > 0),
                  "None or a finite float > 0")
 
