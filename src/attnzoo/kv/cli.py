@@ -36,26 +36,52 @@ def print_methods() -> None:
     console.print(t)
 
 
+def method_names(text: str) -> list[str]:
+    """The --methods text: registered methods, "all", or compositions "a+b+int4" of eviction presses and
+    an optional int8/int4/int2 storage part last."""
+    known = [m.name for m in all_methods()]
+    plain = [t.strip() for t in text.split(",") if t.strip()]
+    if any("+" in t for t in plain):
+        for t in plain:
+            parts = t.split("+")
+            opts.name_list(",".join(p for p in parts if p not in kv_eval.QUANT_PARTS), "--methods", known)
+        return plain
+    return opts.name_list(text, "--methods", known, allow_all=True)
+
+
 def run(methods: str, ratios: list[float], lengths: list[int], task_list: list[str], depths: list[float],
-        samples: int, settings: list[str], model: str, out: Path, threads: int, device: str) -> None:
-    """`methods`: the --methods text, checked here against the registered methods."""
-    names = opts.name_list(methods, "--methods", [m.name for m in all_methods()], allow_all=True)
+        samples: int, settings: list[str], model: str, out: Path, threads: int, device: str,
+        compare: str = "") -> None:
+    """`methods`: the --methods text, checked here against the registered methods; `compare`: "kvpress"
+    runs kvpress's versions of the methods too, in the same table (skipped, with the reason, when kvpress
+    cannot run here)."""
+    names = method_names(methods)
     torch_device = torch.device(device)
     n_threads, why = opts.resolve_threads(threads, torch_device.type)
     previous = torch.get_num_threads()
     torch.set_num_threads(n_threads)
     console.print(f"{n_threads} CPU thread(s): {why}")
     try:
-        _run(names, ratios, lengths, task_list, depths, samples, settings, model, out, torch_device, why)
+        _run(names, ratios, lengths, task_list, depths, samples, settings, model, out, torch_device, why, compare)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run(names, ratios, lengths, task_list, depths, samples, settings, model, out, torch_device, why) -> None:
+def _run(names, ratios, lengths, task_list, depths, samples, settings, model, out, torch_device, why,
+         compare="") -> None:
     start = time.perf_counter()
     lm, tok = opts.load_causal_lm(model)
     lm.to(torch_device)
     presses = kv_eval.presses_for(names, ratios)
+    compared = {}
+    if compare == "kvpress":
+        from .compare import kvpress_presses, quantized_cache_note
+
+        adapters, note = kvpress_presses([n for n in names if "+" not in n], ratios)
+        compared = {"kvpress": {"presses": len(adapters), "note": note, "quantized_cache": quantized_cache_note()}}
+        console.print(f"--compare kvpress: {len(adapters)} kvpress presses" + (f" ({note})" if note else "")
+                      + f"; {compared['kvpress']['quantized_cache']}")
+        presses += adapters
     with opts.status("building the prompts ..."):
         sample_list = tasks.make_samples(task_list, tok, lengths, depths, samples)
     console.print(f"{len(sample_list)} samples x {len(settings)} settings x {len(presses) + 1} configurations "
@@ -82,7 +108,7 @@ def _run(names, ratios, lengths, task_list, depths, samples, settings, model, ou
         "presses": [repr(p) for p in presses],
         "samples": [{"task": s.task, "length": s.length, "depth": s.depth, "seed": s.seed, "answers": list(s.answers)}
                     for s in sample_list],
-        "summary": kv_eval.summarize(records), "records": records, "interrupted": interrupted,
+        "summary": kv_eval.summarize(records), "records": records, "interrupted": interrupted, "compare": compared,
     }
     results["wall_s"] = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)

@@ -31,14 +31,28 @@ BASELINE = "full"
 
 
 def presses_for(methods: list[str], ratios: list[float]) -> list[KVPress]:
-    """One press per (method, ratio); kv_quant, which removes no entries, once per bit width."""
+    """One press per (method, ratio); kv_quant, which removes no entries, once per bit width. A method
+    "a+b+int4" composes a and b (each at the ratio) with int4 storage (see `compose`)."""
     out = []
     for name in methods:
-        if name == "kv_quant":
+        if "+" in name:
+            out += [composed(name, r) for r in ratios]
+        elif name == "kv_quant":
             out += [get(name, bits=8), get(name, bits=4)]
         else:
             out += [get(name, ratio=r) for r in ratios]
     return out
+
+
+QUANT_PARTS = {"int8": 8, "int4": 4, "int2": 2}
+
+
+def composed(spec: str, ratio: float) -> KVPress:
+    """`compose` of the parts of "a+b+int4": eviction presses at `ratio`, intN as kv_quant(bits=N)."""
+    from .compose import compose
+
+    return compose(*[get("kv_quant", bits=QUANT_PARTS[p]) if p in QUANT_PARTS else get(p, ratio=ratio)
+                     for p in spec.split("+")])
 
 
 @torch.no_grad()

@@ -1,0 +1,98 @@
+"""attnzoo kv --compare kvpress: kvpress's presses in the same run and table when kvpress can run here;
+a clean skip, with the reason, when it is absent or declares another transformers range."""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import sys
+import types
+
+import pytest
+from kv_tiny import tiny_qwen3
+from typer.testing import CliRunner
+
+from attnzoo.cli import app
+from attnzoo.kv import compare
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2):
+    return smollm2[1]
+
+
+@pytest.fixture(scope="module")
+def folder(tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_qwen3(vocab=len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _fake_kvpress(monkeypatch, requires=("transformers>=4.56",)):
+    """A stand-in kvpress 9.9: SnapKVPress(compression_ratio) whose context manager drops the first half
+    of every layer's cache after the first forward (enough to see it ran and was measured)."""
+    module = types.ModuleType("kvpress")
+
+    class SnapKVPress:
+        def __init__(self, compression_ratio):
+            self.compression_ratio = compression_ratio
+
+        @contextlib.contextmanager
+        def __call__(self, model):
+            def halve(mod, args, kwargs, output):
+                cache = getattr(output, "past_key_values", None)
+                for layer in (cache.layers if cache is not None else []):
+                    if layer.keys is not None and layer.keys.shape[2] > 64:
+                        n = layer.keys.shape[2] // 2
+                        layer.keys, layer.values = layer.keys[:, :, n:], layer.values[:, :, n:]
+                return output
+
+            handle = model.register_forward_hook(halve, with_kwargs=True)
+            try:
+                yield
+            finally:
+                handle.remove()
+
+    module.SnapKVPress = SnapKVPress
+    monkeypatch.setitem(sys.modules, "kvpress", module)
+    real_version, real_requires = importlib.metadata.version, importlib.metadata.requires
+    monkeypatch.setattr(compare.metadata, "version", lambda n: "9.9" if n == "kvpress" else real_version(n))
+    monkeypatch.setattr(compare.metadata, "requires", lambda n: list(requires) if n == "kvpress" else real_requires(n))
+
+
+def _raise_not_found(name):
+    raise importlib.metadata.PackageNotFoundError(name)
+
+
+def test_absent_or_incompatible_kvpress_is_skipped_with_the_reason(monkeypatch):
+    monkeypatch.setattr(compare.metadata, "version", _raise_not_found)
+    assert compare.kvpress_presses(["snapkv"], [0.5]) == ([], "kvpress is not installed (pip install kvpress)")
+    monkeypatch.undo()
+    _fake_kvpress(monkeypatch, requires=("transformers<5.3,>=4.56.0", "torch"))
+    presses, why = compare.kvpress_presses(["snapkv"], [0.5])
+    assert presses == [] and "declares transformers<5.3,>=4.56.0; this is transformers" in why
+
+
+def test_the_comparison_runs_with_and_without_kvpress(folder, tmp_path, monkeypatch):
+    args = ["kv", "--model", str(folder), "--methods", "snapkv,razor+int4", "--ratios", "0.5", "--lengths", "256",
+            "--tasks", "passkey", "--depths", "0.5", "--settings", "query_aware", "--compare", "kvpress"]
+    monkeypatch.setattr(compare.metadata, "version", _raise_not_found)
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "without")])
+    assert res.exit_code == 0, res.output
+    assert "kvpress is not installed" in res.output
+    without = json.loads((tmp_path / "without" / "results.json").read_text())
+    assert {r["method"] for r in without["summary"]} == {"full", "snapkv", "razor(0.5)+kv_quant(int4)"}
+    monkeypatch.undo()
+    _fake_kvpress(monkeypatch)
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "with")])
+    assert res.exit_code == 0, res.output
+    assert "1 kvpress presses" in res.output  # compositions are attnzoo's own: not asked of kvpress
+    summary = json.loads((tmp_path / "with" / "results.json").read_text())["summary"]
+    rows = {r["method"]: r for r in summary}
+    assert set(rows) == {"full", "snapkv", "razor(0.5)+kv_quant(int4)", "kvpress:snapkv"}
+    assert 0.3 < rows["kvpress:snapkv"]["bytes_fraction"] < 0.7  # the stand-in halved the cache, measured
+    bad = CliRunner().invoke(app, ["kv", "--compare", "other"])
+    assert bad.exit_code == 2
