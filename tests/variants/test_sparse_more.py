@@ -225,16 +225,17 @@ def test_dma_learned_mask_is_the_release_formula_and_trains_through_the_bias():
     assert torch.allclose(mask(v), expected, atol=1e-14)
     with pytest.raises(ValueError, match=r"v must be \(B, kv_heads=2, S, head_dim=4\)"):
         mask(v[:, :1])
-    layer = az.nn.DynamicMaskAttention(dim=16, heads=4, kv_heads=2, top_k=5).double()
+    layer = az.nn.MultiheadAttention(dim=16, heads=4, kv_heads=2, variant="dma", top_k=5).double()
     with torch.no_grad():
-        layer.mask.A.fill_(0.5)
+        layer.learned["dt"].A.fill_(0.5)
     x = torch.randn(2, 19, 16, dtype=torch.float64)
     y, _ = layer(x)
     first, cache = layer(x[:, :11])
     rest, _ = layer(x[:, 11:], cache=cache)
     assert (torch.cat([first, rest], 1) - y).abs().max() < 1e-12            # a cached step == recomputation
     y.square().sum().backward()
-    assert layer.mask.A.grad.abs().max() > 0 and layer.mask.proj.weight.grad.abs().max() > 0
+    learned = layer.learned["dt"]
+    assert learned.A.grad.abs().max() > 0 and learned.proj.weight.grad.abs().max() > 0
 
 
 def test_dma_needs_its_mask():

@@ -454,6 +454,11 @@ SWEEP_PARAMS = {
     "nsa": {"block_size": 16, "top_k": 2, "window": 15},
     "shifted_cross_chunk": {"chunk": 32},
     "strided_shards": {"block_size": 16, "local_blocks": 1, "vert_stride": 2},
+    "routing": {"clusters": 4, "top_k": 32},
+    "recycled": {"top_k": 24, "stride": 8},
+    "minference": {"budget": 32, "block_size": 16, "last_q": 16},
+    "seer": {"block_size": 16, "top_k": 2},
+    "dma": {"top_k": 32},
 }
 
 

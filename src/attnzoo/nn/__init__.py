@@ -6,11 +6,12 @@ from .coca import CollinearConstrainedAttention
 from .common import KVCache, LatentCache, StateCache, apply_rope, rope_cos_sin, rotate_half
 from .differential import DifferentialAttention
 from .diffqkv import DiffQKVAttention
-from .dma import DynamicMask, DynamicMaskAttention
+from .dma import DynamicMask
 from .gqa import GroupedQueryAttention, MultiQueryAttention, gqa_from_mha
 from .hedgehog import HedgehogAttention, HedgehogFeatureMap
 from .hybrid import HybridCache, HybridHeadAttention
 from .mae import MixtureOfHeadsMinusOne
+from .memory import MegaAttention, TitansMemory
 from .mha import MultiheadAttention
 from .mla import MLA
 from .moh import MoHAttention
@@ -21,7 +22,7 @@ from .transmla import mla_from_gqa, transmla
 from .wgqa import WeightedGroupedQueryAttention
 
 __all__ = [
-    "DifferentialAttention", "DynamicMask", "DynamicMaskAttention", "GroupedQueryAttention", "HedgehogAttention",
+    "DifferentialAttention", "DynamicMask", "GroupedQueryAttention", "HedgehogAttention",
     "HedgehogFeatureMap", "KVCache", "LatentCache",
     "MLA", "MultiQueryAttention", "MoHAttention", "MultiheadAttention", "SeerGate", "StateCache", "apply_rope",
     "gqa_from_mha", "rope_cos_sin", "rotate_half",
@@ -30,4 +31,6 @@ __all__ = [
     "CollinearConstrainedAttention", "CrossLayerAttention", "DecoupledHeadAttention", "DiffQKVAttention",
     "HybridCache", "HybridHeadAttention", "MixtureOfHeadsMinusOne", "SharedAttention", "SharedWeightsCache", "TPLA",
     "WeightedGroupedQueryAttention", "mla_from_gqa", "transmla",
+    # token mixers whose linear-family inputs are learned
+    "MegaAttention", "TitansMemory",
 ]

@@ -218,9 +218,17 @@ class LowRankLogGate(nn.Module):
         return g.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
 
 
-# Learned per-token inputs of recurrent variants: variant name -> (input name, module factory).
+def _dynamic_mask(dim: int, kv_heads: int, head_dim: int) -> nn.Module:
+    from .dma import DynamicMask
+
+    return DynamicMask(kv_heads, head_dim)
+
+
+# Learned per-token inputs: variant name -> (input name, module factory (dim, kv_heads, head_dim)). A recurrent
+# variant's module reads the layer input x; a softmax variant's reads the values v, the cache included.
 LEARNED_INPUTS = {
     "gla": ("g", lambda dim, kv_heads, head_dim: LowRankLogGate(dim, kv_heads, head_dim)),
+    "dma": ("dt", _dynamic_mask),
 }
 
 

@@ -25,7 +25,7 @@ class MultiheadAttention(SizeMixin, nn.Module):
       (masks, scores, sparse) keep a `KVCache` of post-RoPE keys and values; recurrent variants (the
       linear family) keep a `StateCache`: a full-sequence call with `output_final_state=True`, and
       `step` for one decoded token. GLA's log forget gates `g` are learned here (fla's low-rank gate)
-      unless given in forward.
+      unless given in forward, and so is dma's dynamic mask `dt` (from the values, cache included).
 
     `forward(x, cache=None, causal=True, **inputs) -> (y, cache)`: x (B, S, dim); `inputs` are the
     variant's per-call tensors (document ids, ...; sized for the whole sequence so far where they
@@ -91,9 +91,9 @@ class MultiheadAttention(SizeMixin, nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
     def attention_inputs(self, q, k, v) -> dict:
-        """Inputs the module makes for its variant from this call's q and the whole k, v (cache included);
-        inputs given to forward win. DynamicMaskAttention makes its dynamic mask here."""
-        return {}
+        """Inputs the module makes for its softmax-family variant from this call's q and the whole k, v (cache
+        included); inputs given to forward win. The learned ones (dma's dynamic mask) read v."""
+        return {name: module(v).to(v.dtype) for name, module in self.learned.items()}
 
     def head_weights(self, x: torch.Tensor) -> torch.Tensor | None:
         """Per-token weights of each head's output (B, H, S), or None (all ones). MoH routes here."""
@@ -137,7 +137,9 @@ class MultiheadAttention(SizeMixin, nn.Module):
         state = None if cache is None else cache.state
         if state is not None and x.shape[1] == 1:
             # one decoded token: the variant's O(1) step
-            per_token = {n: t[:, :, 0] for n, t in inputs.items() if isinstance(t, torch.Tensor)}
+            step_inputs = self.attn.per_token_inputs()  # sliced at the token; per-call ones (Mega's EMA) whole
+            per_token = {n: t[:, :, 0] if n in step_inputs else t for n, t in inputs.items()
+                         if isinstance(t, torch.Tensor)}
             o_t, state = self.attn.step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, **per_token)
             o = o_t.unsqueeze(2).to(q.dtype)
         else:

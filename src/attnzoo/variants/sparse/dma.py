@@ -1,7 +1,7 @@
 """DMA: trainable Dynamic Mask Attention.
 
 A content-aware dynamic mask made from the value states: per kv head and key, dt_j = exp(A softplus(v_j W))
-(W, A learned; `attnzoo.nn.DynamicMask` computes it, `attnzoo.nn.DynamicMaskAttention` is the layer).
+(W, A learned in `attnzoo.nn.DynamicMask`; `az.nn.MultiheadAttention(variant="dma")` learns and feeds one).
 Each query keeps the `top_k` keys it may see (causality first) with the largest dt, and attends to them
 with dt as an additive bias: softmax(scale q.k_j + dt_j) over exactly the kept keys (as the release's
 `prepare_dynamic_mask` in Doge, where the kept keys also carry dt as the attention mask's values). The
