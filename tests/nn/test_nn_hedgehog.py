@@ -108,3 +108,20 @@ def test_hedgehog_attention_is_a_token_mixer_with_a_decoding_cache():
     y.square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.maps.parameters())
     assert type(m)(**m.config).maps.feature_dim == 5
+
+
+def test_feature_map_equals_fla_hedgehog_feature_map_when_installed():
+    """fla's map is softmax([2 z, -2 z]) with z = x W^T + b shared by the heads: ours with W' = 2 W^T, b' = 2 b."""
+    fm = pytest.importorskip("fla.modules.feature_map")
+    torch.manual_seed(3)
+    theirs = fm.HedgehogFeatureMap(8)
+    with torch.no_grad():
+        theirs.layer.weight.add_(0.3 * torch.randn(8, 8))
+        theirs.layer.bias.add_(0.3 * torch.randn(8))
+    maps = HedgehogFeatureMap(2, 2, 8)
+    with torch.no_grad():
+        for w, b in ((maps.weight_q, maps.bias_q), (maps.weight_k, maps.bias_k)):
+            w.copy_(2 * theirs.layer.weight.T.expand(2, 8, 8))
+            b.copy_(2 * theirs.layer.bias.expand(2, 8))
+    x = torch.randn(1, 2, 5, 8)
+    assert torch.allclose(maps(x, "q"), theirs(x), atol=1e-6) and torch.allclose(maps(x, "k"), theirs(x), atol=1e-6)
