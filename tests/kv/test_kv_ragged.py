@@ -34,7 +34,7 @@ def test_ragged_attention_equals_the_padded_masked_definition(batch, heads, grou
     q = torch.randn(batch, heads * groups, sq, 8, generator=gen, dtype=torch.float64)
     tk = torch.randn(batch, heads, t, 8, generator=gen, dtype=torch.float64)
     tv = torch.randn(batch, heads, t, 8, generator=gen, dtype=torch.float64)
-    valid = torch.rand(batch, t, generator=gen) > 0.3
+    valid = None if data.draw(st.booleans()) else torch.rand(batch, t, generator=gen) > 0.3  # None: no padding
     got = ragged.ragged_attention(q, packed, tk, tv, valid, 0.35)
     want = ragged.padded_attention(q, packed, tk, tv, valid, 0.35)
     assert got.shape == (batch, heads * groups, sq, 8)
@@ -124,3 +124,20 @@ def test_a_ragged_cache_outside_its_session_raises(llama64):
         cache = llama64(input_ids=ids(40)).past_key_values
     with pytest.raises(RuntimeError, match="active attnzoo.kv press"):
         llama64(input_ids=ids(1), past_key_values=cache)
+
+
+def test_a_left_padded_batch_decodes_the_same_in_both_layouts(llama64):
+    rows = [ids(50, seed=5)[0], ids(70, seed=6)[0]]
+    batch = torch.zeros(2, 70, dtype=torch.long)
+    mask = torch.zeros(2, 70, dtype=torch.long)
+    for i, r in enumerate(rows):
+        batch[i, 70 - len(r):], mask[i, 70 - len(r):] = r, 1
+    press = _per_head_snapkv()
+    out = {}
+    for layout in ("rectangular", "ragged"):
+        with press(llama64, layout=layout):
+            out[layout] = llama64.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                           output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(out["rectangular"].sequences, out["ragged"].sequences)
+    for a, b in zip(out["rectangular"].scores, out["ragged"].scores):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)

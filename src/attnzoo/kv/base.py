@@ -311,6 +311,10 @@ class _Forward:
     position: torch.Tensor    # (B, length) position ids
     prefill: bool
 
+    @property
+    def all_valid(self) -> bool:
+        return bool(self.valid.all())
+
 
 class PressSession:
     """`with press(model) as session:` hooks `model` for the duration; `session.stats()` measures the cache."""
@@ -437,9 +441,11 @@ class PressSession:
             self._check_cache_is_read(layer, key)
             if self.layout == "ragged":
                 cache_layer = self.cache.layers[layer]
-                valid = fwd.valid.to(key.device)
-                cache_layer.tail_valid = valid if cache_layer.tail_valid is None else torch.cat(
-                    [cache_layer.tail_valid, valid], dim=1)
+                if cache_layer.tail_valid is not None or not fwd.all_valid:  # None: no padding in the tail
+                    before = cache_layer.tail_valid
+                    if before is None:
+                        before = torch.ones(key.shape[0], key.shape[2] - fwd.length, dtype=torch.bool)
+                    cache_layer.tail_valid = torch.cat([before.to(key.device), fwd.valid.to(key.device)], dim=1)
                 if cache_layer.packed is not None:
                     if not self._steps_after_prefill:
                         from .ragged import ragged_attention

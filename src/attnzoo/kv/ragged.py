@@ -137,9 +137,13 @@ def unpack(packed: Packed, batch: int) -> tuple[torch.Tensor, torch.Tensor, torc
             bias.view(batch, heads, n))
 
 
-def tail_bias(tail_valid: torch.Tensor, n_queries: int, heads: int) -> torch.Tensor:
-    """(B, Hkv, Sq, T) additive mask over the tail: padding excluded, and the last `n_queries` tail
-    entries (this forward's) causal to this forward's queries."""
+def tail_bias(tail_valid: torch.Tensor | None, n_queries: int, heads: int, batch: int = 1,
+              length: int = 0) -> torch.Tensor:
+    """(B, Hkv, Sq, T) additive mask over the tail: padding excluded (`tail_valid` (B, T), None: no
+    padding in a batch of `batch` rows and `length` entries), and the last `n_queries` tail entries
+    (this forward's) causal to this forward's queries."""
+    if tail_valid is None:
+        tail_valid = torch.ones(batch, length, dtype=torch.bool)
     length = tail_valid.shape[1]
     query_at = torch.arange(length - n_queries, length, device=tail_valid.device)
     visible = torch.arange(length, device=tail_valid.device).view(1, -1) <= query_at.view(-1, 1)  # (Sq, T)
@@ -149,7 +153,7 @@ def tail_bias(tail_valid: torch.Tensor, n_queries: int, heads: int) -> torch.Ten
 
 
 def ragged_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tensor, tail_values: torch.Tensor,
-                     tail_valid: torch.Tensor, scaling: float) -> torch.Tensor:
+                     tail_valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """(B, Hq, Sq, Dv) softmax attention of `query` (B, Hq, Sq, D) over the packed entries of each KV
     head and the tail (B, Hkv, T, D), the tail's last Sq entries causal to the queries. Rows with
     nothing to attend to give zeros."""
@@ -163,9 +167,10 @@ def ragged_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tenso
     logit_p = torch.einsum("nd,nrd->nr", keys, q.index_select(0, seg)) * scaling  # (N, G * Sq)
     if packed.bias is not None:
         logit_p = logit_p + packed.bias.to(logit_p.dtype).unsqueeze(1)
-    mask_t = tail_bias(tail_valid, sq, hkv).to(query.dtype)  # (B, Hkv, Sq, T)
-    mask_t = mask_t.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(b * hkv, rows, -1)
-    logit_t = torch.bmm(q, tail_keys.reshape(b * hkv, -1, d).transpose(1, 2)) * scaling + mask_t
+    logit_t = torch.bmm(q, tail_keys.reshape(b * hkv, -1, d).transpose(1, 2)) * scaling
+    if tail_valid is not None or sq > 1:  # one query and no padding: every tail entry is visible
+        mask_t = tail_bias(tail_valid, sq, hkv, b, tail_keys.shape[2]).to(query.device, query.dtype)
+        logit_t = logit_t + mask_t.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(b * hkv, rows, -1)
     top = logit_t.amax(-1) if logit_t.shape[-1] else q.new_full((b * hkv, rows), -math.inf)
     top = top.scatter_reduce(0, seg.view(-1, 1).expand_as(logit_p), logit_p, "amax")
     top = top.masked_fill(top == -math.inf, 0.0)
@@ -186,7 +191,7 @@ def padded_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tenso
     k, v, bias = unpack(packed, b)
     keys = torch.cat([k.to(query.dtype), tail_keys], dim=2).repeat_interleave(hq // hkv, dim=1)
     values = torch.cat([v.to(query.dtype), tail_values], dim=2).repeat_interleave(hq // hkv, dim=1)
-    mask = torch.cat([bias.unsqueeze(2).expand(-1, -1, sq, -1), tail_bias(tail_valid, sq, hkv)], dim=-1)
+    mask = torch.cat([bias.unsqueeze(2).expand(-1, -1, sq, -1), tail_bias(tail_valid, sq, hkv, b, tail_keys.shape[2]).to(query.device)], dim=-1)
     logits = query @ keys.transpose(-1, -2) * scaling + mask.repeat_interleave(hq // hkv, dim=1).to(query.dtype)
     return torch.softmax(logits, dim=-1).nan_to_num(0.0) @ values
 
@@ -204,7 +209,7 @@ def ragged_layer_class():
         def __init__(self):
             super().__init__()
             self.packed: Packed | None = None
-            self.tail_valid: torch.Tensor | None = None  # (B, T) bool
+            self.tail_valid: torch.Tensor | None = None  # (B, T) bool; None: no padding in the tail
             self.seen = 0
             self.reader = None  # the session whose attention hook reads this layer
 
@@ -224,14 +229,19 @@ def ragged_layer_class():
             return held + (self.packed.bytes_held() if self.packed is not None else 0)
 
         def entries(self) -> int:
-            tail = int(self.tail_valid.sum()) * self.keys.shape[1] if self.tail_valid is not None else 0
+            if self.keys is None:
+                tail = 0
+            elif self.tail_valid is None:
+                tail = self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[2]
+            else:
+                tail = int(self.tail_valid.sum()) * self.keys.shape[1]
             return tail + (self.packed.n_entries if self.packed is not None else 0)
 
         def store(self, packed: Packed) -> None:
             """Hold `packed` and an empty tail (the entries were compressed into it)."""
             self.packed = packed
             self.keys, self.values = self.keys[..., :0, :], self.values[..., :0, :]
-            self.tail_valid = self.tail_valid[:, :0]
+            self.tail_valid = None if self.tail_valid is None else self.tail_valid[:, :0]
 
         def reset(self) -> None:
             super().reset()
