@@ -111,8 +111,11 @@ def _check_errors(group):
                   "Hkv=3", str(world))
     # rank 0 passes another head dim: every rank raises (shapes are all-gathered first), none hangs
     q = torch.randn(1, 2, 5, 8 if rank else 4, dtype=torch.float64)
+    kv = torch.randn(1, 2, 5, 8, dtype=torch.float64)
     with context_parallel(group):
         _expect_error(lambda: az.attention(q, q, q, causal=True), "disagree", "D=4", "D=8")
+        # rank 0's queries are fewer than its keys (a cross pattern): every rank says so
+        _expect_error(lambda: az.attention(kv[:, :, 1:] if rank == 0 else kv, kv, kv, causal=True), "(0, 4, 5)")
 
 
 def _worker(rank, world, store_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass, field
 
 from ...core.dispatch import Backend, register_backend
@@ -74,20 +75,19 @@ def active() -> ContextParallel | None:
 
 
 def _why_not(variant, call, q, strategy: str | None = None) -> str | None:
-    cp = _ACTIVE.get()
-    if cp is None:
+    """Why this rank cannot run the call sharded. Only what every rank sees alike (the variant, the
+    device): local shapes are checked by `comm.agree` on all ranks at once, so none is left waiting."""
+    if _ACTIVE.get() is None:
         return "runs only inside attnzoo.distributed.context_parallel(group)"
-    if call.shapes.sq != call.shapes.sk:
-        return (f"context parallel shards self-attention (each rank's q and k/v at the same positions); got "
-                f"Sq={call.shapes.sq}, Sk={call.shapes.sk}")
     if isinstance(variant, RecurrentVariant):
-        if cp.layout != "contiguous":
+        if strategy is not None:
+            return (f"strategy {strategy!r} is for softmax variants; the linear family runs LASP-2 "
+                    "(backend='context_parallel' or 'auto')")
+        if _ACTIVE.get().layout != "contiguous":
             return "the linear family (LASP-2) needs layout='contiguous': states flow in sequence order"
         return None
     if not isinstance(variant, SoftmaxVariant) or type(variant).forward_torch is not SoftmaxVariant.forward_torch:
         return f"{variant.name} is not an exact softmax mask variant nor a recurrent one"
-    if call.shapes.d != call.shapes.dv:
-        return f"context parallel needs Dv == D, got D={call.shapes.d}, Dv={call.shapes.dv}"
     from .kernels import kernel_for
 
     kernel = kernel_for(variant, call, q)
@@ -99,20 +99,20 @@ def _run(variant, q, k, v, call, strategy: str | None = None):
 
     from .comm import agree, gather_padded
     from .kernels import kernel_for
+    from .lasp2 import lasp2
+    from .layout import reorder
     from .problem import Problem
     from .strategies import Run
     from .view import global_call
-    from .layout import reorder
-    from .lasp2 import lasp2
 
     cp = _ACTIVE.get()
     strategy = strategy or cp.strategy
     group = cp.group
     rank = dist.get_rank(group)
     if isinstance(variant, RecurrentVariant):
-        agree(q, k, v, call, "lasp2", cp.layout, group)
+        agree(variant, q, call, "lasp2", cp.layout, group)
         return lasp2(variant, q, k, v, call, group, rank, cp.traffic)
-    lengths = agree(q, k, v, call, strategy, cp.layout, group)
+    lengths = agree(variant, q, call, strategy, cp.layout, group)
     segs = segments(lengths, cp.layout)
     world = len(segs)
     s = call.shapes
@@ -148,6 +148,6 @@ register_backend(Backend(
     replace=True)
 for _name in STRATEGIES:
     register_backend(Backend(
-        _name, 5, _why_not, (lambda name: lambda variant, q, k, v, call: _run(variant, q, k, v, call, name))(_name),
+        _name, 5, functools.partial(_why_not, strategy=_name), functools.partial(_run, strategy=_name),
         serves=lambda cls: _serves(cls) and not issubclass(cls, RecurrentVariant),
         doc=f"context parallel with strategy={_name!r} (inside context_parallel)"), replace=True)

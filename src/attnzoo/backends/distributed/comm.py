@@ -41,24 +41,27 @@ def _comm_device(group):
     return torch.device("cpu")
 
 
-def agree(q, k, v, call, strategy: str, layout: str, group) -> list[int]:
+def agree(variant, q, call, strategy: str, layout: str, group) -> list[int]:
     """Every rank's local sequence length, after checking that all ranks agree on everything else.
 
     Raises ValueError (on every rank alike: all see the same gathered shapes) naming each rank's
-    shapes when they differ."""
+    shapes when they differ, or when a rank's q and k/v hold different numbers of positions."""
     s = call.shapes
     mine = [s.batch, s.q_heads, s.kv_heads, s.sq, s.sk, s.d, s.dv, _DTYPES.index(q.dtype), int(call.causal),
-            round(call.scale * 1e9), zlib.crc32(strategy.encode()), zlib.crc32(layout.encode())]
+            round(call.scale * 1e9), zlib.crc32(repr(variant.key).encode()), zlib.crc32(strategy.encode()),
+            zlib.crc32(layout.encode())]
     rows = gather_ints(mine, group)
     keys = [(r[:3] + r[5:]) for r in rows]
     if any(key != keys[0] for key in keys):
         shapes = "; ".join(f"rank {i}: q (B={r[0]}, Hq={r[1]}, S={r[3]}, D={r[5]}), k/v (Hkv={r[2]}, Dv={r[6]}), "
                            f"dtype {_DTYPES[r[7]]}, causal={bool(r[8])}, scale={r[9] / 1e9:g}"
                            for i, r in enumerate(rows))
-        raise ValueError(f"context parallel: ranks disagree on shapes, dtype, causal, scale, strategy or layout "
-                         f"(only the local sequence length may differ): {shapes}")
+        raise ValueError(f"context parallel: ranks disagree on shapes, dtype, causal, scale, variant, strategy or "
+                         f"layout (only the local sequence length may differ): {shapes}")
     bad = [(i, r[3], r[4]) for i, r in enumerate(rows) if r[3] != r[4]]
     if bad:
         raise ValueError(f"context parallel shards self-attention: each rank's q and k/v hold the same positions "
                          f"(local Sq == Sk); got (rank, Sq, Sk) {bad}")
+    if s.d != s.dv and strategy != "lasp2":
+        raise ValueError(f"context parallel runs softmax variants with Dv == D; got D={s.d}, Dv={s.dv}")
     return [r[3] for r in rows]
