@@ -96,7 +96,8 @@ def test_layout_is_reused_until_the_ids_change():
 def test_refusals_name_the_reason():
     q = torch.randn(1, 2, 16, 8)
     call = az.get("sliding_window").prepare(q, q, q, True, None, {})
-    assert "CUDA" in bs.why_not(az.get("sliding_window"), call, q)
+    assert ("CUDA" if bs.TRITON_ERROR is None else "triton is not importable") in bs.why_not(
+        az.get("sliding_window"), call, q)
     assert "score modifier" in bs.why_not(az.get("alibi", heads=2), call, q)
     assert not bs.serves(type(az.get("full"))) and bs.serves(type(az.get("document")))
 
@@ -234,3 +235,19 @@ def test_fa_rule_forward_and_backward_on_cuda(name, params, inputs, dtype):
     for n, a, b_, r in zip(("o", "dq", "dk", "dv"), ours, base, ref):
         err, base_err = (a.double() - r).abs().max().item(), (b_.double() - r).abs().max().item()
         assert err <= 2 * base_err + 1e-6, f"{n}: {err:.3e} > 2 x SDPA's {base_err:.3e}"
+
+
+def test_auto_takes_the_kernels_only_where_measured_faster(monkeypatch):
+    from attnzoo.backends.triton import speed
+
+    attn = az.get("neighborhood", grid=(64, 128), kernel_size=7)
+    q = torch.empty(4, 16, 8192, 128, dtype=torch.bfloat16, device="meta")
+    call = attn.prepare(q, q, q, False, None, {})
+    key = speed.shape_class(attn, call, q)
+    assert key == ("neighborhood_2d", "<=16k", "d<=128", "bfloat16")
+    monkeypatch.setattr(speed, "MEASURED", {key: (1.3, 1.2)})
+    assert speed.auto_why_not(attn, call, q) is None
+    monkeypatch.setattr(speed, "MEASURED", {key: (1.3, 0.9)})
+    assert "0.90x (fwd+bwd)" in speed.auto_why_not(attn, call, q)
+    monkeypatch.setattr(speed, "MEASURED", {})
+    assert "not measured" in speed.auto_why_not(attn, call, q)

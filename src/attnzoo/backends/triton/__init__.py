@@ -5,12 +5,10 @@ them on CUDA for the calls they can run) and `blocksparse` (exact softmax attent
 variant's block structure: `auto` takes them only where `speed.FASTER` records them measured faster than the
 next backend for that variant, shape class and dtype; `backend="triton"` runs them for every mask variant).
 
-Importing this package needs triton: without it the import raises ImportError and the backend is
-simply absent (attnzoo.backends imports it inside try/except ImportError).
+Without triton the backend is simply not registered; the modules still import (their table-building code, the
+block-sparse `Layout`, is plain torch and is tested without triton).
 """
 from __future__ import annotations
-
-import triton  # noqa: F401  (ImportError here: no triton, no `triton` backend)
 
 from ...core.dispatch import Backend, register_backend
 from . import blocksparse, linear, speed
@@ -32,9 +30,10 @@ def _auto_why_not(variant, call, q):
     return speed.auto_why_not(variant, call, q) if blocksparse.serves(type(variant)) else None
 
 
-register_backend(Backend(
-    "triton", 40, _why_not, _run, serves=lambda cls: linear.serves(cls) or blocksparse.serves(cls),
-    auto_why_not=_auto_why_not,
-    doc="Triton kernels: chunked decaying-state linear attention (gla, retention, lightning, linear without "
-        "normaliser) and block-sparse exact softmax attention for mask variants; forward and backward, on CUDA"),
-    replace=True)
+if blocksparse.TRITON_ERROR is None:  # no triton: no `triton` backend
+    register_backend(Backend(
+        "triton", 40, _why_not, _run, serves=lambda cls: linear.serves(cls) or blocksparse.serves(cls),
+        auto_why_not=_auto_why_not,
+        doc="Triton kernels: chunked decaying-state linear attention (gla, retention, lightning, linear without "
+            "normaliser) and block-sparse exact softmax attention for mask variants; forward and backward, on CUDA"),
+        replace=True)
