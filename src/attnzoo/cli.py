@@ -29,7 +29,8 @@ PATTERN_SHORT = {"causal_self": "CS", "causal_cross": "CX", "noncausal_self": "N
 KV_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "vartrack", "qa")
 KV_SETTINGS = ("query_agnostic", "query_aware")
 ABLATIONS = ("zero", "mean")
-TINY_HEADS = ("gqa", "mla", "moh", "cla", "diff")  # attnzoo.lab.tiny.HEADS (a test checks)
+# attnzoo.lab.tiny.HEADS (a test checks)
+TINY_HEADS = ("gqa", "mla", "moh", "cla", "diff", "wgqa", "mae", "sa", "diffqkv", "tpla", "hybrid", "coca", "wide")
 
 
 def _tool(module: str):

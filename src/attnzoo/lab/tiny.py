@@ -13,9 +13,8 @@ from torch import nn
 
 from .. import models
 from .. import nn as azn
-from ..nn.cla import CrossLayerAttention
 
-HEADS = ("gqa", "mla", "moh", "cla", "diff")
+HEADS = ("gqa", "mla", "moh", "cla", "diff", "wgqa", "mae", "sa", "diffqkv", "tpla", "hybrid", "coca", "wide")
 VOCAB = 256  # bytes
 
 
@@ -44,9 +43,25 @@ def attention(kind: str, cfg: Config, layer: int) -> nn.Module:
     if kind == "moh":
         return azn.MoHAttention(d, h, shared_heads=1, top_k=max(1, (h - 1) // 2), gates="release")
     if kind == "cla":  # CLA2: even layers make the keys and values, odd layers read the previous layer's
-        return CrossLayerAttention(d, h, max(1, h // 2), owns_kv=layer % 2 == 0)
+        return azn.CrossLayerAttention(d, h, max(1, h // 2), owns_kv=layer % 2 == 0)
     if kind == "diff":
         return azn.DifferentialAttention(d, max(1, h // 2), layer=layer + 1)
+    if kind == "wgqa":
+        return azn.WeightedGroupedQueryAttention(d, h, max(1, h // 2))
+    if kind == "mae":
+        return azn.MixtureOfHeadsMinusOne(d, h)
+    if kind == "sa":  # even layers compute the attention weights, odd layers reuse them
+        return azn.SharedAttention(d, h, max(1, h // 2), computes_weights=layer % 2 == 0)
+    if kind == "diffqkv":
+        return azn.DiffQKVAttention(d, h, k_heads=1, v_heads=max(1, h // 2), head_dim=d // h)
+    if kind == "tpla":
+        return azn.TPLA(d, h, kv_rank=d // 2, rope_dim=8, head_dim=d // h, shards=2)
+    if kind == "hybrid":
+        return azn.HybridHeadAttention(d, max(1, h // 2), max(1, h - h // 2), head_dim=d // h)
+    if kind == "coca":
+        return azn.CollinearConstrainedAttention(d, h, max(1, h // 2))
+    if kind == "wide":  # decoupled head dim: twice dim // heads
+        return azn.DecoupledHeadAttention(d, h, head_dim=2 * d // h)
     raise ValueError(f"heads must be one of {list(HEADS)}, got {kind!r}")
 
 
@@ -58,8 +73,13 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, 4 * cfg.dim, bias=False), nn.GELU(),
                                  nn.Linear(4 * cfg.dim, cfg.dim, bias=False))
 
-    def forward(self, x, kv=None):
-        extra = {"kv": kv} if isinstance(self.attn, CrossLayerAttention) and not self.attn.owns_kv else {}
+    def forward(self, x, previous=None):
+        """`previous`: the cache the block before returned (what CLA and SA layers read)."""
+        extra = {}
+        if isinstance(self.attn, azn.CrossLayerAttention) and not self.attn.owns_kv:
+            extra["kv"] = previous
+        if isinstance(self.attn, azn.SharedAttention) and not self.attn.computes_weights:
+            extra["weights_from"] = previous
         a, cache = self.attn(self.norm1(x), **extra)
         x = x + a
         return x + self.mlp(self.norm2(x)), cache
@@ -79,7 +99,7 @@ class TinyLM(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x, cache = self.embed(ids), None
         for block in self.blocks:
-            x, cache = block(x, kv=cache)
+            x, cache = block(x, cache)
         return self.norm(x) @ self.embed.weight.T
 
     def aux_loss(self) -> torch.Tensor | float:
