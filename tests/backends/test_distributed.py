@@ -201,7 +201,9 @@ def test_communication_plan_structure():
     kw = dict(seq_len=8 * 64, world=8, heads=2, head_dim=8)
     window = communication_plan(az.get("sliding_window", window=40), causal=True, ranks_per_host=4, **kw)
     assert [r["receives_from"] for r in window["ranks"]] == [[]] + [[r - 1] for r in range(1, 8)]
-    assert window["ratio_vs_ring"] == pytest.approx(1 / 7)
+    # ... and only the 40 keys before its first query: 40 positions of 64, vs 7 shards on a plain ring
+    assert [r["receives_positions"] for r in window["ranks"]][1:3] == [{0: [(24, 40)]}, {1: [(88, 40)]}]
+    assert window["ratio_vs_ring"] == pytest.approx(40 / (7 * 64))
     assert window["inter_host_fwd_bytes"] == window["relay_inter_host_fwd_bytes"] < window[
         "plain_ring_inter_host_fwd_bytes"]
     causal = communication_plan(az.get("full"), causal=True, **kw)

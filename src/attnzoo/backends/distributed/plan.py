@@ -42,8 +42,8 @@ def communication_plan(variant, *, seq_len: int, world: int, causal: bool = Fals
                        **inputs) -> dict:
     """The structure-aware ring's schedule and bytes for `variant` with `seq_len` tokens over `world` ranks.
 
-    Per rank: bytes received in the forward (k/v shards) and backward (k/v again, plus partial dk/dv
-    in float32 from every rank that used the shard); the same for a plain ring (every shard to every
+    Per rank: bytes received in the forward (the key/value ranges of other ranks its queries reach) and
+    backward (the same again, plus partial dk/dv in float32 of its own keys from every rank that used them); the same for a plain ring (every shard to every
     rank), allgather and Ulysses; with `ranks_per_host`, the bytes crossing host boundaries. Inputs the
     mask reads (document_ids, ...) are the global tensors. Nothing is run: the plan is read from the
     variant's key intervals (or its mask, evaluated in row blocks)."""
@@ -61,33 +61,40 @@ def communication_plan(variant, *, seq_len: int, world: int, causal: bool = Fals
     needs = problem.needs()
     elem = torch.empty(0, dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
-    shard_kv = [batch * kv_heads * n * 2 * head_dim * elem for n in lengths]  # k and v of one shard
-    shard_grad = [batch * kv_heads * n * 2 * head_dim * acc for n in lengths]
+    kv_token = batch * kv_heads * 2 * head_dim * elem  # k and v of one position
+    grad_token = batch * kv_heads * 2 * head_dim * acc
+
+    def tokens(r: int, j: int) -> int:  # positions of rank j's keys that rank r receives
+        return sum(n for _, n in problem.recv_segments(r, j))
+
     host = (lambda r: r // ranks_per_host) if ranks_per_host else (lambda r: 0)
     ranks = []
     for r in range(world):
         srcs = [j for j in range(world) if j != r and needs[r][j]]
         users = [j for j in range(world) if j != r and needs[j][r]]
         others = [j for j in range(world) if j != r]
-        fwd = sum(shard_kv[j] for j in srcs)
-        bwd = fwd + shard_grad[r] * len(users)
-        ring_fwd = sum(shard_kv[j] for j in others)
-        ring_bwd = ring_fwd + shard_grad[r] * len(others)
+        fwd = sum(tokens(r, j) for j in srcs) * kv_token
+        bwd = fwd + sum(tokens(u, r) for u in users) * grad_token
+        ring_fwd = sum(lengths[j] for j in others) * kv_token
+        ring_bwd = ring_fwd + lengths[r] * len(others) * grad_token
         q_bytes = batch * heads * lengths[r] * head_dim * elem
         ranks.append({
             "rank": r, "segments": segs[r], "receives_from": srcs, "sends_to": users,
+            "receives_positions": {j: problem.recv_segments(r, j) for j in srcs},
             "fwd_bytes": fwd, "fwd_bwd_bytes": fwd + bwd,
             "plain_ring_fwd_bytes": ring_fwd, "plain_ring_fwd_bwd_bytes": ring_fwd + ring_bwd,
-            "allgather_fwd_bytes": ring_fwd, "allgather_fwd_bwd_bytes": ring_fwd + shard_grad[r] * (world - 1),
+            "allgather_fwd_bytes": ring_fwd, "allgather_fwd_bwd_bytes": ring_fwd + lengths[r] * grad_token * (world - 1),
             # q, k, v in and the output back, (P-1)/P of each crosses the network; backward the same again
-            "ulysses_fwd_bytes": (2 * q_bytes + shard_kv[r]) * (world - 1) // world,
-            "ulysses_fwd_bwd_bytes": 2 * (2 * q_bytes + shard_kv[r]) * (world - 1) // world,
-            "inter_host_fwd_bytes": sum(shard_kv[j] for j in srcs if host(j) != host(r)),
+            "ulysses_fwd_bytes": (2 * q_bytes + lengths[r] * kv_token) * (world - 1) // world,
+            "ulysses_fwd_bwd_bytes": 2 * (2 * q_bytes + lengths[r] * kv_token) * (world - 1) // world,
+            "inter_host_fwd_bytes": sum(tokens(r, j) for j in srcs if host(j) != host(r)) * kv_token,
             # a plain ring relays every shard hop by hop: the rank after a host boundary receives all P-1
             "plain_ring_inter_host_fwd_bytes": ring_fwd if host((r - 1) % world) != host(r) else 0,
-            # relayed instead (each shard hop by hop up to the farthest rank that needs it, as a ring does, so
-            # it crosses each host boundary at most once): the design for several hosts, simulated here
-            "relay_inter_host_fwd_bytes": shard_kv[r] * _crossings(r, users, world, host),
+            # relayed instead (rank r's keys hop by hop up to the farthest rank that needs them, as a ring
+            # does, carrying the most any of them needs, so they cross each host boundary at most once): the
+            # design for several hosts, simulated here
+            "relay_inter_host_fwd_bytes": max((tokens(u, r) for u in users), default=0) * kv_token
+            * _crossings(r, users, world, host),
             "work": sum(_work(problem, r, j) for j in range(world)),
         })
     steps = []

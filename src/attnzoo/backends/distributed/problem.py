@@ -1,6 +1,6 @@
-"""One sharded attention call as every rank sees it: the global call, each rank's segments, which
-(query rank, key rank) pairs have any allowed entry (`needs`, the structure-aware part: a rank only
-receives the key/value shards its queries can attend to), and the tiles of each pair."""
+"""One sharded attention call as every rank sees it: the global call, each rank's segments, which keys
+of rank j rank r's queries may attend (`recv_segments`, the structure-aware part: a rank receives only
+the key ranges its queries can reach, nothing from ranks they cannot see), and the tiles of each pair."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,7 +9,7 @@ import torch
 
 from ...core.variant import Call, SoftmaxVariant
 from .layout import Segments, local_offsets
-from .view import global_intervals, tile_needed
+from .view import global_intervals, key_hull, tile_needed
 
 
 @dataclass
@@ -36,8 +36,27 @@ class Problem:
         return len(self.segs)
 
     def pair_tiles(self, q_rank: int, k_rank: int) -> list:
-        """The tiles of rank q_rank's queries against rank k_rank's keys (see `tiles`)."""
-        return self.tiles(self.segs[q_rank], self.segs[k_rank])
+        """The tiles of rank q_rank's queries against the keys it holds of rank k_rank (see `tiles`)."""
+        ks = self.segs[k_rank] if q_rank == k_rank else self.recv_segments(q_rank, k_rank)
+        return self.tiles(self.segs[q_rank], ks)
+
+    def recv_segments(self, r: int, j: int) -> list[tuple[int, int]]:
+        """Global (start, length) of the keys of rank j that rank r receives: per segment of j, the hull of
+        the keys r's queries may attend ([] when they see none of j's keys)."""
+        key = ("recv", r, j)
+        if key not in self._tiles:
+            hulls = [key_hull(self.base, self.gcall, self.intervals, self.segs[r], ks, self.heads) for ks in self.segs[j]]
+            self._tiles[key] = [(a, b - a) for a, b in (h for h in hulls if h)]
+        return self._tiles[key]
+
+    def pieces(self, r: int, j: int) -> list[tuple[int, int]]:
+        """Where `recv_segments(r, j)` lie in rank j's local tensor: (local offset, length) each."""
+        out = []
+        for a, n in self.recv_segments(r, j):
+            ka, ko = next((ka, ko) for (ka, m), ko in zip(self.segs[j], local_offsets(self.segs[j]))
+                          if ka <= a < ka + m)
+            out.append((ko + a - ka, n))
+        return out
 
     def tiles(self, qs: list[tuple[int, int]], ks: list[tuple[int, int]]) -> list:
         """[(local q offset, n, local k offset, m, tile)] of the pairs of query segments `qs` and key
@@ -57,8 +76,9 @@ class Problem:
     def needs(self) -> list[list[bool]]:
         """needs[r][j]: rank r's queries attend some key of rank j (the same table on every rank)."""
         if self._needs is None:
-            self._needs = [[any(tile_needed(self.base, self.gcall, self.intervals, qs, ks, self.heads)
-                                for qs in self.segs[r] for ks in self.segs[j]) for j in range(self.world)]
+            self._needs = [[bool(self.recv_segments(r, j)) if r != j else
+                            any(tile_needed(self.base, self.gcall, self.intervals, qs, ks, self.heads)
+                                for qs in self.segs[r] for ks in self.segs[r]) for j in range(self.world)]
                            for r in range(self.world)]
         return self._needs
 

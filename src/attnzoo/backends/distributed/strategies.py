@@ -1,12 +1,12 @@
 """The strategies, each forward and backward:
 
-`ring`: every rank keeps its queries; key/value shards move point to point (isend/irecv), the next
-step's transfer in flight while the current tile computes, partial outputs merged by log-sum-exp
-("Ring Attention with Blockwise Transformers for Near-Infinite Context"). Structure-aware: at step t
-rank r sends its shard to r + t and receives from r - t only where the mask lets the receiver's
-queries see the shard (`Problem.needs`), so a sliding window talks to neighbours only and documents
-skip ranks holding other documents. Backward rotates the shards again and sends each shard's partial
-key/value gradients back to its owner.
+`ring`: every rank keeps its queries; keys/values move point to point (isend/irecv), the next step's
+transfer in flight while the current tile computes, partial outputs merged by log-sum-exp ("Ring
+Attention with Blockwise Transformers for Near-Infinite Context"). Structure-aware: at step t rank r
+sends to r + t and receives from r - t only the key range the receiver's queries can reach
+(`Problem.recv_segments`, from the mask's key intervals), so a sliding window of w receives the last w
+keys of its neighbour, whatever the shard length, and documents skip ranks holding other documents.
+Backward sends the same keys again and each range's partial key/value gradients back to its owner.
 
 `allgather`: every rank gathers all keys/values (llama3's context parallelism), computes its queries
 in one pass; backward sums the key/value gradients onto their owners (reduce-scatter on NCCL).
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .kernels import acc_dtype
-from .layout import local_offsets, reorder
+from .layout import reorder
 from .problem import Problem, finite_or_zero, merge
 
 STRATEGIES = ("ring", "allgather", "ulysses")
@@ -82,29 +82,39 @@ def _wait(works) -> None:
 # ---- ring ----------------------------------------------------------------------------------------
 
 
+def _take(x, pieces):
+    """The pieces [(local offset, length)] of x along the sequence, as one contiguous tensor."""
+    parts = [x[:, :, o:o + n] for o, n in pieces]
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
 def _post_kv(run: Run, step: int, k, v, phase: str):
-    """Step `step`'s transfers: my shard to r + step if it needs it; r - step's shard if I need it."""
+    """Step `step`'s transfers: to r + step the keys of mine its queries reach; from r - step the keys
+    of its that mine reach. Returns (handles, received (k, v) or None, the tensors being sent)."""
     p, r, world = run.problem, run.rank, run.world
     src, dst = (r - step) % world, (r + step) % world
     needs = p.needs()
-    sends = [(k, dst, 4 * step), (v, dst, 4 * step + 1)] if needs[dst][r] else []
+    sends = []
+    if needs[dst][r]:
+        pieces = p.pieces(dst, r)
+        sends = [(_take(k, pieces), dst, 4 * step), (_take(v, pieces), dst, 4 * step + 1)]
     bufs = None
     if needs[r][src]:
-        m = sum(n for _, n in p.segs[src])
+        m = sum(n for _, n in p.recv_segments(r, src))
         bufs = (k.new_empty(*k.shape[:2], m, k.shape[3]), v.new_empty(*v.shape[:2], m, v.shape[3]))
     recvs = [(bufs[0], src, 4 * step), (bufs[1], src, 4 * step + 1)] if bufs else []
-    return _p2p(run, phase, sends, recvs), bufs
+    return _p2p(run, phase, sends, recvs), bufs, sends
 
 
 def _ring_steps(run: Run, k, v, phase: str):
-    """Yield (src rank, its k, its v) for every shard this rank needs, its own first, the next transfer in
-    flight while the caller computes on the current one."""
+    """Yield (src rank, its k, its v) for every rank whose keys this rank needs, its own first, the next
+    transfer in flight while the caller computes on the current one."""
     world = run.world
     pending = _post_kv(run, 1, k, v, phase) if world > 1 else None
     if run.problem.needs()[run.rank][run.rank]:
         yield run.rank, k, v
     for step in range(1, world):
-        works, bufs = pending
+        works, bufs, _sent = pending  # the sent tensors stay referenced until their transfer is done
         _wait(works)
         pending = _post_kv(run, step + 1, k, v, phase) if step + 1 < world else None
         if bufs is not None:
@@ -137,7 +147,7 @@ class _Ring(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=dt, device=q.device)
         dv = torch.zeros(v.shape, dtype=dt, device=q.device)
         needs = p.needs()
-        works, partials = [], []
+        works, partials, sent = [], [], []
         for src, kk, vv in _ring_steps(run, k, v, "ring backward: k/v"):
             gk = dk if src == r else torch.zeros(kk.shape, dtype=dt, device=q.device)
             gv = dv if src == r else torch.zeros(vv.shape, dtype=dt, device=q.device)
@@ -148,20 +158,25 @@ class _Ring(torch.autograd.Function):
                 dq[:, :, rows] += a
                 gk[:, :, ko:ko + m] += b
                 gv[:, :, ko:ko + m] += c
-            if src != r:  # the shard's partial gradients go back to its owner
+            if src != r:  # the keys' partial gradients go back to their owner (kept referenced until sent)
                 step = (r - src) % world
                 works += _p2p(run, "ring backward: dk/dv", [(gk, src, 4 * step + 2), (gv, src, 4 * step + 3)], [])
-        for step in range(1, world):  # partial gradients of my shard from the ranks that used it
+                sent.append((gk, gv))
+        for step in range(1, world):  # partial gradients of my keys from the ranks that used them
             dst = (r + step) % world
             if needs[dst][r]:
-                bufs = (torch.empty_like(dk), torch.empty_like(dv))
+                m = sum(n for _, n in p.recv_segments(dst, r))
+                bufs = (dk.new_empty(*dk.shape[:2], m, dk.shape[3]), dv.new_empty(*dv.shape[:2], m, dv.shape[3]))
                 works += _p2p(run, "ring backward: dk/dv", [], [(bufs[0], dst, 4 * step + 2),
                                                                 (bufs[1], dst, 4 * step + 3)])
-                partials.append(bufs)
+                partials.append((p.pieces(dst, r), bufs))
         _wait(works)
-        for a, b in partials:
-            dk += a
-            dv += b
+        for pieces, (a, b) in partials:
+            at = 0
+            for o, n in pieces:
+                dk[:, :, o:o + n] += a[:, :, at:at + n]
+                dv[:, :, o:o + n] += b[:, :, at:at + n]
+                at += n
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 

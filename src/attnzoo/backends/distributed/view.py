@@ -46,7 +46,7 @@ class GlobalView(SoftmaxVariant):
     has_mask = True
 
     def __init__(self, base: SoftmaxVariant, gcall: Call, intervals, q_start: int, k_start: int,
-                 h_start: int = 0) -> None:  # noqa: D107 - a view, not a configured variant
+                 h_start: int = 0) -> None:
         self.base, self.gcall, self.intervals = base, gcall, intervals
         self.q_start, self.k_start, self.h_start = q_start, k_start, h_start
         self.name = base.name
@@ -96,6 +96,28 @@ def tile_needed(base: SoftmaxVariant, gcall: Call, intervals, q_seg: tuple[int, 
         if mask is None or bool(mask.any()):
             return True
     return False
+
+
+def key_hull(base: SoftmaxVariant, gcall: Call, intervals, q_segs, k_seg: tuple[int, int],
+             heads: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """The smallest key range [a, b) inside global segment k_seg (start, length) that holds every key some
+    query of the segments q_segs may attend (None: none), for heads [h0, h0 + n). From the key intervals
+    in O(queries); without intervals, the whole segment when any entry is allowed."""
+    ka, m = k_seg
+    h0, hn = heads or (0, gcall.shapes.q_heads)
+    if intervals is None:
+        needed = any(tile_needed(base, gcall, None, qs, k_seg, heads) for qs in q_segs)
+        return (ka, ka + m) if needed else None
+    a = b = None
+    for qa, n in q_segs:
+        for lo, hi in intervals:
+            lo_, hi_ = torch.broadcast_tensors(_rows(lo, qa, n, h0, hn).clamp(ka, ka + m),
+                                               _rows(hi, qa, n, h0, hn).clamp(ka, ka + m))
+            ok = hi_ > lo_
+            if bool(ok.any()):
+                a = int(lo_[ok].min()) if a is None else min(a, int(lo_[ok].min()))
+                b = int(hi_[ok].max()) if b is None else max(b, int(hi_[ok].max()))
+    return None if a is None else (a, b)
 
 
 def global_call(base: SoftmaxVariant, q, k, v, causal: bool, scale: float, total: int, inputs: dict) -> Call:
