@@ -153,3 +153,15 @@ def test_smollm2_at_full_rank_gives_the_same_logits_on_real_text(smollm2):
     assert all(isinstance(layer.self_attn, torch.nn.Module) and not isinstance(layer.self_attn, lab.ConvertedAttention)
                for layer in lm.model.layers)  # restored
     assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_converted_attention_refuses_what_it_does_not_run():
+    from attnzoo.lab.transmla import ConvertedAttention
+
+    m = ConvertedAttention(mla_from_gqa(gqa(), randn(20, 24), rope_heads=3))
+    x = randn(1, 4, 24)
+    assert max_err(m(x)[0], m.mla(x)[0]) == 0
+    with pytest.raises(ValueError, match="use_cache=False"):
+        m(x, cache=object())
+    with pytest.raises(ValueError, match="attention mask"):
+        m(x, attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))

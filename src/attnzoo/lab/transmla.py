@@ -27,8 +27,8 @@ class Settings:
 
 
 class ConvertedAttention(nn.Module):
-    """An MLA module in the place of a transformers attention module: same call, whole sequences from
-    position 0 without a transformers cache (perplexity and logit checks)."""
+    """An MLA module in the place of a transformers attention module: same call, whole unpadded
+    sequences from position 0 without a transformers cache (perplexity and logit checks)."""
 
     def __init__(self, mla: MLA):
         super().__init__()
@@ -37,6 +37,8 @@ class ConvertedAttention(nn.Module):
     def forward(self, hidden_states, attention_mask=None, cache=None, past_key_values=None, **kwargs):
         if cache is not None or past_key_values is not None:
             raise ValueError("ConvertedAttention runs whole sequences: call the model with use_cache=False")
+        if attention_mask is not None:  # transformers passes None for unpadded causal input
+            raise ValueError("ConvertedAttention runs unpadded causal sequences; got an attention mask (padding?)")
         return self.mla(hidden_states)[0], None
 
 
