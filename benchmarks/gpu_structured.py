@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo as az
+from attnzoo.bench.speed import BWD_FLOP_FACTOR, peak_mib
 
 SHAPES = [(4, 16, 8192, 128), (8, 16, 2048, 64), (1, 16, 32768, 128), (1, 16, 131072, 128)]
 WINDOW = 1024
-BWD_FLOP_FACTOR = 3.5  # FlashAttention's convention: backward = 2.5 forwards
 
 
 def useful_tflops(pairs: float, batch_heads: int, d: int, dv: int, ms: float, mode: str) -> float:
@@ -133,15 +133,6 @@ def fwd_bwd(fn, leaves, do):
         out = fn()
         torch.autograd.grad(out, leaves, do)
     return run
-
-
-def peak_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def layout_pairs(lay, s: int, batch: int, heads: int) -> float:
@@ -318,7 +309,7 @@ def main(argv=None) -> int:
                 tf, tfb = bench_ms(ours, long), bench_ms(fwd_bwd(ours, (q, k, v), do), long)
                 row.update(fwd_ms=tf, fwdbwd_ms=tfb, fwd_tflops=useful_tflops(pairs, b * h, d, d, tf, "fwd"),
                            fwdbwd_tflops=useful_tflops(pairs, b * h, d, d, tfb, "fwd+bwd"),
-                           peak_mib=peak_mib(fwd_bwd(ours, (q, k, v), do)))
+                           peak_mib=peak_mib(fwd_bwd(ours, (q, k, v), do), device))
                 if base:
                     row["fwd_vs_cudnn_causal"] = row["fwd_tflops"] / base["fwd"]
                     row["fwdbwd_vs_cudnn_causal"] = row["fwdbwd_tflops"] / base["fwd+bwd"]
@@ -331,7 +322,7 @@ def main(argv=None) -> int:
                     row["flex_build_ms"] = (time.perf_counter() - t0) * 1e3
                     flex = lambda: compiled(q, k, v, block_mask=bm)  # noqa: E731
                     ff, ffb = bench_ms(flex, long), bench_ms(fwd_bwd(flex, (q, k, v), do), long)
-                    row.update(flex_fwd_ms=ff, flex_fwdbwd_ms=ffb, flex_peak_mib=peak_mib(fwd_bwd(flex, (q, k, v), do)),
+                    row.update(flex_fwd_ms=ff, flex_fwdbwd_ms=ffb, flex_peak_mib=peak_mib(fwd_bwd(flex, (q, k, v), do), device),
                                fwd_vs_flex=ff / tf, fwdbwd_vs_flex=ffb / tfb)
                     del bm
             except Exception as e:  # noqa: BLE001 - recorded, the run goes on

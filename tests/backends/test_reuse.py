@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import qkv
 
 import attnzoo as az
 from attnzoo.backends import flex
 from attnzoo.backends.reuse import InputsKey
 from attnzoo.variants.masks import local
-from harness import qkv
 
 
 def _ids(*lengths):

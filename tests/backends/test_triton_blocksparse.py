@@ -13,15 +13,14 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import qkv
 
 import attnzoo as az
 from attnzoo.backends.triton import blocksparse as bs
-from harness import qkv
 
 CUDA = torch.cuda.is_available()
 
@@ -85,7 +84,7 @@ def test_layout_is_reused_until_the_ids_change():
     attn = az.get("document")
     q, k, v = qkv(1, 2, 2, 200, 200, 8)
     ids = _docs(1, 200, (90,))
-    call = lambda: attn.prepare(q, k, v, True, None, {"document_ids": ids})  # noqa: E731
+    call = lambda: attn.prepare(q, k, v, True, None, {"document_ids": ids})
     first = bs.layout_for(attn, call())
     built = bs.stats["layouts_built"]
     assert bs.layout_for(attn, call()) is first and bs.stats["layouts_built"] == built

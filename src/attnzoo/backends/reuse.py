@@ -25,7 +25,7 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 class InputsKey:
     """Identity and version of a call's declared input tensors; `==` says the inputs are unchanged."""
 
-    __slots__ = ("key", "held")
+    __slots__ = ("held", "key")
 
     def __init__(self, variant, inputs: dict) -> None:
         names = sorted(i.name for i in variant.inputs if i.name in inputs)

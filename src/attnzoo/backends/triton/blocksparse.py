@@ -234,6 +234,23 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         return acc, m_new, l_i
 
+    @triton.jit
+    def _query_program(Q, K, V, sq, hq, group, row_b, row_h, s_qb, s_qh, s_qs, s_kb, s_kh, s_vb, s_vh,
+                       D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+        """A (query block, batch x query head) program: its ids, table row, queries and K/V head bases.
+        Query blocks run last to first: under causality the longest rows start first."""
+        i = tl.num_programs(0) - 1 - tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // hq
+        h = bh % hq
+        hk = h // group
+        offs_m = i * BM + tl.arange(0, BM)
+        offs_d = tl.arange(0, BD)
+        q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :],
+                    mask=(offs_m[:, None] < sq) & (offs_d[None, :] < D), other=0.0)
+        return (bh, b, h, b * row_b + h * row_h + i, offs_m, q, K + b.to(tl.int64) * s_kb + hk * s_kh,
+                V + b.to(tl.int64) * s_vb + hk * s_vh)
+
     @_autotune("fwd")
     @triton.jit(do_not_specialize=_RUNTIME[:3] + _RUNTIME[4:])
     def _fwd(Q, K, V, O, LSE, FN, FI, PN, PI, PT, BITS,
@@ -241,30 +258,21 @@ if triton is not None:
              s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
              D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr):
-        i = tl.num_programs(0) - 1 - tl.program_id(0)  # causal rows: the longest first
-        bh = tl.program_id(1)
-        b = bh // hq
-        h = bh % hq
-        hk = h // group
-        r = b * row_b + h * row_h + i
-        offs_m = i * BM + tl.arange(0, BM)
+        bh, b, h, r, offs_m, q, k_base, v_base = _query_program(
+            Q, K, V, sq, hq, group, row_b, row_h, s_qb, s_qh, s_qs, s_kb, s_kh, s_vb, s_vh, D, BD, BM)
         offs_n = tl.arange(0, BN)
         offs_d = tl.arange(0, BD)
         offs_dv = tl.arange(0, BDV)
-        q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :],
-                    mask=(offs_m[:, None] < sq) & (offs_d[None, :] < D), other=0.0)
-        k_base = K + b.to(tl.int64) * s_kb + hk * s_kh
-        v_base = V + b.to(tl.int64) * s_vb + hk * s_vh
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, BDV], tl.float32)
-        for j in range(0, tl.load(FN + r)):
+        for j in range(tl.load(FN + r)):
             kn = tl.load(FI + r * nmax + j) * BN + offs_n
             k = tl.load(k_base + kn[None, :] * s_ks + offs_d[:, None], mask=offs_d[:, None] < D, other=0.0)
             v = tl.load(v_base + kn[:, None] * s_vs + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
             s = tl.dot(q, k, input_precision=PREC) * qk_scale
             acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, PREC)
-        for j in range(0, tl.load(PN + r)):
+        for j in range(tl.load(PN + r)):
             kn = tl.load(PI + r * nmax + j) * BN + offs_n
             k = tl.load(k_base + kn[None, :] * s_ks + offs_d[:, None], mask=(offs_d[:, None] < D) & (kn[None, :] < sk),
                         other=0.0)
@@ -290,34 +298,25 @@ if triton is not None:
                 D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr):
         """dQ of one query block; DO and DQ share Q's / O's strides (s_o* for DO)."""
-        i = tl.num_programs(0) - 1 - tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // hq
-        h = bh % hq
-        hk = h // group
-        r = b * row_b + h * row_h + i
-        offs_m = i * BM + tl.arange(0, BM)
+        bh, b, h, r, offs_m, q, k_base, v_base = _query_program(
+            Q, K, V, sq, hq, group, row_b, row_h, s_qb, s_qh, s_qs, s_kb, s_kh, s_vb, s_vh, D, BD, BM)
         offs_n = tl.arange(0, BN)
         offs_d = tl.arange(0, BD)
         offs_dv = tl.arange(0, BDV)
         rows = offs_m[:, None] < sq
-        q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :],
-                    mask=rows & (offs_d[None, :] < D), other=0.0)
         do = tl.load(DO + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_dv[None, :],
                      mask=rows & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + bh.to(tl.int64) * sq + offs_m, mask=offs_m < sq, other=float("inf"))
         delta = tl.load(DELTA + bh.to(tl.int64) * sq + offs_m, mask=offs_m < sq, other=0.0)
-        k_base = K + b.to(tl.int64) * s_kb + hk * s_kh
-        v_base = V + b.to(tl.int64) * s_vb + hk * s_vh
         dq = tl.zeros([BM, BD], tl.float32)
-        for j in range(0, tl.load(FN + r)):
+        for j in range(tl.load(FN + r)):
             kn = tl.load(FI + r * nmax + j) * BN + offs_n
             kt = tl.load(k_base + kn[None, :] * s_ks + offs_d[:, None], mask=offs_d[:, None] < D, other=0.0)
             vt = tl.load(v_base + kn[None, :] * s_vs + offs_dv[:, None], mask=offs_dv[:, None] < DV, other=0.0)
             p = tl.exp2(tl.dot(q, kt, input_precision=PREC) * qk_scale - lse[:, None])
             ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
             dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
-        for j in range(0, tl.load(PN + r)):
+        for j in range(tl.load(PN + r)):
             kn = tl.load(PI + r * nmax + j) * BN + offs_n
             kt = tl.load(k_base + kn[None, :] * s_ks + offs_d[:, None], mask=(offs_d[:, None] < D) & (kn[None, :] < sk),
                          other=0.0)
@@ -394,17 +393,17 @@ if triton is not None:
                     mask=cols & (offs_dv[None, :] < DV), other=0.0)
         dk = tl.zeros([BN, BD], tl.float32)
         dv = tl.zeros([BN, BDV], tl.float32)
-        for g in range(0, group):
+        for g in range(group):
             h = hk * group + g
             r = b * row_b + h * row_h + j
             q_base = Q + b.to(tl.int64) * s_qb + h * s_qh
             do_base = DO + b.to(tl.int64) * s_ob + h * s_oh
             lh = (b * hq + h).to(tl.int64) * sq
-            for t in range(0, tl.load(FN + r)):
+            for t in range(tl.load(FN + r)):
                 i = tl.load(FI + r * nmax + t)
                 dk, dv = _dkdv_tile(k, v, dk, dv, Q, DO, LSE, DELTA, q_base, do_base, lh, i, sq, s_qs, s_os, qk_scale,
                                     None, False, D, DV, BD, BDV, BM, PREC)
-            for t in range(0, tl.load(PN + r)):
+            for t in range(tl.load(PN + r)):
                 i = tl.load(PI + r * nmax + t)
                 allowed = _tile_allowed_t(BITS, tl.load(PT + r * nmax + t), BM, BN, W)
                 dk, dv = _dkdv_tile(k, v, dk, dv, Q, DO, LSE, DELTA, q_base, do_base, lh, i, sq, s_qs, s_os, qk_scale,
@@ -552,5 +551,5 @@ def run(variant, q, k, v, call: Call):
         return _fallback(variant, q, k, v, call)
 
 
-__all__ = ["Layout", "build_layout", "layout_for", "forward", "backward", "serves", "why_not", "run", "BLOCK_M",
-           "BLOCK_N", "stats"]
+__all__ = ["BLOCK_M", "BLOCK_N", "Layout", "backward", "build_layout", "forward", "layout_for", "run", "serves",
+           "stats", "why_not"]
