@@ -18,6 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness import qkv
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import attnzoo as az
 from attnzoo.backends.triton import blocksparse as bs
@@ -250,3 +252,24 @@ def test_auto_takes_the_kernels_only_where_measured_faster(monkeypatch):
     assert "0.90x (fwd+bwd)" in speed.auto_why_not(attn, call, q)
     monkeypatch.setattr(speed, "MEASURED", {})
     assert "not measured" in speed.auto_why_not(attn, call, q)
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=st.sampled_from(CASES), b=st.integers(1, 2), sq=st.integers(1, 90), sk=st.integers(1, 90),
+       causal=st.booleans(), tiles=st.sampled_from([(16, 32), (32, 64), (64, 32)]))
+def test_layout_fuzz(case, b, sq, sk, causal, tiles):
+    """Any lengths (also shorter than a tile), patterns, batch sizes and tile shapes: the tables encode the mask."""
+    name, params, inputs, (hq, hkv) = case
+    attn = az.get(name, **params)
+    assume(not ((causal or name == "block_rag") and sq > sk) and not (name == "prefix_lm" and causal))
+    given_ = inputs(b, sq, sk)
+    if name == "document":
+        given_ = {"document_ids": _docs(b, sk, (sk // 3,))}
+        if sq != sk:
+            given_["q_document_ids"] = _docs(b, sq, (sq // 2,))
+    if name == "block_rag":
+        given_ = {"block_ids": _docs(b, sk, (sk // 2,))}
+    q, k, v = qkv(b, hq, hkv, sq, sk, 8)
+    lay = bs.build_layout(attn, attn.prepare(q, k, v, causal, None, given_), *tiles)
+    want = attn.dense_mask(sq, sk, causal=causal, heads=hq, kv_heads=hkv, batch=b, **given_).expand(b, hq, sq, sk)
+    assert torch.equal(lay.dense(sq, sk, b, hq), want)
