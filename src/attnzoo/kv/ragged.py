@@ -26,21 +26,22 @@ from .quant import dequantize, quantize, unpack_codes, pack_codes
 SCALE_DTYPE = torch.float16  # scales and minimums of quantized entries are stored as KIVI stores them
 
 
-def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
-    """(N,) segment of each packed entry, from the (segments,) entry counts."""
+def segment_ids(lengths: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """(N,) segment of each packed entry, from the (segments,) entry counts (`total`: their sum, when
+    known, spares a device sync)."""
     return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths,
-                                   output_size=int(lengths.sum()))
+                                   output_size=int(lengths.sum()) if total is None else total)
 
 
-def key_groups(lengths: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
+def key_groups(lengths: torch.Tensor, group: int, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) quantization group of each packed key (runs of `group` consecutive entries of a segment,
-    never spanning two segments), and the number of groups."""
+    never spanning two segments), and the number of groups (a 0-d tensor)."""
     per_segment = (lengths + group - 1) // group
     first = torch.cumsum(per_segment, 0) - per_segment
-    seg = segment_ids(lengths)
+    seg = segment_ids(lengths, total)
     start = torch.cumsum(lengths, 0) - lengths
     position = torch.arange(len(seg), device=lengths.device) - start[seg]
-    return first[seg] + position // group, int(per_segment.sum())
+    return first[seg] + position // group, per_segment.sum()
 
 
 class Packed:
@@ -61,7 +62,7 @@ class Packed:
             self._keys, self._values = keys, values
         else:
             groups, n_groups = key_groups(lengths.long(), group)
-            self._keys = quantize_grouped(keys, groups, n_groups, bits)
+            self._keys = quantize_grouped(keys, groups, int(n_groups), bits)
             self._values = quantize(values, bits, dim=-1, scale_dtype=SCALE_DTYPE)
 
     @property
@@ -69,13 +70,13 @@ class Packed:
         return (self.offsets[1:] - self.offsets[:-1]).long()
 
     def segments(self) -> torch.Tensor:
-        return segment_ids(self.lengths)
+        return segment_ids(self.lengths, self.n_entries)
 
     def keys(self) -> torch.Tensor:
         if self.bits is None:
             return self._keys
         codes, scale, lo = self._keys
-        groups, _ = key_groups(self.lengths, self.group)
+        groups, _ = key_groups(self.lengths, self.group, self.n_entries)
         return (unpack_codes(codes, self.bits).to(self.dtype) * scale[groups].to(self.dtype)
                 + lo[groups].to(self.dtype))
 

@@ -1,0 +1,115 @@
+"""Per-token decode latency and prefill time with a KV press active, as ratios to the uncompressed
+model measured in the same run (SmolLM2 on real text).
+
+    python benchmarks/kv_decode_latency.py                                   # CPU, 2048 tokens
+    python benchmarks/kv_decode_latency.py --device cuda --lengths 2048,8192 --out $OUT/kvdec.json
+
+Each method prefills the prompt (timed, synchronised on CUDA), then decodes `--tokens` greedy tokens;
+the decode time is the median per token. Methods alternate with the uncompressed model in rounds
+(`--rounds`) so a busy machine slows both alike; the ratio is taken per round, its median reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import attnzoo.kv as kv
+from attnzoo import models
+from attnzoo.kv.base import with_cache
+
+
+def methods() -> dict:
+    q4, q2 = kv.get("kv_quant", bits=4), kv.get("kv_quant", bits=2)
+    return {
+        "snapkv 0.75 (rectangular)": (kv.get("snapkv", ratio=0.75), "rectangular"),
+        "snapkv 0.75 (ragged)": (kv.get("snapkv", ratio=0.75), "ragged"),
+        "razor 0.75 (ragged)": (kv.get("razor", ratio=0.75), "ragged"),
+        "expected_attention 0.5 + int4": (kv.get("expected_attention", ratio=0.5) + q4, None),
+        "snapkv 0.65 + int2": (kv.get("snapkv", ratio=0.65) + q2, None),
+        "kv_quant int4 (KIVI layer)": (kv.get("kv_quant", bits=4), None),
+    }
+
+
+def _clock(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.no_grad()
+def run_once(model, tok, ids, tokens: int, press=None, layout=None) -> tuple[float, float]:
+    """(prefill seconds, median decode seconds per token)."""
+    DynamicCache = __import__("transformers").DynamicCache
+    device = ids.device
+    cache = DynamicCache(config=model.config)
+    session = press(model, tok, layout=layout) if press is not None else _Null()
+    with session:
+        start = _clock(device)
+        out = model(input_ids=ids, **with_cache(model, cache), logits_to_keep=1)
+        prefill = _clock(device) - start
+        token = out.logits[:, -1:].argmax(-1)
+        steps = []
+        for _ in range(tokens):
+            start = _clock(device)
+            out = model(input_ids=token, **with_cache(model, cache), logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+            steps.append(_clock(device) - start)
+    return prefill, statistics.median(steps)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--lengths", default="2048")
+    ap.add_argument("--tokens", type=int, default=16, help="decoded tokens per run")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    ap.add_argument("--methods", default="", help="comma-separated substrings of the method names to run (default all)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, tok = models.load_causal_lm()
+    model.to(device)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    wanted = [w.strip() for w in args.methods.split(",") if w.strip()]
+    table = {k: v for k, v in methods().items() if not wanted or any(w in k for w in wanted)}
+    results = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+               "torch": torch.__version__, "tokens": args.tokens, "rounds": args.rounds, "rows": []}
+    for length in lengths:
+        ids = models.real_token_ids(tok, length, "heldout").to(device)
+        run_once(model, tok, ids[:, :256], 2)  # warm-up
+        for name, (press, layout) in table.items():
+            run_once(model, tok, ids[:, :256], 2, press, layout)  # profiling presses profile here, untimed
+            pre, dec, base_pre, base_dec = [], [], [], []
+            for _ in range(args.rounds):
+                bp, bd = run_once(model, tok, ids, args.tokens)
+                p, d = run_once(model, tok, ids, args.tokens, press, layout)
+                base_pre.append(bp), base_dec.append(bd), pre.append(p / bp), dec.append(d / bd)
+            row = {"length": length, "method": name, "prefill_vs_full": statistics.median(pre),
+                   "decode_vs_full": statistics.median(dec), "full_prefill_s": statistics.median(base_pre),
+                   "full_decode_ms": 1e3 * statistics.median(base_dec)}
+            results["rows"].append(row)
+            print(f"{length:>6} {name:<34} prefill x{row['prefill_vs_full']:.2f}  decode x{row['decode_vs_full']:.2f}"
+                  f"  (uncompressed: prefill {row['full_prefill_s']:.2f} s, decode {row['full_decode_ms']:.1f} ms/token)",
+                  flush=True)
+            if args.out is not None:  # after every row: an interrupted run keeps what it measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
