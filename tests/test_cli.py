@@ -220,7 +220,7 @@ def test_info_explain_names_the_backend_auto_runs_and_why_not_the_others():
 
     out = CliRunner().invoke(app, ["info", "sliding_window", "--explain", "--length", "128", "--json"])
     assert out.exit_code == 0, out.output
-    rows = json.loads(out.output)["explain"]
+    rows = [r for r in json.loads(out.output)["explain"] if r["backend"] in ("sdpa", "flex", "torch")]  # + optional ones
     assert [r["backend"] for r in rows] == ["sdpa", "flex", "torch"]
     assert [r["chosen"] for r in rows] == [False, False, True]
     assert "no 'sdpa' path" in rows[0]["reason"] and "CUDA only" in rows[1]["reason"]

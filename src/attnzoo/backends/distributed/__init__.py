@@ -149,5 +149,6 @@ register_backend(Backend(
 for _name in STRATEGIES:
     register_backend(Backend(
         _name, 5, functools.partial(_why_not, strategy=_name), functools.partial(_run, strategy=_name),
-        serves=lambda cls: _serves(cls) and not issubclass(cls, RecurrentVariant),
-        doc=f"context parallel with strategy={_name!r} (inside context_parallel)"), replace=True)
+        # listed under `context_parallel` in info.backends; named only to force a strategy on a call
+        serves=lambda cls: False, doc=f"context parallel with strategy={_name!r} (inside context_parallel)"),
+        replace=True)
