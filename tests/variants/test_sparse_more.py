@@ -12,6 +12,8 @@ import sparse_defs_more as defs
 import test_sparse_family as contract
 import torch
 from harness import PATTERN_SHAPES, qkv
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_sparse_family import Case
 
 import attnzoo as az
@@ -124,6 +126,33 @@ def test_bad_parameters_raise_naming_them(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_info_cites_the_paper_and_declares_the_budget(name):
     contract.test_info_cites_the_paper_and_declares_the_budget(name)
+
+
+@settings(max_examples=25, deadline=None)
+@given(name=st.sampled_from(NAMES), hkv=st.integers(1, 2), groups=st.integers(1, 3), sk=st.integers(1, 40),
+       cut=st.integers(0, 30), budget=st.integers(1, 12), causal=st.booleans())
+def test_fuzz_fast_path_equals_reference(name, hkv, groups, sk, cut, budget, causal):
+    """Any lengths (Sq <= Sk), head layouts and budgets, each variant's own parameters derived from `budget`."""
+    sq = max(1, sk - cut)
+    q, k, v = qkv(1, hkv * groups, hkv, sq, sk, 4, seed=sk + budget)
+    g = torch.Generator().manual_seed(budget)
+    params = {"routing": {"clusters": 1 + budget % 3, "top_k": budget},
+              "recycled": {"top_k": budget, "stride": 1 + budget % 4},
+              "dma": {"top_k": budget},
+              "minference": {"budget": budget, "heads": (("a_shape", "vertical_slash", "block_sparse")[budget % 3], 0.5),
+                             "block_size": 1 + budget % 5, "last_q": 3},
+              "seer": {"block_size": 1 + budget % 5, "top_k": 1 + budget % 3}}[name]
+    attn = az.get(name, **params)
+    causal = causal or "noncausal_self" not in attn.info.patterns
+    inputs = {}
+    if name == "dma":
+        inputs["dt"] = torch.randn(1, hkv, sk, generator=g, dtype=torch.float64)
+    first = sk - sq
+    if name == "recycled" and first % params["stride"]:
+        inputs["anchor_keys"] = torch.randint(0, first - first % params["stride"] + 1, (1, hkv, budget), generator=g)
+    out = attn(q, k, v, causal=causal, **inputs)
+    assert torch.isfinite(out).all()
+    assert (out - attn.reference(q, k, v, causal=causal, **inputs)).abs().max() < 1e-10
 
 
 # ---- routing --------------------------------------------------------------------------------------------
