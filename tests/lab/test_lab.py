@@ -67,3 +67,14 @@ def test_line_plot_draws_each_series_with_a_legend():
     svg = report.line_plot({"a": [(0, 1.0), (1, 10.0)], "b": [(0, 2.0), (2, 3.0)]}, "x", "y", log_y=True)
     assert svg.count("<polyline") == 2 and ">a</text>" in svg and ">b</text>" in svg and "(log)" in svg
     assert "nothing to plot" in report.line_plot({"a": []}, "x", "y")
+
+
+@pytest.mark.parametrize("command", ["transmla", "train-tiny"])
+def test_help_answers_without_torch(command):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom attnzoo.cli import app\ntry:\n    app([%r, '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))" % command)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "--out" in out.stdout and out.stdout.strip().endswith("[]"), out.stdout + out.stderr
