@@ -10,7 +10,7 @@ import torch
 import attnzoo as az
 from attnzoo import models
 from attnzoo.bench.capture import captured_qkv
-from attnzoo.lab.hedgehog import evaluate
+from attnzoo.lab.hedgehog import evaluate, windows
 from attnzoo.nn.hedgehog import (
     HedgehogFeatureMap,
     distill,
@@ -125,3 +125,11 @@ def test_feature_map_equals_fla_hedgehog_feature_map_when_installed():
             b.copy_(2 * theirs.layer.bias.expand(2, 8))
     x = torch.randn(1, 2, 5, 8)
     assert torch.allclose(maps(x, "q"), theirs(x), atol=1e-6) and torch.allclose(maps(x, "k"), theirs(x), atol=1e-6)
+
+
+def test_training_windows_are_consecutive_slices():
+    x = torch.randn(1, 3, 10, 2)
+    w = windows(x, 4)
+    assert w.shape == (2, 3, 4, 2) and torch.equal(w[0], x[0, :, :4]) and torch.equal(w[1], x[0, :, 4:8])
+    with pytest.raises(ValueError, match="longer than the 10 captured tokens"):
+        windows(x, 11)
