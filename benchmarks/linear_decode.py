@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
 
-from attnzoo.bench import decode  # noqa: E402
+from attnzoo.bench import decode
 
 
 def main(argv=None) -> dict:

@@ -47,7 +47,7 @@ def _mega_inputs(gen, b, hkv, s, d, dv, e=3):
 
 
 def _default_titans(q, k, v, x, p):
-    full = lambda c: torch.full(k.shape[:3], c, dtype=F64)  # noqa: E731
+    full = lambda c: torch.full(k.shape[:3], c, dtype=F64)
     return titans_loop(q, k, v, full(0.1), full(0.9), full(0.01), p.get("mini_batch", 16))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,6 @@ import torch.nn.functional as F
 from ..core.api import get, variants
 from ..core.recurrent import RecurrentVariant
 from .cases import make_inputs
-
 
 # Parameters a variant needs to carry a state between calls at all (lln moment-matches its temperatures per
 # call unless they are fixed).
@@ -117,11 +117,17 @@ def recurrent_decode(name: str, contexts: list[int], geo: Geometry, dtype, devic
         q_t, k_t, v_t = (x[:, :, 0] for x in _qkv(geo, 1, dtype, device, gen))
         extra = step_inputs(attn, q_t, k_t, v_t)
         # Every timed step starts from the prefilled state (the state at context n), so all steps cost the same.
-        out[n] = {**time_steps(lambda: attn.step(q_t, k_t, v_t, state, **extra), steps, device),
+        out[n] = {**time_steps(partial(attn.step, q_t, k_t, v_t, state, **extra), steps, device),
                   "state_elements": state.numel()}
         if on_context:
             on_context()
     return out
+
+
+def cached_decode(q_t, k_t, v_t, k_cache, v_cache):
+    """One softmax decoding step: the new key and value appended to the cache, one query over all of it
+    (it sees every cached key: causal)."""
+    return F.scaled_dot_product_attention(q_t, torch.cat([k_cache, k_t], 2), torch.cat([v_cache, v_t], 2))
 
 
 def full_decode(contexts: list[int], geo: Geometry, dtype, device, steps: int, gen, on_context=None) -> dict:
@@ -132,12 +138,8 @@ def full_decode(contexts: list[int], geo: Geometry, dtype, device, steps: int, g
         _, k_cache, v_cache = _qkv(geo, n, dtype, device, gen)
         q_t, k_t, v_t = (x[:, :, :1] for x in _qkv(geo, 1, dtype, device, gen))
 
-        def one():
-            k = torch.cat([k_cache, k_t], 2)
-            v = torch.cat([v_cache, v_t], 2)
-            return F.scaled_dot_product_attention(q_t, k, v)   # one query sees every cached key: causal
-
-        out[n] = {**time_steps(one, steps, device), "state_elements": 2 * k_cache.numel()}
+        out[n] = {**time_steps(partial(cached_decode, q_t, k_t, v_t, k_cache, v_cache), steps, device),
+                  "state_elements": 2 * k_cache.numel()}
         if on_context:
             on_context()
     return out

@@ -87,7 +87,7 @@ class Mega(LinearVariant):
 
     def step(self, q_t, k_t, v_t, state, *, scale=None, **inputs):
         given = {n: inputs.pop(n) for n in EMA if n in inputs}
-        b, h, d, _ = self.check_step(q_t, k_t, v_t, state, inputs)
+        _, h, d, _ = self.check_step(q_t, k_t, v_t, state, inputs)
         if q_t.shape[1] != h:
             raise ValueError(f"{self.name}: step needs as many query heads as KV heads, got Hq={q_t.shape[1]}, Hkv={h}")
         want = (h, d, self.config["ema_dim"])
