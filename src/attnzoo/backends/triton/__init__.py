@@ -19,6 +19,9 @@ def _family(variant):
 
 
 def _why_not(variant, call, q):
+    if not (linear.serves(type(variant)) or blocksparse.serves(type(variant))):
+        return (f"{variant.name}: the triton kernels serve {list(linear.SERVED)} (decaying-state linear attention) "
+                "and softmax attention under a mask without score modifier")
     return _family(variant).why_not(variant, call, q)
 
 
