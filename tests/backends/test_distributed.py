@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnzoo as az
 from attnzoo.backends import torch_blockwise
@@ -194,6 +196,40 @@ def test_flash_band_tiles_on_cpu(name, params, causal):
     _close(loc[0].grad, pick(ref_in[0].grad, qs), "dq")
     _close(loc[1].grad, pick(ref_in[1].grad, ks), "dk")
     _close(loc[2].grad, pick(ref_in[2].grad, ks), "dv")
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_flash_band_tiles_fuzz(data):
+    """Random band masks (window / right / causal / full) and random cuts of the sequence into query and
+    key segments: the flash kernel's cutting (dense stand-in) equals the definition, output and grads."""
+    s = data.draw(st.integers(3, 24), "S")
+    causal = data.draw(st.booleans(), "causal")
+    window = data.draw(st.one_of(st.none(), st.integers(0, 7)), "window")
+    right = data.draw(st.one_of(st.none(), st.integers(0, 7)), "right")
+    attn = az.get("full") if window is None else az.get("sliding_window", window=window, right=right)
+
+    def cut(label):
+        points = sorted(data.draw(st.sets(st.integers(1, s - 1), max_size=3), label))
+        bounds = [0, *points, s]
+        segs = [(a, b - a) for a, b in zip(bounds, bounds[1:])]
+        return tuple(data.draw(st.permutations(segs), label + " order"))
+
+    qs, ks = cut("query cuts"), cut("key cuts")
+    torch.manual_seed(3)
+    q, k, v, dout = (torch.randn(1, h, s, 4, dtype=torch.float64) for h in (2, 1, 1, 2))
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attn.reference(*ref_in, causal=causal)
+    ref.backward(dout)
+    pick = lambda t, segs: torch.cat([t[:, :, a:a + n] for a, n in segs], 2)  # noqa: E731
+    gcall = global_call(attn, q, k, v, causal, 0.5, s, {})
+    problem = Problem(attn, gcall, [list(qs)], FlashKernel(*band_of(attn, causal), band_reference, band_reference_bwd))
+    loc = [pick(t, segs).clone().requires_grad_() for t, segs in ((q, qs), (k, ks), (v, ks))]
+    out = _Tiles.apply(*loc, problem, qs, ks)
+    out.backward(pick(dout, qs))
+    _close(out, pick(ref, qs), "out")
+    for t, r, segs, n in zip(loc, ref_in, (qs, ks, ks), "qkv"):
+        _close(t.grad, pick(r.grad, segs), f"d{n}")
 
 
 def test_communication_plan_structure():

@@ -80,28 +80,35 @@ class BandTile:
     right: int
 
 
-def band_tile(left: float, right: float, q_start: int, n: int, k_start: int, m: int) -> BandTile | None:
-    """The part of a (queries [q_start, +n), keys [k_start, +m)) tile a band touches, as one kernel call.
+def band_tiles(left: float, right: float, q_start: int, n: int, k_start: int, m: int) -> list[BandTile]:
+    """The kernel calls that compute the (queries [q_start, +n), keys [k_start, +m)) tile of a band.
 
     Local query i (global q_start + i) sees local keys j with i + d - left <= j <= i + d + right, d =
     q_start - k_start. Rows seeing no key are cut (the kernel's empty rows would not merge), then keys
     no kept row sees; the band is then FlashAttention's window with bottom-right alignment
-    (j - i in [sk - sq - window_left, sk - sq + window_right])."""
+    (j - i in [sk - sq - window_left, sk - sq + window_right]). The kernel treats a window >= sk as
+    unbounded, which is exact for the left side but not for a right bound that still cuts the first
+    rows when sq > sk + 1: such tiles are split by rows into calls of at most sk rows."""
     d = q_start - k_start
     i0 = 0 if right == INF else max(0, -d - int(right))
     i1 = n if left == INF else min(n, m - d + int(left))
     if i1 <= i0:
-        return None
+        return []
     j0 = 0 if left == INF else max(0, i0 + d - int(left))
     j1 = m if right == INF else min(m, i1 - 1 + d + int(right) + 1)
     if j1 <= j0:
-        return None
+        return []
     sq, sk, d2 = i1 - i0, j1 - j0, (q_start + i0) - (k_start + j0)
+    if right != INF and sq > sk + 1:
+        out = []
+        for a in range(i0, i1, sk):
+            out += [BandTile((a + r0, a + r1), keys, wl, wr)
+                    for (r0, r1), keys, wl, wr in ((t.rows, t.keys, t.left, t.right) for t in
+                                                  band_tiles(left, right, q_start + a, min(sk, i1 - a), k_start, m))]
+        return out
     wl = -1 if left == INF else sk - sq - d2 + int(left)
     wr = -1 if right == INF else d2 + int(right) - (sk - sq)
-    wl = -1 if wl >= sk else wl
-    wr = -1 if wr >= sk else wr
-    return BandTile((i0, i1), (j0, j1), wl, wr)
+    return [BandTile((i0, i1), (j0, j1), -1 if wl >= sk else wl, -1 if wr >= sk else wr)]
 
 
 def _flash_fwd(q, k, v, scale, left, right):
@@ -121,7 +128,7 @@ def _flash_bwd(dout, q, k, v, out, lse, scale, left, right):
 
 @dataclass
 class FlashTile:
-    band: BandTile | None
+    bands: list[BandTile]
     n: int
     m: int
     scale: float
@@ -137,41 +144,39 @@ class FlashKernel:
         self.left, self.right, self.fwd, self.bwd = left, right, fwd, bwd
 
     def tile(self, base, gcall, intervals, q_start, n, k_start, m, heads, kv_heads, h_start=0) -> FlashTile:
-        return FlashTile(band_tile(self.left, self.right, q_start, n, k_start, m), n, m, gcall.scale)
+        return FlashTile(band_tiles(self.left, self.right, q_start, n, k_start, m), n, m, gcall.scale)
 
     def forward(self, q, k, v, t: FlashTile):
         b, h, n, _ = q.shape
         dt = acc_dtype(q.dtype)
         out = q.new_zeros(b, h, n, v.shape[-1], dtype=dt)
         lse = q.new_full((b, h, n), -INF, dtype=dt)
-        if t.band is None:
-            return out, lse
-        (i0, i1), (j0, j1) = t.band.rows, t.band.keys
-        o, l_ = self.fwd(*(x.transpose(1, 2) for x in (q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1])),
-                               t.scale, t.band.left, t.band.right)
-        out[:, :, i0:i1] = o.transpose(1, 2)
-        lse[:, :, i0:i1] = l_
+        for band in t.bands:  # their rows are disjoint
+            (i0, i1), (j0, j1) = band.rows, band.keys
+            o, l_ = self.fwd(*(x.transpose(1, 2) for x in (q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1])),
+                             t.scale, band.left, band.right)
+            out[:, :, i0:i1] = o.transpose(1, 2)
+            lse[:, :, i0:i1] = l_
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, t: FlashTile):
         dt = acc_dtype(q.dtype)
         dq, dk, dv = (torch.zeros(x.shape, dtype=dt, device=x.device) for x in (q, k, v))
-        if t.band is None:
-            return dq, dk, dv
-        (i0, i1), (j0, j1) = t.band.rows, t.band.keys
-        tr = [x.transpose(1, 2) for x in (q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1])]
-        rows = [x[:, :, i0:i1].to(q.dtype).transpose(1, 2).contiguous() for x in (dout, out)]
-        g = self.bwd(rows[0], *tr, rows[1], lse[:, :, i0:i1].to(acc_dtype(q.dtype)), t.scale, t.band.left,
-                     t.band.right)
-        dq[:, :, i0:i1] = g[0].transpose(1, 2)
-        dk[:, :, j0:j1] = g[1].transpose(1, 2)
-        dv[:, :, j0:j1] = g[2].transpose(1, 2)
+        for band in t.bands:
+            (i0, i1), (j0, j1) = band.rows, band.keys
+            tr = [x.transpose(1, 2) for x in (q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1])]
+            rows = [x[:, :, i0:i1].to(q.dtype).transpose(1, 2).contiguous() for x in (dout, out)]
+            g = self.bwd(rows[0], *tr, rows[1], lse[:, :, i0:i1].to(dt), t.scale, band.left, band.right)
+            dq[:, :, i0:i1] += g[0].transpose(1, 2)
+            dk[:, :, j0:j1] += g[1].transpose(1, 2)
+            dv[:, :, j0:j1] += g[2].transpose(1, 2)
         return dq, dk, dv
 
 
 def _band_mask(sq: int, sk: int, left: int, right: int) -> torch.Tensor:
     """FlashAttention's window, bottom-right aligned: key j - query i in [sk - sq - left, sk - sq + right]
-    (-1 = unbounded)."""
+    (-1 = unbounded; like the kernel, a window >= sk counts as unbounded)."""
+    left, right = (-1 if w >= sk else w for w in (left, right))
     rel = torch.arange(sk).view(1, -1) - torch.arange(sq).view(-1, 1) - (sk - sq)
     allowed = torch.ones(sq, sk, dtype=torch.bool)
     if left >= 0:
