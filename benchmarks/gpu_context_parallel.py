@@ -248,6 +248,8 @@ def time_row(s: int, mask: str, backward: bool, impl: str, world: int, rank: int
             x.requires_grad_(False)
         mine["ms"] = torch_cp(mask, q, k, v, dout, world, backward, reps)
         mine["rotate_method"] = "torch default (allgather of k/v), head-tail load balancing"
+        # not counted by torch: its allgather brings every other rank's k and v once per forward
+        mine["bytes_received_per_call_estimated"] = 2 * B * H * s * D * 2 * (world - 1) // world
     elif impl == "one_gpu":
         def step():
             for x in (q, k, v):
