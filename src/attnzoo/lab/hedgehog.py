@@ -11,6 +11,7 @@ results.json, report.html (loss curves) and the fitted maps (maps_layer<L>.pt) g
 from __future__ import annotations
 
 import argparse
+import html
 import time
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def write(results: dict, out: Path) -> tuple[Path, Path]:
              f"{r['untrained']['output_error']:.3f}", f"{r['fitted']['output_error']:.3f}",
              f"{r['linear_elu1_output_error']:.3f}", f"{r['seconds']:.1f}"] for r in results["layers"]]
     curves = {f"layer {r['layer']}": list(enumerate(r["loss"])) for r in results["layers"]}
-    note = (f"<p class='note'>{results['paper']}; {results['model']}, {results['length']} training tokens in "
+    note = (f"<p class='note'>{html.escape(results['paper'])}; {results['model']}, {results['length']} training tokens in "
             f"windows of {results['window']}, "
             f"{results['eval_length']} held-out tokens, {results['steps']} Adam steps at lr {results['lr']}.</p>")
     headers = ["layer", "softmax entropy (loss bound)", "loss untrained", "loss fitted", "output error untrained",
