@@ -179,12 +179,13 @@ def test_step_by_step_decoding_equals_the_call(case):
 def test_packed_sequences_never_share_state(case):
     """cu_seqlens: each sequence equals its own run from its own initial state (states left mid-chunk and
     mid-mini-batch, so rows sit at different offsets); changing one sequence changes no other's outputs."""
-    q, k, v, x = make(case, b=1, s=24)
+    hkv = 1 if CASES[case][4] else 2
+    q, k, v, x = make(case, b=1, hq=2, hkv=hkv, s=24)
     cu = torch.tensor([0, 9, 10, 19, 24])
     attn = get(case)
     warm = []
     for i, n in enumerate((3, 7, 11, 2)):
-        wq, wk, wv, wx = make(case, b=1, s=n, seed=10 + i)
+        wq, wk, wv, wx = make(case, b=1, hq=2, hkv=hkv, s=n, seed=10 + i)
         warm.append(attn(wq, wk, wv, causal=True, output_final_state=True, **wx)[1])
     s0 = attn.join_states(warm)
     k2 = k.clone()
