@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import attnzoo as az
+from attnzoo.bench.speed import _one_call_ms
 from attnzoo.distributed import communication_plan, context_parallel, shard
 
 B, H, D = 1, 16, 128
@@ -88,25 +89,11 @@ def print_simulation(rows: list[dict]) -> None:
 
 
 def timed(fn, reps: int) -> float:
-    """Median milliseconds of `fn` over `reps` runs after one warm-up (CUDA events)."""
+    """Median milliseconds of `fn` over `reps` runs after one warm-up (CUDA events on GPU)."""
     fn()
-    if DEVICE != "cuda":
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return sorted(times)[len(times) // 2]
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
+    if DEVICE == "cuda":
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return sorted(_one_call_ms(fn, torch.device(DEVICE)) for _ in range(reps))[reps // 2]
 
 
 def peak_gb() -> float:
