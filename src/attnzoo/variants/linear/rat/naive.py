@@ -39,9 +39,8 @@ def final_state(state, k_t, v_t, offset: int, chunk: int):
     first of which sits `offset` tokens into its chunk: the chunk in progress updated in place, new rows after."""
     b, hkv, s, d = k_t.shape
     dv = v_t.shape[-1]
-    pos = torch.arange(s, device=k_t.device) + offset
-    ends = [t for t in range(s) if pos[t] % chunk == chunk - 1 or t == s - 1]
-    rows = [torch.cat([k_t[:, :, t], v_t[:, :, t], k_t.new_full((b, hkv, 1), float(pos[t] % chunk + 1))], -1)
+    ends = [t for t in range(s) if (t + offset) % chunk == chunk - 1 or t == s - 1]
+    rows = [torch.cat([k_t[:, :, t], v_t[:, :, t], k_t.new_full((b, hkv, 1), float((t + offset) % chunk + 1))], -1)
             for t in ends]
     state = state.to(k_t.dtype)
     if offset and rows:                                   # the first end finishes (or continues) the chunk in progress
