@@ -21,6 +21,7 @@ from ...core.selection import Selection, SelectionVariant, topk_indices
 
 PAPER = Paper("RetrievalAttention: Accelerating Long-Context LLM Inference via Vector Retrieval", 2024, "2409.10516")
 QUERY_TILE = 64
+SEARCH_TILE = 16  # queries per HNSW search: each search asks for top_k + SEARCH_TILE - 1 neighbours (causal)
 _warned = []
 
 
@@ -101,9 +102,13 @@ class RetrievalAttention(SelectionVariant):
         return torch.cat(parts, dim=2)
 
     def search_hnsw(self, q, k, call) -> torch.Tensor:
-        """(B, Hq, Sq, top_k): per (batch row, kv head) an HNSW graph over its keys; per tile of queries one
-        search restricted to the tile's far range, asking for enough neighbours that each query keeps top_k
-        after dropping what lies outside its own far region (in the index's order, best first)."""
+        """(B, Hq, Sq, top_k): per (batch row, kv head) an HNSW graph over the keys past the sinks, grown as the
+        queries advance (under causality it holds, for each tile of queries, the keys up to the last query's
+        window, as the paper's index grows while decoding). One search per tile asks for enough neighbours that
+        each query keeps top_k after dropping what lies outside its own far region (in the index's order, best
+        first): under causality the last query's window hides at most tile - 1 keys of an earlier query's
+        region; without it a query's own window hides at most `window` keys. A request for every key held is
+        answered with all of them, ranked by exact score."""
         faiss = faiss_module()
         s = call.shapes
         sinks, window, top_k = self.config["sinks"], self.config["window"], self.config["top_k"]
@@ -114,24 +119,28 @@ class RetrievalAttention(SelectionVariant):
         for b in range(s.batch):
             for h in range(s.kv_heads):
                 index = faiss.IndexHNSWFlat(s.d, self.config["graph_degree"], faiss.METRIC_INNER_PRODUCT)
-                faiss.omp_set_num_threads(1)  # a single-threaded build is deterministic: every select agrees
-                try:
-                    index.add(keys_np[b, h])
-                finally:
-                    faiss.omp_set_num_threads(threads)
+                index.hnsw.efSearch = self.config["ef_search"]
                 heads = slice(h * s.group, (h + 1) * s.group)
-                for a in range(0, s.sq, QUERY_TILE):
-                    e = min(a + QUERY_TILE, s.sq)
-                    last = s.sk - s.sq + e - 1
-                    hi = min(last - window + 1, s.sk) if call.causal else s.sk
+                for a in range(0, s.sq, SEARCH_TILE):
+                    e = min(a + SEARCH_TILE, s.sq)
+                    hi = min(s.sk - s.sq + e - window, s.sk) if call.causal else s.sk   # keys [sinks, hi) held
                     if hi <= sinks:
                         continue
-                    want = min(top_k + window + (e - a), hi - sinks)
-                    params = faiss.SearchParametersHNSW(sel=faiss.IDSelectorRange(sinks, hi),
-                                                        efSearch=max(self.config["ef_search"], want))
-                    tile = queries[b, heads, a:e].reshape(-1, s.d).contiguous().numpy()
-                    _, found = index.search(tile, want, params=params)
-                    found = torch.from_numpy(found).view(s.group, e - a, want)
+                    if index.ntotal < hi - sinks:
+                        faiss.omp_set_num_threads(1)  # single-threaded adds are deterministic: every select agrees
+                        try:
+                            index.add(keys_np[b, h, sinks + index.ntotal:hi])
+                        finally:
+                            faiss.omp_set_num_threads(threads)
+                    want = min(top_k + (e - a - 1 if call.causal else window), hi - sinks)
+                    tile = queries[b, heads, a:e].reshape(-1, s.d)
+                    if want == hi - sinks:
+                        scores = tile @ torch.from_numpy(keys_np[b, h, sinks:hi]).T
+                        found = scores.argsort(dim=-1, descending=True, stable=True)
+                    else:
+                        index.hnsw.efSearch = max(self.config["ef_search"], want)
+                        found = torch.from_numpy(index.search(tile.contiguous().numpy(), want)[1])
+                    found = torch.where(found >= 0, found + sinks, -1).view(s.group, e - a, want)
                     pos = s.query_positions(a, e, "cpu").view(1, -1, 1)
                     keep = (found >= 0) & far_region(found, pos, sinks, window, call.causal)
                     keep &= keep.cumsum(-1) <= top_k
