@@ -108,7 +108,8 @@ def bench(
     report.print_leaderboard(results, console)
     json_path, html_path = report.write(results, out)
     meta = results["meta"]
-    console.print(f"wrote {json_path} and {html_path} in {results['timings_s']['total']:.0f} s "
+    sweep = " (the budget sweep per family: budget_sweep.json beside them)" if results["fidelity"] else ""
+    console.print(f"wrote {json_path} and {html_path}{sweep} in {results['timings_s']['total']:.0f} s "
                   f"({meta['cpu_threads']} CPU threads: {meta['cpu_threads_reason']})")
 
 
