@@ -699,9 +699,50 @@ def plan(sweep: Sweep) -> tuple[list[dict], list[dict]]:
     return todo, skipped
 
 
-def run(sweep: Sweep | None = None, threads: int = 0, steps=None) -> dict:
+def _train_in_worker(index: int, c: dict, sweep: Sweep, tasks: list[MQAR], ticks) -> tuple[int, dict]:
+    torch.set_num_threads(1)
+    return index, run_config(c, sweep, tasks, lambda s, a: ticks.put((index, a)))
+
+
+def _run_in_processes(todo: list[dict], sweep: Sweep, tasks: list[MQAR], workers: int, steps) -> list[dict]:
+    """`run_config` for every configuration, `workers` single-threaded processes at a time; rows in
+    `todo`'s order. `steps` (optional) hears start(label, total, key), tick(accuracy, key), done(key)."""
+    import multiprocessing as mp
+    import queue
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")  # no fork of a process that holds OpenMP threads
+    rows: list[dict | None] = [None] * len(todo)
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        ticks = manager.Queue()
+        pending = {pool.submit(_train_in_worker, i, c, sweep, tasks, ticks) for i, c in enumerate(todo)}
+        started: set[int] = set()
+        while pending:
+            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            while True:
+                try:
+                    i, acc = ticks.get_nowait()
+                except queue.Empty:
+                    break
+                if steps is not None:
+                    if i not in started:
+                        started.add(i)
+                        steps.start(f"{i + 1}/{len(todo)} {label(todo[i])}", sweep.train.steps, key=i)
+                    steps.tick(acc, key=i)
+            for f in finished:
+                i, row = f.result()
+                rows[i] = row
+                if steps is not None and i in started:
+                    steps.done(key=i)
+    return rows
+
+
+def run(sweep: Sweep | None = None, threads: int = 0, steps=None, parallel: bool = False) -> dict:
     """The whole sweep; the results dictionary (`recall_report.write` writes it). `steps`: a
-    `run.Steps`-like progress (start(label, total), tick()) and optional `overall(label)`."""
+    `run.Steps`-like progress (start(label, total), tick()) and optional `overall(label)`. With
+    `parallel` (the command's choice) and several CPUs to use (see `choose_threads`), one
+    single-threaded process per CPU trains a configuration each (variants registered in this process
+    only are not seen there), and `steps` must also take `key=` and have `done(key)`."""
     import datetime as dt
     import platform
     import sys
@@ -713,19 +754,28 @@ def run(sweep: Sweep | None = None, threads: int = 0, steps=None) -> dict:
     previous = torch.get_num_threads()
     torch.set_num_threads(n_threads)
     load_start, t0 = load_average(), time.perf_counter()
-    rows = []
+    # Several idle CPUs train one configuration each in its own single-threaded process: these models
+    # are too small for intra-op threads to pay. Each configuration seeds itself, so the results do
+    # not depend on the split.
+    workers = min(n_threads, len(todo)) if parallel else 1
     try:
-        for i, c in enumerate(todo, 1):
-            if steps is not None:
-                steps.start(f"{i}/{len(todo)} {label(c)}", sweep.train.steps)
-            row = run_config(c, sweep, tasks, None if steps is None else (lambda s, a: steps.tick(a)))
-            if row["error"]:
-                skipped.append({"name": c["name"], "family": row["family"], "reason": row["error"],
-                                "label": row["label"]})
-            else:
-                rows.append(row)
+        if workers > 1:
+            results_rows = _run_in_processes(todo, sweep, tasks, workers, steps)
+        else:
+            results_rows = []
+            for i, c in enumerate(todo, 1):
+                if steps is not None:
+                    steps.start(f"{i}/{len(todo)} {label(c)}", sweep.train.steps)
+                results_rows.append(run_config(c, sweep, tasks,
+                                               None if steps is None else (lambda s, a: steps.tick(a))))
     finally:
         torch.set_num_threads(previous)
+    rows = []
+    for c, row in zip(todo, results_rows):
+        if row["error"]:
+            skipped.append({"name": c["name"], "family": row["family"], "reason": row["error"], "label": row["label"]})
+        else:
+            rows.append(row)
     total = time.perf_counter() - t0
     results = {
         "schema": 1, "task": "mqar",
@@ -733,6 +783,7 @@ def run(sweep: Sweep | None = None, threads: int = 0, steps=None) -> dict:
         "meta": {"started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
                  "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                  "cpu_count": os.cpu_count(), "cpu_threads": n_threads, "cpu_threads_reason": why,
+                 "worker_processes": workers,
                  "load_average_start": load_start, "load_average_end": load_average()},
         "config": sweep_dict(sweep),
         "runs": rows,

@@ -18,27 +18,31 @@ TRAIN_FLOATS = ("lr", "weight_decay", "warmup", "target")
 
 
 class Progress:
-    """The sweep's progress: one bar for the configurations, one for the steps of the current run."""
+    """The sweep's progress: one bar for the configurations, one for the steps of each run under way
+    (several when worker processes train side by side; `key` names the run)."""
 
     def __init__(self, progress, total: int):
         self.progress = progress
         self.overall = progress.add_task("configurations", total=total, acc="")
-        self.task = None
+        self.tasks: dict = {}
 
-    def start(self, label: str, total: int) -> None:
-        if self.task is not None:
-            self.progress.remove_task(self.task)
+    def start(self, label: str, total: int, key=None) -> None:
+        if key is None:  # one run at a time: a new one ends the last
+            self.finish()
+        self.tasks[key] = self.progress.add_task(label, total=total, acc="")
+
+    def tick(self, accuracy: float, key=None) -> None:
+        self.progress.update(self.tasks[key], advance=1, acc=f"held-out {accuracy:.3f}")
+
+    def done(self, key=None) -> None:
+        task = self.tasks.pop(key, None)
+        if task is not None:
+            self.progress.remove_task(task)
             self.progress.advance(self.overall)
-        self.task = self.progress.add_task(label, total=total, acc="")
-
-    def tick(self, accuracy: float) -> None:
-        self.progress.update(self.task, advance=1, acc=f"held-out {accuracy:.3f}")
 
     def finish(self) -> None:
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-            self.progress.advance(self.overall)
-            self.task = None
+        for key in list(self.tasks):
+            self.done(key)
 
 
 def parse_settings(text: str | None) -> dict:
@@ -116,7 +120,7 @@ def main(quick: bool, variants: str | None, lengths: str | None, steps: int | No
                TextColumn("{task.fields[acc]}"), TimeElapsedColumn())
     with RichProgress(*columns, console=console, transient=False) as progress:
         steps_ = Progress(progress, len(todo))
-        results = recall.run(sweep, threads=threads, steps=steps_)
+        results = recall.run(sweep, threads=threads, steps=steps_, parallel=True)
         steps_.finish()
     if not console.is_terminal:
         console.width = 160
@@ -124,5 +128,6 @@ def main(quick: bool, variants: str | None, lengths: str | None, steps: int | No
     json_path, html_path = recall_report.write(results, out)
     meta = results["meta"]
     console.print(f"wrote {json_path} and {html_path} in {results['timings_s']['total']:.0f} s "
-                  f"({meta['cpu_threads']} CPU threads: {meta['cpu_threads_reason']}; load average "
+                  f"({meta['cpu_threads']} CPU threads, {meta['worker_processes']} worker processes: "
+                  f"{meta['cpu_threads_reason']}; load average "
                   f"{meta['load_average_start']} -> {meta['load_average_end']})")
