@@ -4,6 +4,8 @@ causal and non-causal masks, odd per-rank lengths, GQA, documents, LASP-2 for th
 input raises one clear error on every rank instead of hanging. Many checks share one spawned group."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,7 +15,12 @@ from hypothesis import strategies as st
 
 import attnzoo as az
 from attnzoo.backends import torch_blockwise
-from attnzoo.backends.distributed import communication_plan, context_parallel, shard
+from attnzoo.backends.distributed import (
+    communication_plan,
+    context_parallel,
+    shard,
+    unshard,
+)
 from attnzoo.backends.distributed.kernels import (
     FlashKernel,
     band_of,
@@ -67,6 +74,7 @@ def _check_softmax(group, name, params, causal, strategy, layout, lengths, hq=4,
                                   head_dim=d, dtype=torch.float64, layout=layout, lengths=lengths, **inputs)
         assert cp.traffic.received == plan["ranks"][rank]["fwd_bwd_bytes"], (what, cp.traffic, plan["ranks"][rank])
     _close(out, _piece(ref, rank, lengths, layout), what + " out")
+    _close(unshard(out.detach(), group, layout=layout), ref.detach(), what + " unsharded out")
     for t, r, n in zip(local, ref_in, "qkv"):
         _close(t.grad, _piece(r.grad, rank, lengths, layout), what + f" d{n}")
 
@@ -212,7 +220,7 @@ def test_flash_band_tiles_fuzz(data):
     def cut(label):
         points = sorted(data.draw(st.sets(st.integers(1, s - 1), max_size=3), label))
         bounds = [0, *points, s]
-        segs = [(a, b - a) for a, b in zip(bounds, bounds[1:])]
+        segs = [(a, b - a) for a, b in itertools.pairwise(bounds)]
         return tuple(data.draw(st.permutations(segs), label + " order"))
 
     qs, ks = cut("query cuts"), cut("key cuts")
@@ -221,7 +229,7 @@ def test_flash_band_tiles_fuzz(data):
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = attn.reference(*ref_in, causal=causal)
     ref.backward(dout)
-    pick = lambda t, segs: torch.cat([t[:, :, a:a + n] for a, n in segs], 2)  # noqa: E731
+    pick = lambda t, segs: torch.cat([t[:, :, a:a + n] for a, n in segs], 2)
     gcall = global_call(attn, q, k, v, causal, 0.5, s, {})
     problem = Problem(attn, gcall, [list(qs)], FlashKernel(*band_of(attn, causal), band_reference, band_reference_bwd))
     loc = [pick(t, segs).clone().requires_grad_() for t, segs in ((q, qs), (k, ks), (v, ks))]

@@ -129,8 +129,6 @@ def _flash_bwd(dout, q, k, v, out, lse, scale, left, right):
 @dataclass
 class FlashTile:
     bands: list[BandTile]
-    n: int
-    m: int
     scale: float
 
 
@@ -144,7 +142,7 @@ class FlashKernel:
         self.left, self.right, self.fwd, self.bwd = left, right, fwd, bwd
 
     def tile(self, base, gcall, intervals, q_start, n, k_start, m, heads, kv_heads, h_start=0) -> FlashTile:
-        return FlashTile(band_tiles(self.left, self.right, q_start, n, k_start, m), n, m, gcall.scale)
+        return FlashTile(band_tiles(self.left, self.right, q_start, n, k_start, m), gcall.scale)
 
     def forward(self, q, k, v, t: FlashTile):
         b, h, n, _ = q.shape

@@ -83,7 +83,6 @@ def reorder(pieces: list[torch.Tensor], segs: Segments, dim: int) -> torch.Tenso
 
 def unshard(x: torch.Tensor, group=None, *, dim: int = 2, layout: str = "contiguous") -> torch.Tensor:
     """The global tensor from every rank's piece (a collective: every rank calls it). Not differentiable."""
-
     from .comm import gather_lengths, gather_padded
 
     lengths = gather_lengths(x.shape[dim], group)

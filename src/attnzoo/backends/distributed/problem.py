@@ -21,7 +21,7 @@ class Problem:
     heads: tuple[int, int] = (0, 0)  # (h_start, Hq) this rank's queries use (Ulysses: a slice of the heads)
     kv_heads: int = 0
     intervals: object = None
-    _tiles: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict)  # tiles and received ranges, per pair
     _needs: list | None = None
 
     def __post_init__(self) -> None:
@@ -44,10 +44,10 @@ class Problem:
         """Global (start, length) of the keys of rank j that rank r receives: per segment of j, the hull of
         the keys r's queries may attend ([] when they see none of j's keys)."""
         key = ("recv", r, j)
-        if key not in self._tiles:
+        if key not in self._cache:
             hulls = [key_hull(self.base, self.gcall, self.intervals, self.segs[r], ks, self.heads) for ks in self.segs[j]]
-            self._tiles[key] = [(a, b - a) for a, b in (h for h in hulls if h)]
-        return self._tiles[key]
+            self._cache[key] = [(a, b - a) for a, b in (h for h in hulls if h)]
+        return self._cache[key]
 
     def pieces(self, r: int, j: int) -> list[tuple[int, int]]:
         """Where `recv_segments(r, j)` lie in rank j's local tensor: (local offset, length) each."""
@@ -62,7 +62,7 @@ class Problem:
         """[(local q offset, n, local k offset, m, tile)] of the pairs of query segments `qs` and key
         segments `ks` (global (start, length), concatenated locally) with any allowed entry."""
         key = (tuple(qs), tuple(ks))
-        if key not in self._tiles:
+        if key not in self._cache:
             out = []
             for (qa, n), qo in zip(qs, local_offsets(qs)):
                 for (ka, m), ko in zip(ks, local_offsets(ks)):
@@ -70,8 +70,8 @@ class Problem:
                         tile = self.kernel.tile(self.base, self.gcall, self.intervals, qa, n, ka, m, self.heads[1],
                                                 self.kv_heads, self.heads[0])
                         out.append((qo, n, ko, m, tile))
-            self._tiles[key] = out
-        return self._tiles[key]
+            self._cache[key] = out
+        return self._cache[key]
 
     def needs(self) -> list[list[bool]]:
         """needs[r][j]: rank r's queries attend some key of rank j (the same table on every rank)."""
