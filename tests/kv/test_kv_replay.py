@@ -25,8 +25,8 @@ def tiny(tok):
 @pytest.mark.parametrize("setting", evaluate.SETTINGS)
 def test_replayed_prefill_gives_the_same_answers_and_bytes(tiny, tok, setting):
     prompt = tasks.make_prompt(tasks.make_sample("passkey", tok, 300, 0.5, seed=1), tok)
-    presses = [kv.get("snapkv", ratio=0.6, window=8) + kv.get("kv_quant", bits=4), kv.get("kv_quant", bits=2),
-               kv.get("tova", ratio=0.5), kv.get("quest", ratio=0.5)]
+    presses = [kv.get("snapkv", ratio=0.6, window=8) + kv.get("kv_quant", bits=4), kv.get("tova", ratio=0.5),
+               kv.get("quest", ratio=0.5)]
     base = evaluate.generate(tiny, tok, prompt, setting, None, 6, capture=True)
     for press in presses:
         own = evaluate.generate(tiny, tok, prompt, setting, press, 6)

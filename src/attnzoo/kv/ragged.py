@@ -21,9 +21,13 @@ import math
 import torch
 
 from .base import require_cache_api
-from .quant import dequantize, quantize, unpack_codes, pack_codes
+from .quant import pack_codes, quantize, unpack_codes
 
 SCALE_DTYPE = torch.float16  # scales and minimums of quantized entries are stored as KIVI stores them
+# Up to this many (row, KV head) segments, ragged attention uses dense products over all segments and
+# keeps each segment's block (segments x the arithmetic on small matrices, fewer and faster kernels than
+# per-entry gathers); beyond it, per-entry gathers.
+DENSE_SEGMENTS = 16
 
 
 def segment_ids(lengths: torch.Tensor, total: int | None = None) -> torch.Tensor:
@@ -33,12 +37,14 @@ def segment_ids(lengths: torch.Tensor, total: int | None = None) -> torch.Tensor
                                    output_size=int(lengths.sum()) if total is None else total)
 
 
-def key_groups(lengths: torch.Tensor, group: int, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def key_groups(lengths: torch.Tensor, group: int, total: int | None = None, seg: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) quantization group of each packed key (runs of `group` consecutive entries of a segment,
-    never spanning two segments), and the number of groups (a 0-d tensor)."""
+    never spanning two segments), and the number of groups (a 0-d tensor). `seg`: the entries'
+    segments, when already computed."""
     per_segment = (lengths + group - 1) // group
     first = torch.cumsum(per_segment, 0) - per_segment
-    seg = segment_ids(lengths, total)
+    seg = segment_ids(lengths, total) if seg is None else seg
     start = torch.cumsum(lengths, 0) - lengths
     position = torch.arange(len(seg), device=lengths.device) - start[seg]
     return first[seg] + position // group, per_segment.sum()
@@ -72,18 +78,21 @@ class Packed:
     def segments(self) -> torch.Tensor:
         return segment_ids(self.lengths, self.n_entries)
 
-    def keys(self) -> torch.Tensor:
+    def keys(self, seg: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, D) keys (dequantized); `seg`: the entries' segments, when already computed."""
         if self.bits is None:
             return self._keys
         codes, scale, lo = self._keys
-        groups, _ = key_groups(self.lengths, self.group, self.n_entries)
-        return (unpack_codes(codes, self.bits).to(self.dtype) * scale[groups].to(self.dtype)
-                + lo[groups].to(self.dtype))
+        groups, _ = key_groups(self.lengths, self.group, self.n_entries, seg)
+        # scales widened before the per-entry gather: float16 arithmetic is slow on CPUs
+        return (unpack_codes(codes, self.bits).to(self.dtype) * scale.to(self.dtype)[groups]
+                + lo.to(self.dtype)[groups])
 
     def values(self) -> torch.Tensor:
         if self.bits is None:
             return self._values
-        return dequantize(*self._values, self.bits).to(self.dtype)
+        codes, scale, lo = self._values  # dequantized in the entries' dtype (float16 arithmetic is slow on CPUs)
+        return unpack_codes(codes, self.bits).to(self.dtype) * scale.to(self.dtype) + lo.to(self.dtype)
 
     def bytes_held(self) -> int:
         parts = [self.offsets, self.bias]
@@ -154,32 +163,46 @@ def tail_bias(tail_valid: torch.Tensor | None, n_queries: int, heads: int, batch
 
 
 def ragged_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tensor, tail_values: torch.Tensor,
-                     tail_valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
+                     tail_valid: torch.Tensor | None, scaling: float, dense_segments: int = DENSE_SEGMENTS
+                     ) -> torch.Tensor:
     """(B, Hq, Sq, Dv) softmax attention of `query` (B, Hq, Sq, D) over the packed entries of each KV
-    head and the tail (B, Hkv, T, D), the tail's last Sq entries causal to the queries. Rows with
-    nothing to attend to give zeros."""
+    head and the tail (B, Hkv, T, D), the tail's last Sq entries causal to the queries (`tail_valid`
+    (B, T): padding; None: none). Rows with nothing to attend to give zeros."""
     b, hq, sq, d = query.shape
     hkv = tail_keys.shape[1]
     groups = hq // hkv
-    rows = groups * sq
-    q = query.reshape(b * hkv, rows, d)  # (segments, G * Sq, D): the query heads that share each KV head
-    keys, values = packed.keys().to(query.dtype), packed.values().to(query.dtype)
+    rows, segments = groups * sq, b * hkv
+    q = query.reshape(segments, rows, d)  # (segments, G * Sq, D): the query heads that share each KV head
     seg = packed.segments()
-    logit_p = torch.einsum("nd,nrd->nr", keys, q.index_select(0, seg)) * scaling  # (N, G * Sq)
+    keys, values = packed.keys(seg).to(query.dtype), packed.values().to(query.dtype)
+    n = keys.shape[0]
+    dense = segments <= dense_segments
+    if dense:  # every entry against every segment's queries, then each entry's own segment
+        logit_p = (keys @ q.reshape(segments * rows, d).T).view(n, segments, rows)
+        logit_p = logit_p.gather(1, seg.view(n, 1, 1).expand(n, 1, rows)).squeeze(1) * scaling
+    else:
+        logit_p = torch.bmm(q.index_select(0, seg), keys.unsqueeze(-1)).squeeze(-1) * scaling  # (N, G * Sq)
     if packed.bias is not None:
         logit_p = logit_p + packed.bias.to(logit_p.dtype).unsqueeze(1)
-    logit_t = torch.bmm(q, tail_keys.reshape(b * hkv, -1, d).transpose(1, 2)) * scaling
+    logit_t = torch.bmm(q, tail_keys.reshape(segments, -1, d).transpose(1, 2)) * scaling
     if tail_valid is not None or sq > 1:  # one query and no padding: every tail entry is visible
         mask_t = tail_bias(tail_valid, sq, hkv, b, tail_keys.shape[2]).to(query.device, query.dtype)
-        logit_t = logit_t + mask_t.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(b * hkv, rows, -1)
-    top = logit_t.amax(-1) if logit_t.shape[-1] else q.new_full((b * hkv, rows), -math.inf)
+        logit_t = logit_t + mask_t.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(segments, rows, -1)
+    top = logit_t.amax(-1) if logit_t.shape[-1] else q.new_full((segments, rows), -math.inf)
     top = top.scatter_reduce(0, seg.view(-1, 1).expand_as(logit_p), logit_p, "amax")
     top = top.masked_fill(top == -math.inf, 0.0)
     weight_p = torch.exp(logit_p - top.index_select(0, seg))
     weight_t = torch.exp(logit_t - top.unsqueeze(-1))
-    total = weight_t.sum(-1).index_add(0, seg, weight_p)
-    out = torch.bmm(weight_t, tail_values.reshape(b * hkv, -1, tail_values.shape[-1]))
-    out = out.index_add(0, seg, weight_p.unsqueeze(-1) * values.unsqueeze(1))
+    out = torch.bmm(weight_t, tail_values.reshape(segments, -1, tail_values.shape[-1]))
+    if dense:  # block-diagonal weights (segments, G * Sq, N): one product with the values
+        spread = weight_p.new_zeros(segments, n, rows)
+        spread[seg, torch.arange(n, device=seg.device)] = weight_p
+        spread = spread.transpose(1, 2)
+        total = weight_t.sum(-1) + spread.sum(-1)
+        out = out + (spread.reshape(segments * rows, n) @ values).view(segments, rows, -1)
+    else:
+        total = weight_t.sum(-1).index_add(0, seg, weight_p)
+        out = out.index_add(0, seg, weight_p.unsqueeze(-1) * values.unsqueeze(1))
     out = out / total.unsqueeze(-1).masked_fill(total.unsqueeze(-1) == 0, 1.0)
     return out.view(b, hq, sq, -1)
 
