@@ -46,7 +46,7 @@ class RetrievalAttention(SelectionVariant):
     name = "retrieval_attention"
     summary = ("Static pattern (the first `sinks` keys and the `window` keys up to the query) plus the top_k other "
                "visible keys by q.k, found by approximate nearest-neighbour search (index='hnsw': faiss's HNSW "
-               "graph under inner product, optional extra attnzoo[retrieval]) or exactly (index='exact'); exact "
+               "graph under inner product, from the optional extra 'retrieval') or exactly (index='exact'); exact "
                "softmax over the union. Without faiss, 'hnsw' falls back to 'exact' with a warning.")
     paper = PAPER
     params = (
