@@ -323,7 +323,8 @@ def test_hybrid_heads_average_normalised_attention_and_recurrent_paths():
     x = randn(2, 7, 24, seed=1)
     y, cache = m(x)
     attn, rec = mha(m.attn_path, x), gla(m.rec_path, x)
-    want = (m.beta_attn * rmsnorm(attn, m.attn_norm.weight, 1e-6) + m.beta_rec * rmsnorm(rec, m.rec_norm.weight, 1e-6)) / 2
+    want = (m.beta_attn * rmsnorm(attn, m.attn_norm.weight, 1e-6)
+            + m.beta_rec * rmsnorm(rec, m.rec_norm.weight, 1e-6)) / 2
     assert max_err(y, want) <= TOL
     assert isinstance(cache, HybridCache) and cache.length == 7
     assert max_err(decode_pieces(m, x, [3, 4, 5, 6])[0], y) <= TOL  # single tokens take the recurrent step

@@ -218,7 +218,8 @@ def main(kinds: list[str], cfg: Config, out, threads: int) -> dict:
         t.add_column(col)
     for r in runs:
         t.add_row(r["heads"], str(r["parameters"]), str(r["kv_bytes_per_token"]), f"{r['first_heldout']:.3f}",
-                  f"{r['final_train']:.3f}", f"{r['final_heldout']:.3f}", f"{r['bits_per_byte']:.3f}", str(r["seconds"]))
+                  f"{r['final_train']:.3f}", f"{r['final_heldout']:.3f}", f"{r['bits_per_byte']:.3f}",
+                  str(r["seconds"]))
     opts.console.print(t)
     json_path, html_path = report.write(out, results, "Tiny LM: head structures trained on CPU", sections(results))
     opts.console.print(f"wrote {json_path} and {html_path}")

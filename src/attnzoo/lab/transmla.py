@@ -84,7 +84,7 @@ def convert(lm, inputs: list[torch.Tensor], kv_rank: int | None, rope_heads: int
     """The MLA form of every attention layer of lm, from its weights and calibration `inputs`."""
     lay = gqa_layout(lm)
     out = []
-    for layer, x in zip(layers_of(lm), inputs):
+    for layer, x in zip(layers_of(lm), inputs, strict=True):
         a = layer.self_attn
         out.append(transmla(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, lay["heads"],
                             lay["kv_heads"], x, kv_rank, rope_heads, lay["rope_base"]))
@@ -97,11 +97,11 @@ def swapped(lm, converted: list[MLA]):
     layers = layers_of(lm)
     original = [layer.self_attn for layer in layers]
     try:
-        for layer, m in zip(layers, converted):
+        for layer, m in zip(layers, converted, strict=True):
             layer.self_attn = ConvertedAttention(m)
         yield lm
     finally:
-        for layer, a in zip(layers, original):
+        for layer, a in zip(layers, original, strict=True):
             layer.self_attn = a
 
 

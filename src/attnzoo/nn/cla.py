@@ -54,7 +54,8 @@ class CrossLayerAttention(MultiheadAttention):
                 raise ValueError(f"{owner}: this layer makes its own keys and values (owns_kv=True); kv must be None")
             return super().forward(x, cache, causal, **inputs)
         if cache is not None:
-            raise ValueError(f"{owner}: a layer with owns_kv=False keeps no cache; pass the owning layer's cache as kv=")
+            raise ValueError(f"{owner}: a layer with owns_kv=False keeps no cache; pass the owning layer's cache "
+                             "as kv=")
         if not isinstance(kv, KVCache):
             raise TypeError(f"{owner}: kv must be the KVCache returned by the layer that owns the keys and values "
                             f"(owns_kv=True), got {type(kv).__name__}")

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core.info import Paper
-from .common import KVCache, apply_rope, check_cache, check_input, check_inputs, positions, require_softmax, rope_cos_sin
+from .common import (KVCache, apply_rope, check_cache, check_input, check_inputs, positions, require_softmax,
+                     rope_cos_sin)
 from .mha import MultiheadAttention
 
 COCA_PAPER = Paper("Cure the headache of Transformers via Collinear Constrained Attention", 2023, "2309.08646")
@@ -50,7 +51,8 @@ class CollinearConstrainedAttention(MultiheadAttention):
         if cache is not None:
             check_cache(owner, cache, KVCache, b, x.device)
             if cache.k.shape[1::2] != (hkv, d) or cache.v.shape[1::2] != (hkv, d):
-                raise ValueError(f"{owner}: cache holds keys {tuple(cache.k.shape)}, this module makes (B, {hkv}, S, {d})")
+                raise ValueError(f"{owner}: cache holds keys {tuple(cache.k.shape)}, this module makes "
+                                 f"(B, {hkv}, S, {d})")
         offset = 0 if cache is None else cache.length
         q = self.q_proj(x).view(b, s, h, d).transpose(1, 2)
         t = self.k_proj(x).view(b, s, hkv, 2, d // 2).mean(dim=3)

@@ -62,7 +62,8 @@ class HybridHeadAttention(SizeMixin, nn.Module):
                                             **(attn_params or {}))
         self.rec_path = MultiheadAttention(dim, rec_heads, None, head_dim, rec_variant, rope, **(rec_params or {}))
         if is_recurrent(self.attn_path.attn):
-            raise ValueError(f"{owner}: attn_variant must be a softmax-family variant, got {attn_variant!r} (recurrent)")
+            raise ValueError(f"{owner}: attn_variant must be a softmax-family variant, got {attn_variant!r} "
+                             "(recurrent)")
         if not self.rec_path.recurrent:
             raise ValueError(f"{owner}: rec_variant must be a recurrent (linear-family) variant, got {rec_variant!r}")
         self.attn_norm, self.rec_norm = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)

@@ -8,8 +8,8 @@ from typing import ClassVar
 import torch
 
 from ..core.info import Paper
-from .common import (KVCache, apply_rope, check_bool, check_cache, check_input, check_inputs, positions, require_softmax,
-                     rope_cos_sin)
+from .common import (KVCache, apply_rope, check_bool, check_cache, check_input, check_inputs, positions,
+                     require_softmax, rope_cos_sin)
 from .mha import MultiheadAttention
 
 SA_PAPER = Paper("Beyond KV Caching: Shared Attention for Efficient LLMs", 2024, "2407.12866")
@@ -78,7 +78,7 @@ class SharedAttention(MultiheadAttention):
         check_inputs(owner, inputs)
         b, s, _ = x.shape
         src = weights_from
-        if src.q.shape[0] != b or src.q.shape[1] != self.heads or src.q.shape[2] != s or src.k.shape[1] != self.kv_heads:
+        if src.q.shape[:3] != (b, self.heads, s) or src.k.shape[1] != self.kv_heads:
             raise ValueError(f"{owner}: weights_from holds queries {tuple(src.q.shape)} and keys {tuple(src.k.shape)}; "
                              f"expected (B={b}, {self.heads}, S={s}, ...) and {self.kv_heads} KV heads")
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)

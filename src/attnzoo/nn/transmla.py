@@ -79,7 +79,7 @@ def transmla(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Ten
     d = wk.shape[0] // kv_heads
     if (wq.shape != (heads * d, dim) or wk.shape != (kv_heads * d, dim) or wv.shape != wk.shape
             or wo.shape != (dim, heads * d) or d % 2 or d * kv_heads != wk.shape[0]):
-        raise ValueError(f"{OWNER}: expected wq (heads*D, dim), wk/wv (kv_heads*D, dim), wo (dim, heads*D) with D even; "
+        raise ValueError(f"{OWNER}: expected wq (heads*D, dim), wk/wv (kv_heads*D, dim), wo (dim, heads*D), D even; "
                          f"got wq {tuple(wq.shape)}, wk {tuple(wk.shape)}, wv {tuple(wv.shape)}, wo {tuple(wo.shape)} "
                          f"for heads={heads}, kv_heads={kv_heads}")
     if calibration.shape[1] != dim or calibration.shape[0] == 0:
@@ -91,8 +91,8 @@ def transmla(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Ten
     full = nope + kv_heads * d
     kv_rank = full if kv_rank is None else check_int(OWNER, "kv_rank", kv_rank)
     if kv_rank > full:
-        raise ValueError(f"{OWNER}: kv_rank must be <= {full} (the {nope} position-free key channels and {kv_heads * d} "
-                         f"value channels it compresses; model dim {dim}), got {kv_rank}")
+        raise ValueError(f"{OWNER}: kv_rank must be <= {full} (the {nope} position-free key channels and "
+                         f"{kv_heads * d} value channels it compresses; model dim {dim}), got {kv_rank}")
     wq_in_dtype = wq.dtype
     f64 = dict(dtype=torch.float64, device=wq.device)
     wq, wk, wv, wo, x = (t.to(**f64) for t in (wq, wk, wv, wo, calibration))
