@@ -67,11 +67,10 @@ def test_distillation_loss_is_the_cross_entropy_to_the_teacher():
         distill(HedgehogFeatureMap(4, 2, 4), [], steps=1)
 
 
-def test_distillation_on_smollm2_activations_beats_the_untrained_maps(request):
+def test_distillation_on_smollm2_activations_beats_the_untrained_maps(smollm2, tmp_path):
     layer = 5
-    load = (lambda: request.getfixturevalue("smollm2"))
-    train, _ = captured_qkv(models.DEFAULT_MODEL, 128, [layer], load, split="train")
-    held, _ = captured_qkv(models.DEFAULT_MODEL, 128, [layer], load, split="heldout")
+    train, _ = captured_qkv(models.DEFAULT_MODEL, 128, [layer], lambda: smollm2, split="train", cache_dir=tmp_path)
+    held, _ = captured_qkv(models.DEFAULT_MODEL, 128, [layer], lambda: smollm2, split="heldout", cache_dir=tmp_path)
     q, k, _ = train[layer]
     torch.manual_seed(0)
     maps = HedgehogFeatureMap(q.shape[1], k.shape[1], q.shape[-1], feature_dim=16)
