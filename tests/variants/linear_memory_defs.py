@@ -92,30 +92,36 @@ def rat_loop(q, k, v, fk, fv, chunk, scale=None):
 
 
 def mega_loop(q, k, v, alpha, delta, beta, eta, chunk, scale=None):
-    """q/k (B, H, S, D), EMA parameters (H, D, E). The EMA state is h (D, E) per head for q and for k."""
-    b, h_, s, d = q.shape
-    dv, e = v.shape[-1], alpha.shape[-1]
+    """q (B, Hq, S, D), k (B, Hkv, S, D), EMA parameters (Hkv, D, E). Each query head and each KV head has an
+    EMA state h (D, E); query heads use their KV head's parameters."""
+    b, hq_, s, d = q.shape
+    hkv, dv, e = k.shape[1], v.shape[-1], alpha.shape[-1]
+    g = hq_ // hkv
     scale = d ** -0.5 if scale is None else scale
-    out = torch.zeros(b, h_, s, dv, dtype=F64)
-    finals = torch.zeros(b, h_, 2 * e + chunk + 1, d + dv, dtype=F64)
+    out = torch.zeros(b, hq_, s, dv, dtype=F64)
+    finals = torch.zeros(b, hkv, (g + 1) * e + chunk + 1, d + dv, dtype=F64)
     for bi in range(b):
-        for h in range(h_):
+        for h in range(hkv):
             a, dl, be, et = alpha[h], delta[h], beta[h], eta[h]
-            hq, hk = torch.zeros(d, e, dtype=F64), torch.zeros(d, e, dtype=F64)
+            hqs = [torch.zeros(d, e, dtype=F64) for _ in range(g)]
+            hk = torch.zeros(d, e, dtype=F64)
             keys, vals = [], []
             for t in range(s):
-                hq = a * be * q[bi, h, t][:, None] + (1 - a * dl) * hq
                 hk = a * be * k[bi, h, t][:, None] + (1 - a * dl) * hk
-                qs, ks = (et * hq).sum(1), (et * hk).sum(1)
+                ks = (et * hk).sum(1)
                 if t % chunk == 0:
                     keys, vals = [], []
                 keys.append(ks)
                 vals.append(v[bi, h, t])
-                w = torch.softmax(scale * torch.stack(keys) @ qs, 0)
-                out[bi, h, t] = w @ torch.stack(vals)
+                for j in range(g):
+                    hqs[j] = a * be * q[bi, h * g + j, t][:, None] + (1 - a * dl) * hqs[j]
+                    w = torch.softmax(scale * torch.stack(keys) @ (et * hqs[j]).sum(1), 0)
+                    out[bi, h * g + j, t] = w @ torch.stack(vals)
             n = s % chunk
-            finals[bi, h, :e, :d], finals[bi, h, e:2 * e, :d] = hq.T, hk.T
+            for j in range(g):
+                finals[bi, h, j * e:(j + 1) * e, :d] = hqs[j].T
+            finals[bi, h, g * e:(g + 1) * e, :d] = hk.T
             for i in range(n):
-                finals[bi, h, 2 * e + i] = torch.cat([keys[len(keys) - n + i], vals[len(vals) - n + i]])
+                finals[bi, h, (g + 1) * e + i] = torch.cat([keys[len(keys) - n + i], vals[len(vals) - n + i]])
             finals[bi, h, -1] = n
     return out, finals

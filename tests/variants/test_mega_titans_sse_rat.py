@@ -1,6 +1,6 @@
 """mega, titans, sse and rat under the recurrent contract: parallel == chunk == recurrent == step == an independent
-per-token loop (linear_memory_defs.py) at lengths that are not multiples of the chunk / mini-batch; GQA (mega:
-Hq == Hkv only); the causal cross pattern; state carried over pieces == one pass; packed sequences never share
+per-token loop (linear_memory_defs.py) at lengths that are not multiples of the chunk / mini-batch; GQA; the
+causal cross pattern (mega refuses it); state carried over pieces == one pass; packed sequences never share
 state; gradients of the chunk form == those of the definition; bf16; bad input."""
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _default_rat(q, k, v, x, p):
     return rat_loop(q, k, v, torch.full_like(k, 0.5), torch.full_like(v, 0.5), p["chunk"])
 
 
-# id -> (variant, parameters, inputs(gen, b, hkv, s, d, dv), independent loop(q, k, v, inputs, params), GQA)
+# id -> (variant, parameters, inputs(gen, b, hkv, s, d, dv), independent loop(q, k, v, inputs, params), cross)
 CASES = {
     "titans": ("titans", {"mini_batch": 5}, _titans_inputs,
                lambda q, k, v, x, p: titans_loop(q, k, v, x["theta"], x["eta"], x["alpha"], p["mini_batch"]), True),
@@ -69,7 +69,7 @@ CASES = {
     "rat-defaults": ("rat", {"chunk": 4}, lambda *a: {}, _default_rat, True),
     "mega": ("mega", {"chunk": 5, "ema_dim": 3}, _mega_inputs,
              lambda q, k, v, x, p: mega_loop(q, k, v, x["ema_alpha"], x["ema_delta"], x["ema_beta"], x["ema_eta"],
-                                             5), False),
+                                             5), True),
 }
 IDS = list(CASES)
 INTERVAL = {"theta", "eta", "alpha", "fk", "fv", "ema_alpha", "ema_delta"}   # inputs bounded to [0, 1] here
@@ -89,8 +89,7 @@ def make(case, b=2, hq=2, hkv=2, s=29, d=4, dv=3, seed=0, dtype=F64):
     return q.to(dtype), k.to(dtype), v.to(dtype), inputs
 
 
-def heads(case):
-    return [(2, 2), (4, 2), (3, 1)] if CASES[case][4] else [(2, 2), (3, 3)]
+HEADS = [(2, 2), (4, 2), (3, 1)]
 
 
 def cut(attn, inputs, a, b):
@@ -112,7 +111,7 @@ def err(a, b):
 
 @pytest.mark.parametrize("case", IDS)
 def test_every_form_and_the_final_state_equal_the_per_token_loop(case):
-    for hq, hkv in heads(case):
+    for hq, hkv in HEADS:
         q, k, v, x = make(case, hq=hq, hkv=hkv, s=17)
         expected, final = CASES[case][3](q, k, v, x, CASES[case][1])
         attn = get(case)
@@ -179,7 +178,7 @@ def test_step_by_step_decoding_equals_the_call(case):
 def test_packed_sequences_never_share_state(case):
     """cu_seqlens: each sequence equals its own run from its own initial state (states left mid-chunk and
     mid-mini-batch, so rows sit at different offsets); changing one sequence changes no other's outputs."""
-    hkv = 1 if CASES[case][4] else 2
+    hkv = 1
     q, k, v, x = make(case, b=1, hq=2, hkv=hkv, s=24)
     cu = torch.tensor([0, 9, 10, 19, 24])
     attn = get(case)
@@ -205,7 +204,7 @@ def test_packed_sequences_never_share_state(case):
 
 @pytest.mark.parametrize("case", IDS)
 def test_gradients_of_the_chunk_form_equal_those_of_the_definition(case):
-    q, k, v, x = make(case, b=1, hq=2, hkv=2 if not CASES[case][4] else 1, s=9, d=3, dv=2)
+    q, k, v, x = make(case, b=1, hq=2, hkv=1, s=9, d=3, dv=2)
     attn = get(case)
     # gates strictly inside [0, 1], so that gradcheck's perturbations stay valid inputs
     floats = {n: (t.clamp(0.05, 0.95) if n in INTERVAL else t).requires_grad_() for n, t in x.items()}
@@ -240,7 +239,7 @@ def test_low_precision_is_finite_and_close_to_the_definition(case):
 @given(case=st.sampled_from(IDS), b=st.integers(1, 2), hkv=st.integers(1, 2), groups=st.integers(1, 3),
        s=st.integers(1, 20), d=st.integers(1, 5), dv=st.integers(1, 4), cross=st.integers(0, 5))
 def test_fuzz_chunk_and_recurrent_equal_the_definition(case, b, hkv, groups, s, d, dv, cross):
-    groups, cross = (groups, cross) if CASES[case][4] else (1, 0)   # mega: Hq == Hkv, self-attention
+    cross = cross if CASES[case][4] else 0   # mega: self-attention only
     q, k, v, x = make(case, b=b, hq=hkv * groups, hkv=hkv, s=s, d=d, dv=dv, seed=s * 7 + d)
     sq = max(1, s - cross)
     attn = get(case)
@@ -312,9 +311,11 @@ def test_bad_values_name_the_input_and_the_range():
     q, k, v, x = make("mega", s=10)
     with pytest.raises(ValueError, match="'ema_alpha' must be finite and in"):
         az.get("mega", ema_dim=3)(q, k, v, causal=True, **{**x, "ema_alpha": x["ema_alpha"] + 1.5})
-    q4, _, _, _ = make("mega", hq=4, s=10)
-    with pytest.raises(ValueError, match="as many query heads as KV heads"):
-        az.get("mega", ema_dim=3)(q4, k, v, causal=True, **x)
+    q4, _, _, _ = make("mega", hq=4, s=10)   # GQA: one EMA state per query head, so the state depends on Hq / Hkv
+    assert az.get("mega", ema_dim=3).init_state(2, 2, 4, 3, groups=2).shape == (2, 2, 3 * 3 + 64 + 1, 7)
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        az.get("mega", ema_dim=3)(q4, k, v, causal=True, initial_state=az.get("mega", ema_dim=3).init_state(
+            2, 2, 4, 3), **x)
 
 
 def test_rat_state_grows_one_row_per_chunk_and_mega_titans_sse_do_not():

@@ -152,8 +152,12 @@ class RecurrentVariant(Variant):
             raise ValueError(f"{self.name}: cu_seqlens must rise strictly from 0 to S={s.sk}, got {cu}")
         return list(zip(cu, cu[1:]))
 
+    def call_state_shape(self, n: int, s: Shapes) -> tuple[int, ...]:
+        """The state shape of a call with these shapes (a variant whose state depends on Hq overrides this)."""
+        return self.state_shape(n, s.kv_heads, s.d, s.dv)
+
     def _check_state(self, state, n: int, s: Shapes, q) -> torch.Tensor:
-        want = self.state_shape(n, s.kv_heads, s.d, s.dv)
+        want = self.call_state_shape(n, s)
         if state is None:
             return torch.zeros(want, dtype=_acc(q.dtype), device=q.device)
         if not isinstance(state, torch.Tensor):

@@ -22,9 +22,10 @@ class Mega(LinearVariant):
                "ema_dim dimensions), then single-head softmax attention inside chunks of `chunk` tokens. The EMA "
                "parameters are inputs (Hkv, D, ema_dim), learned by the layer that owns them (the paper: sigmoid "
                "for alpha/delta); absent, a plain EMA with decay 1/2. Mega applies the EMA to the layer input "
-               "before one shared Q/K projection; here it smooths the given q and k (one EMA for both). Query "
-               "heads must equal KV heads (Mega is single-head; each head carries its own EMA). State "
-               "(B, H, 2 ema_dim + chunk + 1, D + Dv): the EMAs, the chunk in progress, its count. Parallel, "
+               "before one shared Q/K projection; here it smooths the given q and k (one EMA for both; with GQA "
+               "each query head has its own EMA state with its KV head's parameters). State "
+               "(B, Hkv, (G + 1) ema_dim + chunk + 1, D + Dv), G = Hq / Hkv: the EMAs, the chunk in progress, its "
+               "count. Parallel, "
                "chunk and recurrent forms give the same outputs. Causal self-attention only (the queries' EMA needs "
                "the earlier queries: continue a sequence with initial_state or step); the paper's gates and output projection belong "
                "to the layer.")
@@ -41,16 +42,22 @@ class Mega(LinearVariant):
         "EMA projection eta")))
     cost = ("chunk: O(S C D E + S C (D + Dv)) time, O(C^2 D E) memory per head (C = chunk, E = ema_dim); step: "
             "O(D E + C (D + Dv)) per token")
-    state_size = "H x (2 ema_dim + chunk + 1) x (D + Dv) per sequence, constant in S"
-    state_doc = "(B, H, 2 ema_dim + chunk + 1, D + Dv) (q EMA, k EMA, the chunk's keys | values, its count)"
+    state_size = "Hkv x ((G + 1) ema_dim + chunk + 1) x (D + Dv) per sequence (G = Hq / Hkv), constant in S"
+    state_doc = ("(B, Hkv, (G + 1) ema_dim + chunk + 1, D + Dv) (G query EMAs, the k EMA, the chunk's keys | values, "
+                 "its count)")
 
-    def state_shape(self, batch, heads, dk, dv):
-        return (batch, heads, 2 * self.config["ema_dim"] + self.config["chunk"] + 1, dk + dv)
+    def state_shape(self, batch, heads, dk, dv, groups: int = 1):
+        """`groups` = Hq / Hkv: the query heads per KV head, each with its own EMA state."""
+        return (batch, heads, (groups + 1) * self.config["ema_dim"] + self.config["chunk"] + 1, dk + dv)
+
+    def call_state_shape(self, n, s):
+        return self.state_shape(n, s.kv_heads, s.d, s.dv, s.q_heads // s.kv_heads)
+
+    def init_state(self, batch, heads, dk, dv, *, groups: int = 1, dtype=torch.float32, device=None):
+        """Zeros of the state's shape (heads = KV heads, groups = query heads per KV head)."""
+        return torch.zeros(self.state_shape(batch, heads, dk, dv, groups), dtype=dtype, device=device)
 
     def validate_call(self, call):
-        if call.shapes.q_heads != call.shapes.kv_heads:
-            raise ValueError(f"{self.name}: needs as many query heads as KV heads (single-head attention per head, "
-                             f"each with its own EMA state); got Hq={call.shapes.q_heads}, Hkv={call.shapes.kv_heads}")
         self._check_ema(call.inputs)
 
     def _check_ema(self, inputs):
@@ -87,9 +94,19 @@ class Mega(LinearVariant):
 
     def step(self, q_t, k_t, v_t, state, *, scale=None, **inputs):
         given = {n: inputs.pop(n) for n in EMA if n in inputs}
-        _, h, d, _ = self.check_step(q_t, k_t, v_t, state, inputs)
-        if q_t.shape[1] != h:
-            raise ValueError(f"{self.name}: step needs as many query heads as KV heads, got Hq={q_t.shape[1]}, Hkv={h}")
+        if inputs:
+            raise TypeError(f"{self.name}: step takes the EMA inputs {list(EMA)} only, got {sorted(inputs)}")
+        for name, t in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3:
+                raise ValueError(f"{self.name}: step's {name} must be a rank-3 tensor")
+        b, h, d = k_t.shape
+        if q_t.shape[0] != b or q_t.shape[1] % h or q_t.shape[2] != d or tuple(v_t.shape[:2]) != (b, h):
+            raise ValueError(f"{self.name}: step needs q_t (B, Hq, D), k_t (B, Hkv, D), v_t (B, Hkv, Dv) with "
+                             f"Hq % Hkv == 0; got {tuple(q_t.shape)}, {tuple(k_t.shape)}, {tuple(v_t.shape)}")
+        want = self.state_shape(b, h, d, v_t.shape[-1], q_t.shape[1] // h)
+        if not isinstance(state, torch.Tensor) or tuple(state.shape) != want:
+            raise ValueError(f"{self.name}: state must be {self.state_doc} = {want}, got "
+                             f"{tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__}")
         want = (h, d, self.config["ema_dim"])
         for name, x in given.items():
             if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:

@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 
 from .._offsets import pieces
-from .naive import chunk_attention, ema_parallel, join_state, split_state, tail_buffer
+from .naive import (
+    chunk_attention,
+    ema_parallel,
+    ema_queries,
+    join_state,
+    split_state,
+    tail_buffer,
+)
 
 
 def mega_chunk(q, k, v, ema: tuple, scale: float, chunk: int, state: torch.Tensor, offset: int):
@@ -18,7 +25,7 @@ def mega_chunk(q, k, v, ema: tuple, scale: float, chunk: int, state: torch.Tenso
     hq, hk, keys, values, count = split_state(state, e, chunk, d)
     outs = []
     for a, b in pieces(k.shape[2], offset, chunk):
-        qs, hq = ema_parallel(q[:, :, a:b], *ema, hq)
+        qs, hq = ema_queries(q[:, :, a:b], ema, hq)
         ks, hk = ema_parallel(k[:, :, a:b], *ema, hk)
         held = offset if a == 0 else 0                  # only the first piece continues the state's chunk
         outs.append(chunk_attention(qs, ks, v[:, :, a:b], keys, values, held, chunk, scale))
