@@ -35,6 +35,18 @@ def presses() -> list:
     ]
 
 
+def retrieval_presses() -> list:
+    """Per-head budgets from retrieval heads (razor's induction/echo profile, head_roles' attnzoo.heads
+    probe) composed with int4 / int2 storage."""
+    q4, q2 = kv.get("kv_quant", bits=4), kv.get("kv_quant", bits=2)
+    return [kv.get("razor", ratio=0.5) + q4, kv.get("razor", ratio=0.78) + q4, kv.get("razor", ratio=0.65) + q2,
+            kv.get("razor", ratio=0.78) + q2, kv.compose(kv.get("head_roles", ratio=0.78, examples=4)),
+            kv.get("head_roles", ratio=0.78, examples=4) + q4]
+
+
+PRESS_SETS = {"main": presses, "retrieval": retrieval_presses}
+
+
 def markdown(summary: list[dict]) -> str:
     rows = {}
     for r in summary:
@@ -57,6 +69,9 @@ def main():
     ap.add_argument("--passkey", type=int, default=10, help="passkey samples (run first)")
     ap.add_argument("--others", type=int, default=2, help="samples of each other task")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--presses", choices=sorted(PRESS_SETS), default="main")
+    ap.add_argument("--depths", default="", help="only passkey samples at these depths (e.g. 0.5,0.7,0.9)")
+    ap.add_argument("--settings", default=",".join(evaluate.SETTINGS))
     ap.add_argument("--out", type=Path, default=Path("results/kv_frontier"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,11 +81,15 @@ def main():
     samples = [tasks.make_sample("passkey", tok, args.length, depths[i % 5], i // 5) for i in range(args.passkey)]
     samples += [tasks.make_sample(t, tok, args.length, [0.3, 0.7][i % 2], i // 2)
                 for t in tasks.TASKS if t != "passkey" for i in range(args.others)]
-    press_list = presses()
+    if args.depths:
+        keep = {float(x) for x in args.depths.split(",")}
+        samples = [s for s in samples if s.task != "passkey" or s.depth in keep]
+    press_list = PRESS_SETS[args.presses]()
+    settings = tuple(x for x in args.settings.split(",") if x)
     args.out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     for i, sample in enumerate(samples):
-        evaluate.evaluate(lm, tok, press_list, [sample], records=records, share_prefill=True)
+        evaluate.evaluate(lm, tok, press_list, [sample], settings, records=records, share_prefill=True)
         results = {"model": "smollm2", "length": args.length, "presses": [repr(p) for p in press_list],
                    "samples_done": i + 1, "samples": len(samples), "records": records,
                    "summary": evaluate.summarize(records), "wall_s": time.perf_counter() - start}
