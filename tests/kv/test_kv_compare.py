@@ -96,3 +96,8 @@ def test_the_comparison_runs_with_and_without_kvpress(folder, tmp_path, monkeypa
     assert 0.3 < rows["kvpress:snapkv"]["bytes_fraction"] < 0.7  # the stand-in halved the cache, measured
     bad = CliRunner().invoke(app, ["kv", "--compare", "other"])
     assert bad.exit_code == 2
+
+
+def test_compositions_on_the_command_line_are_checked():
+    bad = CliRunner().invoke(app, ["kv", "--methods", "razor+nope+int4"])
+    assert bad.exit_code == 2 and "unknown" in bad.output
