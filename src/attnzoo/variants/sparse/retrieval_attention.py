@@ -111,15 +111,24 @@ class RetrievalAttention(SelectionVariant):
         answered with all of them, ranked by exact score."""
         faiss = faiss_module()
         s = call.shapes
-        sinks, window, top_k = self.config["sinks"], self.config["window"], self.config["top_k"]
-        out = torch.full((s.batch, s.q_heads, s.sq, top_k), -1, dtype=torch.long)
+        out = torch.full((s.batch, s.q_heads, s.sq, self.config["top_k"]), -1, dtype=torch.long)
         keys_np = k.detach().to("cpu", torch.float32).contiguous().numpy()
         queries = q.detach().to("cpu", torch.float32)
         threads = faiss.omp_get_max_threads()
+        try:
+            self._search_all(faiss, keys_np, queries, out, call)
+        finally:
+            faiss.omp_set_num_threads(threads)
+        return out.to(q.device)
+
+    def _search_all(self, faiss, keys_np, queries, out, call) -> None:
+        s = call.shapes
+        sinks, window, top_k = self.config["sinks"], self.config["window"], self.config["top_k"]
+        searching = torch.get_num_threads()  # as many threads as torch may use (the bench's choice on a busy CPU)
+        faiss.omp_set_num_threads(searching)
         for b in range(s.batch):
             for h in range(s.kv_heads):
                 index = faiss.IndexHNSWFlat(s.d, self.config["graph_degree"], faiss.METRIC_INNER_PRODUCT)
-                index.hnsw.efSearch = self.config["ef_search"]
                 heads = slice(h * s.group, (h + 1) * s.group)
                 for a in range(0, s.sq, SEARCH_TILE):
                     e = min(a + SEARCH_TILE, s.sq)
@@ -128,10 +137,8 @@ class RetrievalAttention(SelectionVariant):
                         continue
                     if index.ntotal < hi - sinks:
                         faiss.omp_set_num_threads(1)  # single-threaded adds are deterministic: every select agrees
-                        try:
-                            index.add(keys_np[b, h, sinks + index.ntotal:hi])
-                        finally:
-                            faiss.omp_set_num_threads(threads)
+                        index.add(keys_np[b, h, sinks + index.ntotal:hi])
+                        faiss.omp_set_num_threads(searching)
                     want = min(top_k + (e - a - 1 if call.causal else window), hi - sinks)
                     tile = queries[b, heads, a:e].reshape(-1, s.d)
                     if want == hi - sinks:
@@ -147,7 +154,6 @@ class RetrievalAttention(SelectionVariant):
                     order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :top_k]
                     picked = torch.where(keep.gather(-1, order), found.gather(-1, order), -1)
                     out[b, heads, a:e] = _pad_to(picked, top_k)
-        return out.to(q.device)
 
 
 def _pad_to(idx: torch.Tensor, n: int) -> torch.Tensor:
