@@ -276,7 +276,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="cp.json")
     ap.add_argument("--lengths", default="65536,131072,262144,524288", help="total tokens, comma-separated")
-    ap.add_argument("--budget-s", type=float, default=290.0, help="skip timed rows past this many seconds")
+    ap.add_argument("--budget-s", type=float, default=240.0, help="skip timed rows past this many seconds")
     ap.add_argument("--simulate", action="store_true", help="only print the simulated 8-rank / multi-host table")
     ap.add_argument("--smoke", action="store_true", help="CPU and gloo at tiny lengths (checks the script, times nothing "
                                                          "meaningful)")
@@ -285,19 +285,21 @@ def main() -> None:
     if args.smoke:
         DEVICE, WINDOW = "cpu", 64
         args.lengths = "512,1024" if args.lengths == ap.get_default("lengths") else args.lengths
-    sim = simulate()
     if args.simulate or "RANK" not in os.environ:
+        sim = simulate()
         print_simulation(sim)
         with open(args.out, "w") as f:
             json.dump({"simulation": sim}, f, indent=1)
         return
     t0 = time.time()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    sim = simulate() if rank == 0 else None  # CPU work; the others wait for it in the first collective
     if DEVICE == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", timeout=datetime.timedelta(seconds=120))
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)", "world": world, "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)", "world": world,
+              "torch": torch.__version__,
               "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "shape": {"B": B, "H": H, "Hkv": H, "D": D},
               "window": WINDOW, "dtype": "bfloat16", "simulation": sim, "check": [], "rows": []}
 

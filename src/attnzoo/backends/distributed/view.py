@@ -111,12 +111,11 @@ def key_hull(base: SoftmaxVariant, gcall: Call, intervals, q_segs, k_seg: tuple[
     a = b = None
     for qa, n in q_segs:
         for lo, hi in intervals:
-            lo_, hi_ = torch.broadcast_tensors(_rows(lo, qa, n, h0, hn).clamp(ka, ka + m),
-                                               _rows(hi, qa, n, h0, hn).clamp(ka, ka + m))
+            lo_, hi_ = _rows(lo, qa, n, h0, hn).clamp(ka, ka + m), _rows(hi, qa, n, h0, hn).clamp(ka, ka + m)
             ok = hi_ > lo_
             if bool(ok.any()):
-                a = int(lo_[ok].min()) if a is None else min(a, int(lo_[ok].min()))
-                b = int(hi_[ok].max()) if b is None else max(b, int(hi_[ok].max()))
+                a_, b_ = int(torch.where(ok, lo_, ka + m).min()), int(torch.where(ok, hi_, ka).max())
+                a, b = (a_, b_) if a is None else (min(a, a_), max(b, b_))
     return None if a is None else (a, b)
 
 
