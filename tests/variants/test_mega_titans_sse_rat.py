@@ -55,7 +55,8 @@ def _default_rat(q, k, v, x, p):
     return rat_loop(q, k, v, torch.full_like(k, 0.5), torch.full_like(v, 0.5), p["chunk"])
 
 
-# id -> (variant, parameters, inputs(gen, b, hkv, s, d, dv), independent loop(q, k, v, inputs, params), cross)
+# id -> (variant, parameters, inputs(gen, b, hkv, s, d, dv), independent loop(q, k, v, inputs, params),
+# serves the causal cross pattern)
 CASES = {
     "titans": ("titans", {"mini_batch": 5}, _titans_inputs,
                lambda q, k, v, x, p: titans_loop(q, k, v, x["theta"], x["eta"], x["alpha"], p["mini_batch"]), True),
@@ -69,7 +70,7 @@ CASES = {
     "rat-defaults": ("rat", {"chunk": 4}, lambda *a: {}, _default_rat, True),
     "mega": ("mega", {"chunk": 5, "ema_dim": 3}, _mega_inputs,
              lambda q, k, v, x, p: mega_loop(q, k, v, x["ema_alpha"], x["ema_delta"], x["ema_beta"], x["ema_eta"],
-                                             5), True),
+                                             5), False),
 }
 IDS = list(CASES)
 INTERVAL = {"theta", "eta", "alpha", "fk", "fv", "ema_alpha", "ema_delta"}   # inputs bounded to [0, 1] here
