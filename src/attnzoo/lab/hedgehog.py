@@ -48,8 +48,8 @@ def windows(x: torch.Tensor, window: int) -> torch.Tensor:
     return x[0, :, :n * window].unflatten(1, (n, window)).transpose(0, 1)
 
 
-def run(layers=(5, 15), length: int = 2048, window: int = 256, eval_length: int = 256, feature_dim: int | None = None,
-        steps: int = 300, lr: float = 1e-2, model: str = models.DEFAULT_MODEL, out: str | Path | None = None,
+def run(layers=(5, 15), length: int = 256, window: int = 256, eval_length: int = 256, feature_dim: int | None = None,
+        steps: int = 100, lr: float = 1e-2, model: str = models.DEFAULT_MODEL, out: str | Path | None = None,
         progress: bool = True) -> dict:
     layers = [int(x) for x in layers]
     torch.manual_seed(0)
@@ -105,11 +105,11 @@ def write(results: dict, out: Path) -> tuple[Path, Path]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m attnzoo.lab.hedgehog", description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, nargs="+", default=[5, 15])
-    p.add_argument("--length", type=int, default=2048, help="training tokens (train split)")
+    p.add_argument("--length", type=int, default=256, help="training tokens (train split)")
     p.add_argument("--window", type=int, default=256, help="training windows (attention within each)")
     p.add_argument("--eval-length", type=int, default=256, help="held-out tokens")
     p.add_argument("--feature-dim", type=int, default=None, help="F (2F features per head); default head_dim")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--model", default=models.DEFAULT_MODEL)
     p.add_argument("--out", default="results/hedgehog")
