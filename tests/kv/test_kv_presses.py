@@ -12,7 +12,7 @@ import attnzoo.kv as kv
 from attnzoo.kv import headwise, profile, retrieval
 from attnzoo.kv.base import keep_count, topk_mask
 
-EVICTING = [m.name for m in kv.methods() if m.kind == "evict"]
+EVICTING = [m.name for m in kv.methods() if m.kind == "evict" and not m.needs_tokenizer]  # the tiny models have none
 ALL_BUT_QUANT = [m.name for m in kv.methods() if m.kind != "quantize"]
 
 

@@ -213,6 +213,8 @@ class KVPress(Configurable):
     # How a session stores the cache: "rectangular" (transformers' tensors, each layer padded to its
     # fullest KV head) or "ragged" (each KV head holds only its own entries, see ragged.py).
     layout: ClassVar[str] = "rectangular"
+    # Presses that profile the model with real questions need its tokenizer: press(model, tokenizer).
+    needs_tokenizer: ClassVar[bool] = False
     # The constructor's parameters, validated by `validate_params` and then set as attributes of the
     # same names; subclasses extend the base's: `params = KVPress.params + (Param(...), ...)`.
     params: ClassVar[tuple[Param, ...]] = (RATIO,)

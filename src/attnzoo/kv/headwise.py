@@ -102,6 +102,7 @@ class DuoAttentionPress(WholeOrWindowPress):
 @register
 class HeadRolesPress(WholeOrWindowPress):
     name = "head_roles"
+    needs_tokenizer = True
     paper = Paper("Retrieval Head Mechanistically Explains Long-Context Factuality", 2024, "2404.15574")
     summary = ("Per-head budgets from attnzoo.heads' own retrieval probe (the copy-paste criterion on passkey "
                "questions over real prose), computed once per model and probe setting and cached on disk keyed by "
