@@ -20,6 +20,14 @@ class LinearVariant(RecurrentVariant):
 
     def check_step(self, q_t, k_t, v_t, state, inputs: dict) -> tuple[int, int, int, int]:
         """(B, Hkv, D, Dv) of a valid `step` call; TypeError/ValueError naming the argument otherwise."""
+        b, hkv, d, dv = self.check_step_tokens(q_t, k_t, v_t, state, inputs)
+        want = self.state_shape(b, hkv, d, dv)
+        if tuple(state.shape) != want:
+            raise ValueError(f"{self.name}: state must be {self.state_doc} = {want}, got {tuple(state.shape)}")
+        return b, hkv, d, dv
+
+    def check_step_tokens(self, q_t, k_t, v_t, state, inputs: dict) -> tuple[int, int, int, int]:
+        """`check_step` but for the state's shape (a variant whose state shape is not `state_shape`'s checks it)."""
         if inputs:
             raise TypeError(f"{self.name}: step takes no per-token inputs, got {sorted(inputs)}")
         for name, t, want in (("q_t", q_t, 3), ("k_t", k_t, 3), ("v_t", v_t, 3), ("state", state, 4)):
@@ -32,9 +40,6 @@ class LinearVariant(RecurrentVariant):
             raise ValueError(f"{self.name}: step needs q_t (B, Hq, D), k_t (B, Hkv, D), v_t (B, Hkv, Dv) with "
                              f"Hq % Hkv == 0; got q_t {tuple(q_t.shape)}, k_t {tuple(k_t.shape)}, "
                              f"v_t {tuple(v_t.shape)}")
-        want = self.state_shape(b, hkv, d, v_t.shape[-1])
-        if tuple(state.shape) != want:
-            raise ValueError(f"{self.name}: state must be {self.state_doc} = {want}, got {tuple(state.shape)}")
         return b, hkv, d, v_t.shape[-1]
 
     @staticmethod

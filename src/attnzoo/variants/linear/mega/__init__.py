@@ -94,19 +94,10 @@ class Mega(LinearVariant):
 
     def step(self, q_t, k_t, v_t, state, *, scale=None, **inputs):
         given = {n: inputs.pop(n) for n in EMA if n in inputs}
-        if inputs:
-            raise TypeError(f"{self.name}: step takes the EMA inputs {list(EMA)} only, got {sorted(inputs)}")
-        for name, t in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3:
-                raise ValueError(f"{self.name}: step's {name} must be a rank-3 tensor")
-        b, h, d = k_t.shape
-        if q_t.shape[0] != b or q_t.shape[1] % h or q_t.shape[2] != d or tuple(v_t.shape[:2]) != (b, h):
-            raise ValueError(f"{self.name}: step needs q_t (B, Hq, D), k_t (B, Hkv, D), v_t (B, Hkv, Dv) with "
-                             f"Hq % Hkv == 0; got {tuple(q_t.shape)}, {tuple(k_t.shape)}, {tuple(v_t.shape)}")
-        want = self.state_shape(b, h, d, v_t.shape[-1], q_t.shape[1] // h)
-        if not isinstance(state, torch.Tensor) or tuple(state.shape) != want:
-            raise ValueError(f"{self.name}: state must be {self.state_doc} = {want}, got "
-                             f"{tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__}")
+        b, h, d, dv = self.check_step_tokens(q_t, k_t, v_t, state, inputs)
+        want = self.state_shape(b, h, d, dv, q_t.shape[1] // h)
+        if tuple(state.shape) != want:
+            raise ValueError(f"{self.name}: state must be {self.state_doc} = {want}, got {tuple(state.shape)}")
         want = (h, d, self.config["ema_dim"])
         for name, x in given.items():
             if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:

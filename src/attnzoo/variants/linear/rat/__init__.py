@@ -102,20 +102,10 @@ class RAT(LinearVariant):
         return self._run(rat_chunk, q, k, v, call, state, inputs)
 
     def step(self, q_t, k_t, v_t, state, *, scale=None, fk=None, fv=None, **inputs):
-        if inputs:
-            raise TypeError(f"{self.name}: step takes the inputs 'fk' and 'fv' only, got {sorted(inputs)}")
-        for name, t in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3:
-                raise ValueError(f"{self.name}: step's {name} must be a rank-3 tensor")
-        b, hkv, d = k_t.shape
-        dv = v_t.shape[-1]
-        if q_t.shape[0] != b or q_t.shape[1] % hkv or q_t.shape[2] != d or tuple(v_t.shape[:2]) != (b, hkv):
-            raise ValueError(f"{self.name}: step needs q_t (B, Hq, D), k_t (B, Hkv, D), v_t (B, Hkv, Dv) with "
-                             f"Hq % Hkv == 0; got {tuple(q_t.shape)}, {tuple(k_t.shape)}, {tuple(v_t.shape)}")
-        if not isinstance(state, torch.Tensor) or state.dim() != 4 or (state.shape[0], state.shape[1],
-                                                                       state.shape[3]) != (b, hkv, d + dv + 1):
+        b, hkv, d, dv = self.check_step_tokens(q_t, k_t, v_t, state, inputs)
+        if (state.shape[0], state.shape[1], state.shape[3]) != (b, hkv, d + dv + 1):
             raise ValueError(f"{self.name}: state must be {self.state_doc} with (B, Hkv, D + Dv + 1) = "
-                             f"{(b, hkv, d + dv + 1)}, got {tuple(state.shape) if isinstance(state, torch.Tensor) else state!r}")
+                             f"{(b, hkv, d + dv + 1)}, got {tuple(state.shape)}")
         default_k, default_v = self.gates({}, k_t, v_t, state.dtype)
         fk = default_k if fk is None else fk
         fv = default_v if fv is None else fv
