@@ -147,7 +147,7 @@ class _Ring(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=dt, device=q.device)
         dv = torch.zeros(v.shape, dtype=dt, device=q.device)
         needs = p.needs()
-        works, partials, sent = [], [], []
+        sends, recvs, partials = [], [], []
         for src, kk, vv in _ring_steps(run, k, v, "ring backward: k/v"):
             gk = dk if src == r else torch.zeros(kk.shape, dtype=dt, device=q.device)
             gv = dv if src == r else torch.zeros(vv.shape, dtype=dt, device=q.device)
@@ -158,19 +158,21 @@ class _Ring(torch.autograd.Function):
                 dq[:, :, rows] += a
                 gk[:, :, ko:ko + m] += b
                 gv[:, :, ko:ko + m] += c
-            if src != r:  # the keys' partial gradients go back to their owner (kept referenced until sent)
+            if src != r:  # the keys' partial gradients go back to their owner
                 step = (r - src) % world
-                works += _p2p(run, "ring backward: dk/dv", [(gk, src, 4 * step + 2), (gv, src, 4 * step + 3)], [])
-                sent.append((gk, gv))
+                sends += [(gk, src, 4 * step + 2), (gv, src, 4 * step + 3)]
         for step in range(1, world):  # partial gradients of my keys from the ranks that used them
             dst = (r + step) % world
             if needs[dst][r]:
                 m = sum(n for _, n in p.recv_segments(dst, r))
                 bufs = (dk.new_empty(*dk.shape[:2], m, dk.shape[3]), dv.new_empty(*dv.shape[:2], m, dv.shape[3]))
-                works += _p2p(run, "ring backward: dk/dv", [], [(bufs[0], dst, 4 * step + 2),
-                                                                (bufs[1], dst, 4 * step + 3)])
+                recvs += [(bufs[0], dst, 4 * step + 2), (bufs[1], dst, 4 * step + 3)]
                 partials.append((p.pieces(dst, r), bufs))
-        _wait(works)
+        # One batch for every send and receive: NCCL runs a send-only batch to completion before the
+        # next batch on its stream, and a message too large for its buffers completes only once the
+        # peer's receive is posted, so two ranks each posting sends first would wait on each other
+        # forever (seen at 64k tokens on two H200s; small messages at 8k passed).
+        _wait(_p2p(run, "ring backward: dk/dv", sends, recvs))
         for pieces, (a, b) in partials:
             at = 0
             for o, n in pieces:
