@@ -165,3 +165,19 @@ def test_converted_attention_refuses_what_it_does_not_run():
         m(x, cache=object())
     with pytest.raises(ValueError, match="attention mask"):
         m(x, attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
+
+
+def test_mean_pooled_baseline_is_a_model_with_fewer_kv_heads_and_is_restored(smollm2):
+    from attnzoo.lab import transmla as lab
+    from attnzoo.models import real_token_ids
+
+    lm, tok = smollm2
+    assert lab.pooled_kv_heads(3) == [1] and lab.pooled_kv_heads(8) == [4, 2, 1]
+    k_proj = lm.model.layers[0].self_attn.k_proj
+    before = k_proj.weight.detach().clone()
+    ids = real_token_ids(tok, 8, "heldout")
+    with lab.pooled(lm, 1):
+        heads = k_proj.weight.view(3, 64, -1)
+        assert max_err(heads[0], heads[2]) == 0 and max_err(heads[0], before.view(3, 64, -1).mean(0)) <= 1e-6
+        assert lab.logits(lm, ids).isfinite().all()
+    assert torch.equal(k_proj.weight, before)

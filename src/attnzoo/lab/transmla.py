@@ -105,6 +105,26 @@ def swapped(lm, converted: list[MLA]):
             layer.self_attn = a
 
 
+@contextlib.contextmanager
+@torch.no_grad()
+def pooled(lm, kv_heads: int):
+    """lm with each group of its KV heads replaced by the group's mean (GQA's conversion to
+    `kv_heads` KV heads, without uptraining; the same function as a model with that many KV heads),
+    restored on exit: the baseline at the same KV bytes."""
+    g, d = gqa_layout(lm)["kv_heads"], gqa_layout(lm)["head_dim"]
+    saved = []
+    for layer in layers_of(lm):
+        for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+            saved.append((proj, proj.weight.detach().clone()))
+            w = proj.weight.view(kv_heads, g // kv_heads, d, -1)
+            w.copy_(w.mean(dim=1, keepdim=True).expand_as(w))
+    try:
+        yield lm
+    finally:
+        for proj, w in saved:
+            proj.weight.copy_(w)
+
+
 @torch.no_grad()
 def perplexity(lm, windows: torch.Tensor) -> float:
     """exp of the mean next-token loss over windows (W, S), each run alone."""
@@ -121,9 +141,14 @@ def logits(lm, ids: torch.Tensor) -> torch.Tensor:
     return lm(ids, use_cache=False).logits
 
 
+def pooled_kv_heads(kv_heads: int) -> list[int]:
+    """The smaller KV head counts GQA's mean pooling can reach: the divisors of kv_heads below it."""
+    return [k for k in range(kv_heads - 1, 0, -1) if kv_heads % k == 0]
+
+
 def run(lm, tokenizer, settings: Settings, model_label: str = "SmolLM2-135M-Instruct", progress=None) -> dict:
-    """Every (rope_heads, rank) row of the sweep plus each rope_heads' full rank; `progress(label)`
-    is told before each row."""
+    """Every (rope_heads, rank) row of the sweep plus each rope_heads' full rank, then the GQA
+    mean-pooling baseline at fewer KV heads; `progress(label)` is told before each row."""
     start = time.time()
     lay = gqa_layout(lm)
     d, g = lay["head_dim"], lay["kv_heads"]
@@ -152,6 +177,15 @@ def run(lm, tokenizer, settings: Settings, model_label: str = "SmolLM2-135M-Inst
                              kv_elements_per_layer=elements, kv_bytes_per_token=elements * nbytes * lay["layers"],
                              kv_fraction=elements / base_elements, perplexity=ppl, max_logit_diff=diff,
                              full_rank=rank == full, seconds=round(time.time() - t0, 2)))
+    for k in pooled_kv_heads(g):
+        if progress is not None:
+            progress(f"GQA pooled to {k} KV heads")
+        with pooled(lm, k):
+            diff = (logits(lm, windows[:1]) - reference).abs().max().item()
+            ppl = perplexity(lm, windows)
+        rows.append(dict(config=f"GQA mean-pooled to {k} KV head{'s' * (k > 1)}", rope_heads=None, kv_rank=None,
+                         rope_dim=None, kv_elements_per_layer=2 * k * d, kv_bytes_per_token=2 * k * d * nbytes
+                         * lay["layers"], kv_fraction=k / g, perplexity=ppl, max_logit_diff=diff))
     skipped = [dict(rope_heads=rh, kv_rank=r, reason=f"larger than the {(g - rh) * d + g * d} channels compressed")
                for rh in settings.rope_heads for r in settings.ranks if r > (g - rh) * d + g * d]
     return dict(meta=dict(model=model_label, paper=str(TRANSMLA_PAPER), **lay, dtype=str(next(lm.parameters()).dtype),
@@ -164,18 +198,21 @@ def sections(results: dict) -> list[str]:
     from .report import line_plot, table
 
     meta, rows = results["meta"], results["rows"]
-    base = rows[0]
     series: dict[str, list] = {}
-    for r in rows[1:]:
+    for r in rows:
+        if r["kv_rank"] is None:
+            continue
         series.setdefault(f"MLA, RoPE on {r['rope_dim']} channels", []).append((r["kv_bytes_per_token"] / 1024,
                                                                                r["perplexity"]))
-    series["GQA (original)"] = [(base["kv_bytes_per_token"] / 1024, base["perplexity"])]
+    series["GQA: original and mean-pooled KV heads"] = [(r["kv_bytes_per_token"] / 1024, r["perplexity"])
+                                                        for r in rows if r["kv_rank"] is None]
     s = meta["settings"]
     intro = (f"<p>{meta['model']}: {meta['layers']} layers, {meta['heads']} query heads, {meta['kv_heads']} KV heads "
              f"of dim {meta['head_dim']}, RoPE base {meta['rope_base']:g}, {meta['dtype']}. Every layer converted "
              f"to MLA as in <i>{meta['paper']}</i>: RoRoPE (per-frequency PCA over KV heads; the first rope_heads "
              "slots keep RoPE, the others drop it), then a joint latent from the PCA of the position-free key "
-             f"channels and the values, keys scaled to the values' norm (BKV-PCA). Calibration: "
+             "channels and the values, keys scaled to the values' norm (BKV-PCA). Baseline at the same KV bytes: "
+             "GQA's mean pooling of KV heads (no uptraining). Calibration: "
              f"{s['calibration_tokens']} tokens of standard-library prose (train split); perplexity on "
              f"{meta['eval_windows']} held-out windows of {s['window']} tokens; logit difference on the first window. "
              f"No fine-tuning after conversion. KV bytes per token: all layers, in {meta['dtype']}.</p>")
@@ -206,8 +243,9 @@ def main(settings: Settings, model: str, out, threads: int) -> dict:
 
         raise typer.BadParameter(f"each must be <= the model's {lay['kv_heads']} KV heads, got {settings.rope_heads}",
                                  param_hint="--rope-heads")
-    total = sum(1 + sum(r < (lay["kv_heads"] - rh) * lay["head_dim"] + lay["kv_heads"] * lay["head_dim"]
-                        for r in set(settings.ranks)) for rh in settings.rope_heads)
+    g, d = lay["kv_heads"], lay["head_dim"]
+    total = len(pooled_kv_heads(g)) + sum(1 + sum(r < (g - rh) * d + g * d for r in set(settings.ranks))
+                                          for rh in settings.rope_heads)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=opts.console) as bar:
         task = bar.add_task("calibrating", total=total)
