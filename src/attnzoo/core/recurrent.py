@@ -40,6 +40,9 @@ class RecurrentVariant(Variant):
     default_mode: ClassVar[str] = "chunk"
     call_options: ClassVar[tuple[str, ...]] = ("mode", "initial_state", "output_final_state", "cu_seqlens")
     state_size = "Hkv x Dk x Dv per sequence, constant in S"
+    # The final state is A * S0 + final(0) for any initial state S0 (A elementwise, from the decays):
+    # what LASP-2 sequence parallelism relies on. Declared per variant (a test checks each claim).
+    affine_state: ClassVar[bool] = False
 
     # ---- what subclasses implement --------------------------------------------------------------
     def parallel(self, q, k, v, call: Call, state: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ from ...core.recurrent import RecurrentVariant
 from ...core.variant import SoftmaxVariant
 from .layout import LAYOUTS, check_layout, segments, shard, unshard  # noqa: F401  (re-exported)
 from .plan import communication_plan  # noqa: F401  (re-exported)
+from .lasp2 import lasp2_why_not
 from .strategies import RUNNERS, STRATEGIES, Traffic
 
 DEFAULT_STRATEGY = "ring"
@@ -85,7 +86,7 @@ def _why_not(variant, call, q, strategy: str | None = None) -> str | None:
                     "(backend='context_parallel' or 'auto')")
         if _ACTIVE.get().layout != "contiguous":
             return "the linear family (LASP-2) needs layout='contiguous': states flow in sequence order"
-        return None
+        return lasp2_why_not(variant)
     if not isinstance(variant, SoftmaxVariant) or type(variant).forward_torch is not SoftmaxVariant.forward_torch:
         return f"{variant.name} is not an exact softmax mask variant nor a recurrent one"
     from .kernels import kernel_for

@@ -34,6 +34,15 @@ class _GatherStates(torch.autograd.Function):
         return grad[dist.get_rank(ctx.group)], None
 
 
+def lasp2_why_not(variant) -> str | None:
+    """Why LASP-2 cannot shard this recurrent variant: its final state must be affine in the initial one
+    with an elementwise factor (`affine_state`); otherwise the combined states would be silently wrong."""
+    if not getattr(variant, "affine_state", False):
+        return (f"{variant.name}: its state is not an elementwise-affine function of the initial state "
+                "(affine_state=False), so LASP-2's combination of per-rank states would be wrong; run it on one device")
+    return None
+
+
 def lasp2(variant, q, k, v, call, group, rank: int, traffic=None):
     opts = dict(getattr(call, "options", None) or {"mode": variant.default_mode})
     if opts.get("cu_seqlens") is not None:

@@ -25,6 +25,7 @@ from .cosine.naive import l2_normalise
 @register
 class Fast(FeatureMapVariant):
     name = "fast"
+    affine_state = True
     summary = ("FAST / Fastmax: o_i = sum_j K(q_i,k_j) v_j / sum_j K(q_i,k_j) with K = 1 + s + s^2/2 (order 2) or "
                "1 + s (order 1), s = scale * q_i . k_j, the Taylor polynomial of exp, computed through the factorised "
                "features [1, x', x' ⊗ x' / sqrt 2] (x' = x sqrt(scale)). normalize=True puts q and k on the unit "

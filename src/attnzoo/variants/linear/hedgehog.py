@@ -39,6 +39,7 @@ def _tensor(name: str, doc: str, rank: int) -> Param:
 @register
 class Hedgehog(FeatureMapVariant):
     name = "hedgehog"
+    affine_state = True
     summary = ("Hedgehog: normalised linear attention with learned feature maps phi(x) = softmax([xW + b, -(xW + b)]) "
                "(2F positive features per head; one map for queries, one for keys) trained by distillation to "
                "mimic softmax attention weights (az.nn.HedgehogFeatureMap, fitted by attnzoo.nn.hedgehog.distill). "

@@ -53,6 +53,7 @@ def _temperature(name: str) -> Param:
 @register
 class LLN(FeatureMapVariant):
     name = "lln"
+    affine_state = True
     summary = ("Linear Log-Normal attention: o_i = sum_j K(q_i,k_j) v_j / sum_j K(q_i,k_j) with K = exp(alpha q_i) . "
                "exp(beta k_j); alpha and beta moment-matched to softmax attention from the standard deviations of q "
                "and k (the authors' fit; per call when None, fixed when given: states carried between calls and "

@@ -11,6 +11,7 @@ from .naive import based_parallel, based_step, feature_dim
 @register
 class Based(LinearVariant):
     name = "based"
+    affine_state = True
     summary = ("Based's linear attention: o_i = sum_{j<=i} K(q_i,k_j) v_j / sum_{j<=i} K(q_i,k_j) with "
                "K = 1 + s + s^2/2, s = scale * q_i . k_j (the Taylor approximation of exp), computed through the "
                "feature map phi(x) = [1, x', x' ⊗ x' / sqrt 2], x' = x d^-1/4, on q/k projected to a small dimension "

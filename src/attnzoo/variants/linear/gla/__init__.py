@@ -13,6 +13,7 @@ from .naive import gla_parallel, gla_step
 @register
 class GLA(RecurrentVariant):
     name = "gla"
+    affine_state = True
     summary = ("Linear attention whose state decays per key dimension by data-dependent gates: "
                "S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t. No softmax, no normaliser "
                "(as fla's gla). Gates `g` are log forget gates <= 0, usually logsigmoid(x) / 16 (the paper's "

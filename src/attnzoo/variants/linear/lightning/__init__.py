@@ -15,6 +15,7 @@ from .naive import lightning_decays, lightning_parallel, lightning_step
 @register
 class Lightning(LinearVariant):
     name = "lightning"
+    affine_state = True
     summary = ("Lightning attention: o_t = scale * sum_{s<=t} lambda^(t-s) (q_t . k_s) v_s, i.e. "
                "S_t = lambda S_{t-1} + k_t^T v_t; one decay per KV head, by default TransNormerLLM's schedule as "
                "fla's lightning_attn, lambda_h = exp(-(8h/H)(1 - layer_idx/num_layers)) (head 0 does not decay), or "

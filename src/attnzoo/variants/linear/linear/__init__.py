@@ -11,6 +11,7 @@ from .naive import FEATURE_MAPS, linear_parallel, linear_step
 @register
 class Linear(LinearVariant):
     name = "linear"
+    affine_state = True
     summary = ("Linear attention: o_t = phi(q_t) S_t / (phi(q_t) z_t) with S_t = S_{t-1} + phi(k_t)^T v_t, "
                "z_t = z_{t-1} + phi(k_t), phi = elu + 1 (the paper), relu or identity. normalize=False is fla's "
                "unnormalised form o_t = scale * phi(q_t) S_t; `scale` multiplies phi(q) and cancels when normalised. "

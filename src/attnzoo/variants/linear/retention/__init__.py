@@ -14,6 +14,7 @@ from .naive import retention_parallel, retention_step, retnet_decays
 @register
 class Retention(LinearVariant):
     name = "retention"
+    affine_state = True
     summary = ("RetNet's retention operator: o = (Q K^T ⊙ D) V * scale with D_nm = gamma^(n-m) (n >= m), i.e. "
                "S_n = gamma S_{n-1} + k_n^T v_n, o_n = scale * q_n S_n; one decay per KV head, by default RetNet's "
                "gamma_h = 1 - 2^(-5-h) (override with `decay`). No normaliser: as fla's retention op, RetNet's "

@@ -13,6 +13,7 @@ from .naive import sse_parallel
 @register
 class SSE(LinearVariant):
     name = "sse"
+    affine_state = True
     summary = ("Sparse State Expansion: `states` partitions per KV head, each a (gated) linear-attention state. Router "
                "logits (input 'router') classify every token: the `active` (top-k) partitions by softmax are written with weight "
                "w = softmax * mask (S^n += w_n phi(k)^T v, phi = softmax over the key dimension: the row-sparse "
