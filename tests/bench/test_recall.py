@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -243,14 +242,12 @@ def one_thread():
 
 def test_softmax_learns_small_mqar(one_thread):
     """Full attention reaches 99% on 4 pairs in 32 tokens (vocabulary 64) well within the budget (it
-    stops after 170-300 of the 500 steps over seeds 0-3, 3-6 s on one thread)."""
+    stops after 170-300 of the 500 steps over seeds 0-3)."""
     torch.manual_seed(0)
     model = RecallModel(64, 64, "full", mlp_ratio=1)
-    t = time.perf_counter()
     out = recall.train(model, MQAR(32, 4, 64), Train(steps=500, tokens=1024, seed=0))
     assert out["early_stop"] and out["accuracy"] >= 0.99, out["curve"][-3:]
     assert out["steps"] < 500 and out["curve"][-1][1] == [out["accuracy"]]
-    assert time.perf_counter() - t < 60
     fresh = MQAR(32, 4, 64).batch(256, seed=777)  # an unseen set agrees
     assert recall.evaluate(model, fresh) >= 0.97
 
