@@ -42,3 +42,5 @@ def test_declared_affine_states_are_affine_and_others_are_refused(name):
 def test_the_known_non_affine_states_are_refused():
     for name in ("flowformer", "mega", "titans"):
         assert not az.get(name).affine_state and "affine" in lasp2_why_not(az.get(name))
+        assert "context_parallel" not in az.get(name).info.backends
+    assert "context_parallel" in az.get("gla").info.backends

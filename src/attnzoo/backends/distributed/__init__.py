@@ -139,8 +139,9 @@ def _run(variant, q, k, v, call, strategy: str | None = None):
 
 
 def _serves(cls) -> bool:
-    return issubclass(cls, RecurrentVariant) or (issubclass(cls, SoftmaxVariant) and cls.flex_capable()
-                                                  and not cls.has_score)
+    if issubclass(cls, RecurrentVariant):
+        return cls.affine_state  # LASP-2 (lasp2_why_not)
+    return issubclass(cls, SoftmaxVariant) and cls.flex_capable() and not cls.has_score
 
 
 register_backend(Backend(
