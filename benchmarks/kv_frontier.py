@@ -91,7 +91,9 @@ def main():
     for i, sample in enumerate(samples):
         evaluate.evaluate(lm, tok, press_list, [sample], settings, records=records, share_prefill=True)
         results = {"model": "smollm2", "length": args.length, "presses": [repr(p) for p in press_list],
-                   "samples_done": i + 1, "samples": len(samples), "records": records,
+                   "samples_done": i + 1, "records": records,
+                   "samples": [{"task": s.task, "length": s.length, "depth": s.depth, "seed": s.seed,
+                                "answers": list(s.answers)} for s in samples],
                    "summary": evaluate.summarize(records), "wall_s": time.perf_counter() - start}
         (args.out / "results.json").write_text(json.dumps(report.jsonable(results), indent=1))
         print(f"[{i + 1}/{len(samples)}] {sample.task} d={sample.depth} {time.perf_counter() - start:.0f} s",
@@ -102,8 +104,11 @@ def main():
     table = markdown(evaluate.summarize(records))
     (args.out / "table.md").write_text("all tasks\n\n" + table + "\n\n" + "\n\n".join(
         f"{t}\n\n{m}" for t, m in by_task.items()) + "\n")
-    report.write_html({**results, "device": "cpu", "machine": "", "config": {}, "methods": [], "interrupted": False},
-                      args.out / "report.html")
+    config = {"methods": [p.label for p in press_list], "ratios": sorted({p.ratio for p in press_list}),
+              "lengths": [args.length], "tasks": list(dict.fromkeys(s.task for s in samples)),
+              "depths": sorted({s.depth for s in samples}), "samples": len(samples), "settings": list(settings)}
+    report.write_html({**results, "device": "cpu", "machine": "", "config": config, "methods": [],
+                       "interrupted": False}, args.out / "report.html")
     print(table)
 
 
