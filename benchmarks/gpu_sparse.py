@@ -21,20 +21,13 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo as az
+from attnzoo.bench.speed import Timing, time_ms
 
 
 def median_ms(fn, n: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """Median (upper, for even n) of n CUDA-event timings after one untimed call, by the bench's own timer."""
+    _, samples = time_ms(fn, torch.device("cuda"), Timing(repeats=n, min_repeats=n, max_seconds=float("inf")))
+    return sorted(samples)[len(samples) // 2]
 
 
 def configs(s: int, density: int) -> list[tuple[str, dict]]:
