@@ -19,11 +19,6 @@ pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2):
-    return smollm2[1]
-
-
-@pytest.fixture(scope="module")
 def folder(tok, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     tiny_qwen3(vocab=len(tok)).save_pretrained(path)

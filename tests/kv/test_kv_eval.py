@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from kv_tiny import tiny_qwen3
 from typer.testing import CliRunner
 
 import attnzoo.kv as kv
@@ -13,17 +12,6 @@ from attnzoo.cli import app
 from attnzoo.kv import evaluate, report, tasks
 
 pytestmark = pytest.mark.model
-
-
-@pytest.fixture(scope="module")
-def tok(smollm2):
-    return smollm2[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tok):
-    """A tiny random-weight Qwen3 that reads SmolLM2's token ids: fast plumbing for the whole pipeline."""
-    return tiny_qwen3(vocab=len(tok))
 
 
 @pytest.mark.parametrize("task", tasks.TASKS)

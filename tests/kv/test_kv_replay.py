@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kv_tiny import tiny_qwen3
 
 import attnzoo.kv as kv
 from attnzoo.kv import evaluate, tasks
 
 pytestmark = pytest.mark.model
-
-
-@pytest.fixture(scope="module")
-def tok(smollm2):
-    return smollm2[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tok):
-    return tiny_qwen3(vocab=len(tok))
 
 
 @pytest.mark.parametrize("setting", evaluate.SETTINGS)
