@@ -9,7 +9,7 @@ import html
 import json
 from pathlib import Path
 
-from .report import REPORT_INSTALL, STYLE, jsonable, palette
+from .report import REPORT_INSTALL, STYLE, html_table, jsonable, palette
 
 PLOTS = {
     "plot-state": "Accuracy vs state size, per family (log x), one panel per sequence length",
@@ -124,13 +124,6 @@ def render_html(results: dict) -> str:
     return "\n".join(parts)
 
 
-def _table(headers: list[str], rows: list[list], left: int = 1) -> str:
-    head = "".join(f"<th class='{'l' if i < left else ''}'>{html.escape(h)}</th>" for i, h in enumerate(headers))
-    body = "".join("<tr>" + "".join(f"<td class='{'l' if i < left else ''}'>{html.escape(str(c))}</td>"
-                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _summary(results: dict) -> str:
     meta, cfg = results["meta"], results["config"]
     tasks = ", ".join(f"S={t['seq_len']} with {t['num_pairs']} pairs" for t in cfg["tasks"])
@@ -169,7 +162,7 @@ def _claims_html(results: dict) -> str:
             f"holding at most {th['state_factor']:g}x it are compared; 'does not solve' is below {th['fails']:.0%}, "
             f"'much of the gap' at least {th['much_of_gap']:.0%} of it.")
     return (f"<h2>The papers' claims on these numbers</h2><ul>{verdicts}</ul>"
-            + _table(["S", "softmax (full)", "best pure linear", "best Based mix", "gap closed", "notes"], rows, 6)
+            + html_table(["S", "softmax (full)", "best pure linear", "best Based mix", "gap closed", "notes"], rows, 6)
             + f"<p class='note'>{note}</p>")
 
 
@@ -185,7 +178,7 @@ def _runs_html(results: dict) -> str:
                     + [f"{by[s]['accuracy']:.3f}" if s in by else "" for s in lengths]
                     + [f"{by[s]['state_elements']:,}" if s in by else "" for s in lengths]
                     + [r["steps"], "yes" if r["early_stop"] else "no", f"{r['seconds']:.1f}", r["mode"] or "-"])
-    return "<h2>Every run</h2>" + _table(headers, rows, 3)
+    return "<h2>Every run</h2>" + html_table(headers, rows, 3)
 
 
 def _layer_text(x: dict) -> str:
@@ -198,7 +191,7 @@ def _skipped_html(results: dict) -> str:
     if not results["skipped"]:
         return "<h2>What could not run</h2><p class='note'>Nothing: every requested variant ran.</p>"
     rows = [[s.get("label") or s["name"], s["family"], s["reason"]] for s in results["skipped"]]
-    return "<h2>What could not run</h2>" + _table(["variant", "family", "reason"], rows, 3)
+    return "<h2>What could not run</h2>" + html_table(["variant", "family", "reason"], rows, 3)
 
 
 def _methods(results: dict) -> str:

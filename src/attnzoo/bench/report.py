@@ -435,7 +435,8 @@ def _table_html(title: str, table: str, collapsed: bool = False) -> str:
     return f"<h2>{html.escape(title)}</h2>{table}"
 
 
-def _table(headers: list[str], rows: list[list], left: int = 1) -> str:
+def html_table(headers: list[str], rows: list[list], left: int = 1) -> str:
+    """An HTML table (the first `left` columns left-aligned), cells escaped: every report's tables."""
     head = "".join(f"<th class='{'l' if i < left else ''}'>{html.escape(h)}</th>" for i, h in enumerate(headers))
     body = "".join("<tr>" + "".join(f"<td class='{'l' if i < left else ''}'>{html.escape(str(c))}</td>"
                                     for i, c in enumerate(r)) + "</tr>" for r in rows)
@@ -489,7 +490,7 @@ def _quality_table(results: dict) -> str:
                                                               if r.get("keep_target") else ""),
               cell(r["loss"], "{:.4f}"), cell(r["ppl"], "{:.3f}"), cell(r.get("ppl_ratio"), "{:.4g}"),
               cell(r["delta_loss"], "{:+.4f}"), r["error"] or ""] for r in q["rows"]]
-    return _table(["variant", "configuration", "loss", "ppl", "ppl ×", "Δln ppl", "error"], rows, left=2)
+    return html_table(["variant", "configuration", "loss", "ppl", "ppl ×", "Δln ppl", "error"], rows, left=2)
 
 
 def _params_text(params) -> str:
@@ -504,7 +505,7 @@ def _fidelity_table(results: dict) -> str:
              cell(r.get("full_diff"), "{:.2e}"),
              r["error"] or r.get("equals_full") or r.get("mass_note") or ""]
             for r in results["fidelity"]]
-    return _table(["variant", "source", "pattern", "", "budget", "for", "keep", "error", "cosine", "mass kept",
+    return html_table(["variant", "source", "pattern", "", "budget", "for", "keep", "error", "cosine", "mass kept",
                    "vs full", "note"], rows, left=5)
 
 
@@ -515,7 +516,7 @@ def _speed_table(results: dict) -> str:
              cell(r.get("time_vs_flex"), "{:.2f}"), cell(r.get("peak_mib"), "{:.1f}"),
              cell(r.get("memory_vs_sdpa_mask"), "{:.2g}"), cell(r.get("tflops"), "{:.3f}"), r.get("inputs") or "",
              r["error"] or ""] for r in results["speed"]]
-    return _table(["variant", "backend", "path", "configuration", "pattern", "mode", "length", "median ms",
+    return html_table(["variant", "backend", "path", "configuration", "pattern", "mode", "length", "median ms",
                    "first ms", "×sdpa", "×sdpa mask", "×flex", "peak MiB", "mem ×mask", "TFLOP/s", "inputs", "error"],
                   rows, left=6)
 
@@ -574,14 +575,14 @@ def _paths_table(results: dict) -> str:
     return ("<p class='note'>Same configuration, same inputs, same run. Time ÷ SDPA given the dense boolean mask "
             "(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), the mask built beforehand) and ÷ SDPA's exact "
             "attention without a mask; peak memory ÷ the masked SDPA's. Lower is better.</p>" +
-            _table(["variant", "configuration", "pattern", "mode", "length", "fastest", "fused ×mask", "tiles ×mask",
+            html_table(["variant", "configuration", "pattern", "mode", "length", "fastest", "fused ×mask", "tiles ×mask",
                     "fused ×sdpa", "tiles ×sdpa", "mask ×sdpa", "fused mem ×mask", "tiles mem ×mask",
                     "mask peak MiB"], rows, left=4))
 
 
 def _failure_table(results: dict) -> str:
     rows = [[f["section"], f["variant"], f["what"], f["reason"]] for f in failures(results)]
-    return _table(["section", "variant", "what", "reason"], rows, left=4) if rows else "<p class='note'>Nothing.</p>"
+    return html_table(["section", "variant", "what", "reason"], rows, left=4) if rows else "<p class='note'>Nothing.</p>"
 
 
 # ---- plots ----------------------------------------------------------------------------------------

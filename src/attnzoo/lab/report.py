@@ -6,10 +6,12 @@ import json
 import math
 from pathlib import Path
 
+from ..bench.report import REPORT_INSTALL
+from ..bench.report import html_table as table  # noqa: F401  (the lab commands' tables)
+
 STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}table{border-collapse:collapse;"
          "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}"
          ".l{text-align:left}.note{color:#555;font-size:90%}")
-REPORT_INSTALL = 'pip install "attnzoo[report]"'
 
 
 def line_figure(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, log_y: bool = False,
@@ -44,15 +46,6 @@ def _plotly_script() -> str:
     except ImportError:
         return ""
     return f"<script>{get_plotlyjs()}</script>"
-
-
-def table(headers: list[str], rows: list[list], left: int = 1) -> str:
-    def cell(i, v, tag):
-        return f"<{tag} class='{'l' if i < left else ''}'>{html.escape(str(v))}</{tag}>"
-
-    head = "".join(cell(i, h, "th") for i, h in enumerate(headers))
-    body = "".join("<tr>" + "".join(cell(i, v, "td") for i, v in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def write(out_dir: Path, results: dict, title: str, sections: list[str]) -> tuple[Path, Path]:
