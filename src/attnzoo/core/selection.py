@@ -55,14 +55,21 @@ class Selection:
 
 
 class SelectionVariant(Variant):
-    """Subclasses implement `select(q, k, call) -> Selection`."""
+    """Subclasses implement `select(q, k, call) -> Selection`; `block_param` names the parameter holding the
+    size of the key blocks they select (None: single tokens or a size known only after selecting)."""
 
     family = "sparse"
     exact = False
+    block_param: str | None = None
     state_size = "KV cache: Sk x (D + Dv) per kv head (every key is kept; each query reads its selection)"
 
     def select(self, q, k, call: Call) -> Selection:
         raise NotImplementedError
+
+    @property
+    def selection_block(self) -> int | None:
+        """Keys per selected block, known from the parameters (kernels that tile by blocks need it up front)."""
+        return self.config[self.block_param] if self.block_param else None
 
     # ---- public -----------------------------------------------------------------------------------
     def selection(self, q, k, *, causal: bool = False, scale: float | None = None, **inputs) -> Selection:

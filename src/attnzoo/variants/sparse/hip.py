@@ -46,6 +46,7 @@ class HiP(SelectionVariant):
     )
     cost = "select: O(Sq top_k log2(Sk / (block_size top_k)) D); attend: O(Sq top_k block_size D)"
     budget_param = "top_k"
+    block_param = "block_size"
 
     def select(self, q, k, call) -> Selection:
         s = call.shapes

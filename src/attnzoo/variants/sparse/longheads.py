@@ -61,6 +61,7 @@ class LongHeads(SelectionVariant):
     )
     cost = "chunk keys: O(S chunk_size D); scores: O(S (S / chunk_size) D); attend: O(S top_k chunk_size D)"
     budget_param = "top_k"
+    block_param = "chunk_size"
 
     def select(self, q, k, call) -> Selection:
         s = call.shapes

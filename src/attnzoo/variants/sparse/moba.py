@@ -24,6 +24,7 @@ class MoBA(SelectionVariant):
     )
     cost = "gate: O(Sq (Sk / block_size) D); attend: O(Sq top_k block_size D)"
     budget_param = "top_k"
+    block_param = "block_size"
 
     def select(self, q, k, call) -> Selection:
         s = call.shapes

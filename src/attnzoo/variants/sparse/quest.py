@@ -47,6 +47,7 @@ class Quest(SelectionVariant):
               positive_int("top_k", 8, "pages each query reads, its own page included"))
     cost = "bounds: O(Sq (Sk / page) D); attend: O(Sq top_k page D)"
     budget_param = "top_k"
+    block_param = "page"
 
     def select(self, q, k, call) -> Selection:
         s = call.shapes

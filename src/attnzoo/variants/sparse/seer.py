@@ -80,6 +80,7 @@ class Seer(SelectionVariant):
     )
     cost = "gate: O(Sq D G + Sk D G + (Sq / block_size) (Sk / block_size) G); attend: O(Sq top_k block_size D)"
     budget_param = "top_k"
+    block_param = "block_size"
 
     def input_shape(self, spec, sizes, value=None):
         """G is the gate's own width: taken from the tensor given."""

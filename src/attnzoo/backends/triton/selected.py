@@ -1,0 +1,185 @@
+"""Content-sparse variants (the selection contract, `core/selection.py`) on the block-sparse Triton kernels.
+
+The variant chooses its keys (`select`, on the GPU, its own code); the choice becomes a block-sparse `Layout` for
+the kernels of `blocksparse.py` without any Sq x Sk tensor, built on the device per call (a selection depends on
+q and k, so there is nothing to cache):
+
+- per (batch, query head, tile of BLOCK_M queries) and key tile of BLOCK_N keys: a tile is *full* when every
+  query of the tile chose the key block holding it and causality and the sequence end allow all of it (no mask
+  work in the kernel); *partial* when some query chose it; otherwise skipped. So the kernel's work is the union
+  of the tile's selections: equal to the selection when the variant selects per query block (SeerAttention),
+  larger when nearby queries disagree (MoBA, Quest select per query);
+- a partial tile's bits are one word pattern per query row (all ones where the row chose the tile's block), and
+  only tiles that cross the causal diagonal or the sequence end get their bits evaluated key by key.
+
+Served: selection variants whose output is exact softmax over the selection (`forward_torch` not overridden), with
+key blocks of >= 16 keys that tile the kernels' key tiles (block a multiple of 64 or a divisor of it). Forward and
+backward (the backward's tiles come from the same selection). Rows with nothing selected give zeros. A kernel that
+fails to compile or launch falls back to the torch path (`attend_selected`) with a one-time warning.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...core.selection import Selection, SelectionVariant, attend_selected
+from ...core.variant import Call
+from . import blocksparse as bs
+
+MIN_BLOCK = 16
+
+
+def serves(cls) -> bool:
+    return issubclass(cls, SelectionVariant) and cls.forward_torch is SelectionVariant.forward_torch
+
+
+def _block_fits(block: int, block_n: int) -> bool:
+    return block >= MIN_BLOCK and (block % block_n == 0 or block_n % block == 0)
+
+
+def _chosen(sel: Selection, rows: int) -> torch.Tensor:
+    """bool (B, Hq, rows, nb): query t chose key block j (rows past Sq: nothing)."""
+    idx = sel.indices
+    nb = -(-sel.sk // sel.block)
+    out = torch.zeros(*idx.shape[:2], rows, nb + 1, dtype=torch.bool, device=idx.device)
+    out[:, :, : idx.shape[2]].scatter_(-1, torch.where(idx >= 0, idx, nb), True)
+    return out[..., :nb]
+
+
+def _per_tile(x: torch.Tensor, block: int, block_n: int, nk: int, reduce) -> torch.Tensor:
+    """(..., nb) per key block -> (..., nk) per key tile of block_n keys (`reduce`: any/all over a tile's blocks)."""
+    if block >= block_n:
+        return x.repeat_interleave(block // block_n, dim=-1)[..., :nk]
+    per = block_n // block
+    pad = nk * per - x.shape[-1]
+    fill = reduce is torch.all  # blocks past the end: neutral for the reduction (the bits mask those keys)
+    x = torch.nn.functional.pad(x, (0, pad), value=fill) if pad > 0 else x[..., : nk * per]
+    return reduce(x.view(*x.shape[:-1], nk, per), dim=-1)
+
+
+def selection_layout(sel: Selection, call: Call, block_m: int, block_n: int) -> bs.Layout:
+    """The kernels' tables for `sel` under the call's causality (bottom-right) and lengths."""
+    s = call.shapes
+    if sel.indices.shape[:3] != (s.batch, s.q_heads, s.sq) or sel.sk != s.sk:
+        raise ValueError(f"selection {tuple(sel.indices.shape[:3])} over Sk={sel.sk} does not match the call "
+                         f"(B, Hq, Sq) = {(s.batch, s.q_heads, s.sq)}, Sk={s.sk}")
+    if not _block_fits(sel.block, block_n):
+        raise ValueError(f"selection blocks of {sel.block} keys do not tile key tiles of {block_n}")
+    dev = sel.indices.device
+    nq, nk = -(-s.sq // block_m), -(-s.sk // block_n)
+    chosen = _chosen(sel, nq * block_m)                                   # (B, Hq, nq * BM, nb)
+    tiles = chosen.view(s.batch, s.q_heads, nq, block_m, -1)
+    real = (torch.arange(nq * block_m, device=dev) < s.sq).view(1, 1, nq, block_m, 1)
+    touched = _per_tile(tiles.any(3), sel.block, block_n, nk, torch.any)  # (B, Hq, nq, nk)
+    everyone = _per_tile((tiles | ~real).all(3), sel.block, block_n, nk, torch.all)
+    q_first = torch.arange(nq, device=dev).view(-1, 1) * block_m + s.offset
+    q_last = (torch.arange(1, nq + 1, device=dev).view(-1, 1) * block_m).clamp(max=s.sq) - 1 + s.offset
+    k_first = torch.arange(nk, device=dev).view(1, -1) * block_n
+    k_last = (k_first + block_n).clamp(max=s.sk) - 1
+    clean = (k_first + block_n <= s.sk).expand(nq, nk)          # no key of the tile past Sk
+    if call.causal:
+        touched = touched & (k_first <= q_last)
+        clean = clean & (k_last <= q_first)                     # every query of the tile sees every key of it
+    full = touched & everyone & clean
+    part = touched & ~full
+    lists = bs.tile_lists(full, part)
+    return bs.Layout(block_m, block_n, *lists[:5], _bits(chosen, sel.block, call, part, clean, block_m, block_n),
+                     *lists[5:], s.q_heads * nq, nq, s.q_heads * nk, nk)
+
+
+def _bits(chosen, block: int, call: Call, part, clean, block_m: int, block_n: int) -> torch.Tensor:
+    """int32 (tiles, BM, BN / 32) in tile-id order: each row's choice of the tile's key block(s), and causality
+    and the sequence end key by key on the tiles that `clean` says need it."""
+    s = call.shapes
+    dev = chosen.device
+    coords = part.nonzero()                               # (tiles, 4): b, h, i, j (the one device sync)
+    b, h, i, j = (x.view(-1, 1) for x in coords.unbind(1))
+    rows = i * block_m + torch.arange(block_m, device=dev).view(1, -1)                    # (T, BM)
+    words = block_n // 32
+    if block >= block_n:
+        row_in = chosen[b, h, rows, (j * block_n) // block]                               # (T, BM)
+        out = torch.where(row_in, -1, 0).to(torch.int32).unsqueeze(-1).expand(-1, -1, words).contiguous()
+    else:
+        per = block_n // block
+        blk = (j * per + torch.arange(per, device=dev).view(1, -1)).clamp(max=chosen.shape[-1] - 1)   # (T, per)
+        row_in = chosen[b.unsqueeze(-1), h.unsqueeze(-1), rows.unsqueeze(-1), blk.unsqueeze(1)]     # (T, BM, per)
+        out = bs.pack_bits(row_in.repeat_interleave(block, dim=-1))
+    edge = ~clean[i.view(-1), j.view(-1)]
+    if bool(edge.any()):                                  # causal diagonal / sequence end: key by key
+        e = edge.nonzero().view(-1)
+        q_idx = rows[e].unsqueeze(-1) + s.offset                                           # (E, BM, 1)
+        kv_idx = (j[e] * block_n + torch.arange(block_n, device=dev).view(1, -1)).unsqueeze(1)  # (E, 1, BN)
+        ok = kv_idx < s.sk
+        if call.causal:
+            ok = ok & (kv_idx <= q_idx)
+        out[e] &= bs.pack_bits(ok.expand(-1, block_m, -1))
+    return out
+
+
+def why_not(variant, call: Call, q) -> str | None:
+    if not serves(type(variant)):
+        return (f"{variant.name}: the triton kernels serve selection variants whose output is exact softmax over "
+                "their selection")
+    if bs.TRITON_ERROR is not None:
+        return bs.TRITON_ERROR
+    if q.device.type != "cuda":
+        return f"triton kernels run on CUDA tensors; q is on {q.device}"
+    if q.dtype not in bs.DTYPES:
+        return f"the triton kernels take float16/bfloat16/float32, got {q.dtype}"
+    if max(call.shapes.d, call.shapes.dv) > 256:
+        return f"head dims up to 256, got D={call.shapes.d}, Dv={call.shapes.dv}"
+    block = variant.selection_block
+    if block is None:
+        return (f"{variant.name} selects single keys (or blocks sized only when it selects); the kernels need key "
+                "blocks known up front")
+    if not all(_block_fits(block, n) for n in (bs.BLOCK_N, bs.BWD_BLOCK_N)):
+        return (f"{variant.name} selects blocks of {block} keys; the kernels need blocks of >= {MIN_BLOCK} keys "
+                f"that tile {bs.BLOCK_N}- and {bs.BWD_BLOCK_N}-key tiles (a multiple of 128 or a divisor of 64)")
+    return None
+
+
+def forward_block_m(sel: Selection) -> int:
+    """Query tile of the forward: 64 below 128-key blocks (a query block of SeerAttention's default 64 is then
+    exactly one tile, and per-query selections union over fewer queries), else 128."""
+    return 128 if sel.block >= 128 else 64
+
+
+class _Selected(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sel, call):
+        lay = selection_layout(sel, call, forward_block_m(sel), bs.BLOCK_N)
+        o, lse = bs.forward(q, k, v, lay, call.scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.lay, ctx.sel, ctx.call = lay, sel, call
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        try:
+            lay_kv = selection_layout(ctx.sel, ctx.call, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N)
+            dq, dk, dv = bs.backward(q, k, v, o, lse, do, ctx.lay, lay_kv, ctx.call.scale)
+        except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
+            bs._warn_once("backward", err)
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+                dq, dk, dv = torch.autograd.grad(attend_selected(*leaves, ctx.sel, ctx.call), leaves, do)
+        return dq, dk, dv, None, None
+
+
+def run(variant, q, k, v, call: Call):
+    sel = variant.select(q.detach(), k.detach(), call)
+    if not _block_fits(sel.block, bs.BLOCK_N) or not _block_fits(sel.block, bs.BWD_BLOCK_N):
+        raise ValueError(f"{variant.name} selected blocks of {sel.block} keys: the triton kernels need blocks of "
+                         f">= {MIN_BLOCK} keys tiling {bs.BLOCK_N}- and {bs.BWD_BLOCK_N}-key tiles")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    try:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return _Selected.apply(q, k, v, sel, call)
+        return bs.forward(q, k, v, selection_layout(sel, call, forward_block_m(sel), bs.BLOCK_N), call.scale)[0]
+    except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
+        bs._warn_once("forward", err)
+        return attend_selected(q, k, v, sel, call)
+
+
+__all__ = ["forward_block_m", "run", "selection_layout", "serves", "why_not"]

@@ -1,0 +1,197 @@
+"""Content-sparse variants on the block-sparse Triton kernels (backends/triton/selected.py).
+
+- Everywhere (no triton needed): the tables built from a selection encode exactly the variant's dense mask (its
+  selection and causality), forward and backward tiles, every pattern, GQA, batch, lengths off the tile grid, every
+  block size the kernels take; only selection variants that are exact softmax over known-size blocks are served.
+- With triton: the kernels on those tables under Triton's CPU interpreter (a subprocess), outputs and gradients
+  against float64, and the fallback when a kernel fails.
+- On CUDA: FlashAttention's rule in float16 and bfloat16, outputs and gradients.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import qkv
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnzoo as az
+from attnzoo.backends.triton import blocksparse as bs
+from attnzoo.backends.triton import selected
+
+CUDA = torch.cuda.is_available()
+SERVED = {"moba": "block_size", "quest": "page", "seer": "block_size", "hip": "block_size", "longheads": "chunk_size"}
+
+
+def _check_tables(name, block, top_k, b, hq, hkv, sq, sk, causal, block_m, block_n, seed=0):
+    attn = az.get(name, **{SERVED[name]: block, "top_k": top_k})
+    q, k, _ = qkv(b, hq, hkv, sq, sk, 16, seed=seed)
+    call = attn.prepare(q, k, k, causal, None, {})
+    lay = selected.selection_layout(attn.select(q, k, call), call, block_m, block_n)
+    want = attn.dense_mask(sq, sk, causal=causal, q=q, k=k)
+    assert torch.equal(lay.dense(sq, sk, b, hq), want)
+    # full tiles carry no mask: every pair in them must be allowed
+    for r in range(lay.full_num.shape[0]):
+        bb, rest = divmod(r, lay.b_step) if lay.b_step else (0, r)
+        h, i = divmod(rest, lay.h_step) if lay.h_step else (0, rest)
+        for j in lay.full_idx[r, : int(lay.full_num[r])].tolist():
+            assert want[bb, h, i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n].all()
+
+
+PATTERNS = [(True, 200, 200), (False, 200, 200), (True, 70, 230), (False, 90, 170)]
+
+
+@pytest.mark.parametrize("name,causal,sq,sk", [(n, *p) for n in SERVED for p in PATTERNS
+                                               if n != "longheads" or p[1] == p[2]])   # longheads: self-attention
+def test_tables_encode_the_selection(name, causal, sq, sk):
+    for block_m, block_n in ((64, 64), (128, 64), (64, 128)):
+        _check_tables(name, 64, 2, 2, 4, 2, sq, sk, causal, block_m, block_n)
+
+
+@settings(max_examples=25, deadline=None)
+@given(block=st.sampled_from([16, 32, 64, 128, 256]), top_k=st.integers(1, 5), sq=st.integers(1, 300),
+       extra=st.integers(0, 200), causal=st.booleans(), tiles=st.sampled_from([(64, 64), (128, 64), (64, 128)]),
+       seed=st.integers(0, 100))
+def test_tables_fuzz(block, top_k, sq, extra, causal, tiles, seed):
+    _check_tables("moba", block, top_k, 1, 2, 1, sq, sq + extra, causal, *tiles, seed=seed)
+
+
+def test_per_block_selection_has_no_partial_tiles_off_the_diagonal():
+    """SeerAttention selects per query block: with 64-key blocks and 64-query tiles, the kernel's work is the
+    selection exactly: every tile is full except those on the causal diagonal."""
+    attn = az.get("seer", block_size=64, top_k=3)
+    q, k, _ = qkv(1, 2, 2, 512, 512, 16)
+    call = attn.prepare(q, k, k, True, None, {})
+    lay = selected.selection_layout(attn.select(q, k, call), call, 64, 64)
+    assert int(lay.part_num.max()) == 1 and lay.bits.shape[0] == 2 * 8
+    assert int((lay.full_num + lay.part_num).sum()) == int(attn.dense_mask(512, 512, causal=True, q=q, k=k)
+                                                          .view(1, 2, 8, 64, 8, 64).any(-1).any(-2).sum())
+
+
+def test_served_variants_and_refusals():
+    from attnzoo.core.selection import SelectionVariant
+
+    for name in SERVED:
+        assert selected.serves(type(az.get(name)))
+    for name in ("nsa", "landmark", "dma", "hyper", "combiner", "recycled", "biformer"):  # own forward: not plain
+        assert not selected.serves(type(az.get(name)))
+    q = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    call = types.SimpleNamespace(shapes=types.SimpleNamespace(d=64, dv=64))
+    if bs.TRITON_ERROR is None:
+        assert selected.why_not(az.get("moba", block_size=128), call, q) is None
+        assert selected.why_not(az.get("quest", page=16), call, q) is None
+        assert "blocks of 48 keys" in selected.why_not(az.get("moba", block_size=48), call, q)
+        assert "blocks of 8 keys" in selected.why_not(az.get("quest", page=8), call, q)
+        topk = az.get("topk")
+        assert issubclass(type(topk), SelectionVariant) and "single keys" in selected.why_not(topk, call, q)
+    cpu = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    assert selected.why_not(az.get("moba"), call, cpu) is not None
+
+
+def test_a_selection_that_does_not_match_the_call_is_refused():
+    attn = az.get("moba", block_size=64, top_k=2)
+    q, k, _ = qkv(1, 2, 1, 100, 100, 16)
+    call = attn.prepare(q, k, k, True, None, {})
+    sel = attn.select(q, k, call)
+    other = attn.prepare(q[:, :, :50], k, k, True, None, {})
+    with pytest.raises(ValueError, match="does not match the call"):
+        selected.selection_layout(sel, other, 64, 64)
+
+
+# ---- the kernels under Triton's CPU interpreter -------------------------------------------------------------------
+INTERPRETED = textwrap.dedent(r"""
+    import warnings
+    import torch
+    import attnzoo as az
+    from attnzoo.backends.triton import blocksparse as bs, selected
+    warnings.simplefilter("error", RuntimeWarning)   # a fallback would hide a kernel failure
+    torch.manual_seed(0)
+    worst = {}
+
+    def check(tag, attn, causal, b, hq, hkv, sq, sk, d, dv, dtype):
+        q, k, v = torch.randn(b, hq, sq, d), torch.randn(b, hkv, sk, d), torch.randn(b, hkv, sk, dv)
+        ours = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+        ref = [t.to(dtype).double().detach().requires_grad_() for t in (q, k, v)]
+        call = attn.prepare(*ours, causal, None, {})
+        o = selected.run(attn, *ours, call)
+        ro = attn.reference(*ref, causal=causal)
+        do = torch.randn_like(ro)
+        (o.double() * do).sum().backward()
+        (ro * do).sum().backward()
+        for n, a, r in (("o", o, ro), *zip(("dq", "dk", "dv"), (t.grad for t in ours), (t.grad for t in ref))):
+            assert torch.isfinite(a).all(), (tag, n)
+            worst[f"{tag}.{n}"] = ((a.double() - r).norm() / r.norm().clamp(min=1e-30)).item()
+
+    cases = [
+        ("moba128", az.get("moba", block_size=128, top_k=2), True, 1, 4, 2, 300, 300, 16, 16),
+        ("moba64.cross", az.get("moba", block_size=64, top_k=2), True, 1, 2, 1, 70, 200, 16, 16),
+        ("quest32", az.get("quest", page=32, top_k=3), False, 2, 2, 2, 100, 150, 16, 16),
+        ("seer64", az.get("seer", block_size=64, top_k=2), True, 1, 2, 2, 260, 260, 32, 16),
+    ]
+    # float16, not bfloat16: the interpreter's dot multiplies numpy arrays, and numpy has no bfloat16
+    for dtype in (torch.float32, torch.float16):
+        for tag, attn, causal, b, hq, hkv, sq, sk, d, dv in cases:
+            if dtype == torch.float16 and tag != "moba128":
+                continue
+            check(f"{str(dtype)[6:]}.{tag}", attn, causal, b, hq, hkv, sq, sk, d, dv, dtype)
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated")
+    bs.backward = boom
+    warnings.simplefilter("ignore", RuntimeWarning)
+    check("float32.fallback", az.get("moba", block_size=64, top_k=2), True, 1, 2, 1, 100, 100, 16, 16, torch.float32)
+    print("WORST", worst)
+    bad = {k: v for k, v in worst.items() if v > (1e-5 if k.startswith("float32") else 1.5e-2)}
+    assert not bad, bad
+""")
+
+
+def test_kernels_under_the_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert "WORST" in out.stdout
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name,params,causal,sq,sk", [
+    ("moba", {"block_size": 128, "top_k": 3}, True, 700, 700), ("moba", {"block_size": 64, "top_k": 4}, True, 300, 900),
+    ("quest", {"page": 32, "top_k": 6}, False, 500, 500), ("seer", {"block_size": 64, "top_k": 4}, True, 777, 777),
+    ("hip", {"block_size": 64, "top_k": 4}, True, 640, 640)])
+def test_fa_rule_forward_and_backward_on_cuda(name, params, causal, sq, sk, dtype):
+    attn = az.get(name, **params)
+    q, k, v = (t.cuda() for t in qkv(2, 4, 2, sq, sk, 64))
+    # the selection is made once, in float64, and both sides attend over it: the rule compares the attention
+    mask = attn.dense_mask(sq, sk, causal=causal, q=q, k=k)
+    assert next(r for r in attn.explain(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal)
+                if r["chosen"])["backend"] == "triton"
+    sel = attn.selection(q, k, causal=causal)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attn.reference(*leaves, causal=causal)
+    do = torch.randn_like(ref)
+    ref = [ref, *torch.autograd.grad(ref, leaves, do)]
+    low = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    g = q.shape[1] // k.shape[1]
+    base = F.scaled_dot_product_attention(low[0], low[1].repeat_interleave(g, 1), low[2].repeat_interleave(g, 1),
+                                          attn_mask=mask)
+    base = [base, *torch.autograd.grad(base, low, do.to(dtype))]
+    ours_leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    call = attn.prepare(*ours_leaves, causal, None, {})
+    out = selected._Selected.apply(*ours_leaves, sel, call)
+    ours = [out, *torch.autograd.grad(out, ours_leaves, do.to(dtype))]
+    for n, a, b_, r in zip(("o", "dq", "dk", "dv"), ours, base, ref):
+        err, base_err = (a.double() - r).abs().max().item(), (b_.double() - r).abs().max().item()
+        assert err <= 2 * base_err + 1e-6, f"{n}: {err:.3e} > 2 x SDPA's {base_err:.3e}"
+    # and through the public API (selection made from the low-precision inputs)
+    api = attn(*(t.detach().to(dtype) for t in (q, k, v)), causal=causal)
+    assert torch.isfinite(api).all()
