@@ -23,6 +23,11 @@ from the full sweep of an earlier run, plus a sweep of GLA's sub-chunk kernels; 
    2/3, 64-wide tiles) so that its compilation fits the device budget. fla 0.6.0 refuses chunk_simple_gla's
    gated backward on Hopper with Triton < 3.7.1 (fla #640); the device has 3.6, so the guard is lifted to
    time it and its error is reported next to ours.
+4. feature maps (`--feature-maps`, or alone with `--only-feature-maps`): `based` (2nd-order Taylor features of
+   16-dim q/k, 273 features, Dv 128, normalised) and normalised `linear` (elu+1) through the public API
+   (`backend="triton"`), against fla's parallel_based and fused_chunk_based, and chunk_linear_attn(normalize=True)
+   on the same elu+1 features; errors of forward and gradients vs float64 with FlashAttention's rule (baseline:
+   our torch chunk path in bf16 arithmetic), then time at B4 H16 S8192 and B1 H16 S65536.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import platform
 import sys
 import time
 import traceback
+import types
 import warnings
 
 import torch
@@ -452,6 +458,109 @@ def timing(with_fla, with_torch):
     return rows
 
 
+# ---- feature-map variants: based and normalised linear ----------------------------------------------------------
+def _fm_inputs(name, b, h, s, d, dv, dtype=torch.bfloat16, seed=0):
+    torch.manual_seed(seed)
+    q, k = (torch.randn(b, h, s, d, device=DEV).to(dtype) for _ in range(2))
+    return q, k, torch.randn(b, h, s, dv, device=DEV).to(dtype)
+
+
+def _fla_fm(name):
+    """fla's function for `name` on (B, H, S, D) tensors (its (B, S, H, D) layout inside), or None."""
+    if name == "based_parallel":
+        from fla.ops.based import parallel_based as f
+    elif name == "based_fused_chunk":
+        from fla.ops.based import fused_chunk_based as f
+    else:
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        def f(q, k, v, scale):
+            return chunk_linear_attn(q, k, v, scale, normalize=True)[0]
+        phi = lambda t: F.elu(t.float()).add(1).to(t.dtype)  # noqa: E731 - fla takes features, as a layer gives them
+        return lambda q, k, v, scale: from_fla(f(to_fla(phi(q)), to_fla(phi(k)), to_fla(v), scale))
+    return lambda q, k, v, scale: from_fla(f(to_fla(q), to_fla(k), to_fla(v), scale, use_norm=True))
+
+
+FM = {"based": (16, ("based_parallel", "based_fused_chunk")), "linear": (128, ("linear_chunk",))}
+
+
+@section("feature_maps")
+def feature_maps(with_fla):
+    rows = {"correctness": [], "timing": []}
+    RESULT["feature_maps"] = rows
+    b, h, s, _ = CSHAPE
+    for name, (d, fla_names) in FM.items():
+        attn = az.get(name)
+        q, k, v = _fm_inputs(name, b, h, s, d, 128)
+        scale = d ** -0.5
+        do = torch.randn_like(v)
+        lf = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = attn(*lf, causal=True, backend="torch")            # float64 chunk form (== definition: tests)
+        ref_g = torch.autograd.grad(ref, lf, do.double())
+        row = {"variant": name, "shape": f"B{b} H{h} S{s} Dqk{d} Dv128"}
+        for impl in ["ours", "torch_bf16"] + ([f"fla.{n}" for n in fla_names] if with_fla else []):
+            try:
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                if impl == "ours":
+                    o = attn(*leaves, causal=True, backend="triton")
+                elif impl == "torch_bf16":
+                    o = _bf16_chunk(attn, *leaves, scale)
+                else:
+                    o = _fla_fm(impl[4:])(*leaves, scale)
+                got = torch.autograd.grad(o, leaves, do)
+                row[impl] = errs(o, list(got) + [None], ref, list(ref_g) + [None])
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                row[impl] = f"{type(e).__name__}: {e}"[:300]
+        if isinstance(row.get("ours"), dict) and isinstance(row.get("torch_bf16"), dict):
+            row["ok"] = all(row["ours"][n][0] <= 2 * row["torch_bf16"][n][0] for n in row["ours"])
+        print(name, {n: ({m: f"{x[0]:.1e}" for m, x in r.items()} if isinstance(r, dict) else r)
+                     for n, r in row.items() if n not in ("variant", "shape")}, flush=True)
+        rows["correctness"].append(row)
+        save()
+    for (b, h, s, _) in SHAPES:
+        for name, (d, fla_names) in FM.items():
+            attn = az.get(name)
+            q, k, v = _fm_inputs(name, b, h, s, d, 128)
+            scale = d ** -0.5
+            do = torch.randn_like(v)
+            row = {"variant": name, "shape": f"B{b} H{h} S{s} Dqk{d} Dv128", "dtype": "bf16"}
+            lv = [t.clone().requires_grad_() for t in (q, k, v)]
+            try:
+                row["ours_fwd_ms"] = bench(lambda: attn(q, k, v, causal=True, backend="triton"))
+                row["ours_fwdbwd_ms"] = bench(lambda: attn(*lv, causal=True, backend="triton").backward(do),
+                                              grad_to_none=lv)
+            except Exception as e:  # noqa: BLE001
+                row["ours_error"] = f"{type(e).__name__}: {e}"[:300]
+            for fname in (fla_names if with_fla else ()):
+                try:
+                    f = _fla_fm(fname)
+                    f(q, k, v, scale)
+                    row[f"{fname}_fwd_ms"] = bench(lambda: f(q, k, v, scale))
+                    f(*lv, scale).backward(do)
+                    row[f"{fname}_fwdbwd_ms"] = bench(lambda: f(*lv, scale).backward(do), grad_to_none=lv)
+                    row[f"fwd_ratio_ours_over_{fname}"] = row["ours_fwd_ms"] / row[f"{fname}_fwd_ms"]
+                    row[f"fwdbwd_ratio_ours_over_{fname}"] = row["ours_fwdbwd_ms"] / row[f"{fname}_fwdbwd_ms"]
+                except Exception as e:  # noqa: BLE001
+                    row[f"{fname}_error"] = f"{type(e).__name__}: {e}"[:300]
+                torch.cuda.empty_cache() if DEV != "cpu" else None
+            print({n: (round(x, 3) if isinstance(x, float) else x) for n, x in row.items()}, flush=True)
+            rows["timing"].append(row)
+            save()
+    return rows
+
+
+def _bf16_chunk(attn, q, k, v, scale):
+    """FlashAttention's baseline: the torch chunk path on the kernels' operands in bf16 arithmetic (state too)."""
+    from attnzoo.variants.linear._decay import normalise
+
+    ns = types.SimpleNamespace(shapes=types.SimpleNamespace(kv_heads=k.shape[1], sk=k.shape[2]), inputs={},
+                               scale=scale)
+    qk, kk, vv, g, sc, norm = L._operands(attn, q, k, v, ns)
+    state = torch.zeros(k.shape[0], k.shape[1], kk.shape[-1], vv.shape[-1], dtype=q.dtype, device=q.device)
+    o = decay_chunk(qk, kk, vv, g, sc, state, 64)[0]
+    return normalise(o) if norm else o
+
+
 def prune_fla_autotune():
     """Keep fla's autotune configs with 4 or 8 warps, 2 or 3 stages and 64-wide tiles (where it has them)."""
     import importlib
@@ -507,6 +616,8 @@ def main():
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--tune", default=None, help="a JSON TUNE table to use instead of the sweep")
+    ap.add_argument("--feature-maps", action="store_true", help="also run the based / normalised linear section")
+    ap.add_argument("--only-feature-maps", action="store_true", help="run that section only")
     args = ap.parse_args()
     OUT = args.out
     import triton
@@ -525,6 +636,10 @@ def main():
             RESULT["fla_error"] = f"{type(e).__name__}: {e}"
             with_fla = False
     save()
+    if args.only_feature_maps:
+        feature_maps(with_fla)
+        save()
+        return
     correctness(args.quick)
     if args.tune:
         L.TUNE = json.load(open(args.tune))
@@ -535,6 +650,8 @@ def main():
     if with_fla:
         correctness_fla()
     api_checks()
+    if args.feature_maps:
+        feature_maps(with_fla)
     if "tune" in RESULT:   # the rule again under the launch settings the timing used
         correctness(True, key="correctness_final_tune")
     save()

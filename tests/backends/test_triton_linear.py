@@ -1,5 +1,5 @@
 """The `triton` backend's kernels for decaying-state linear attention (gla, retention, lightning, linear
-without normaliser).
+and based, with and without their normaliser).
 
 - Without triton the backend is absent and every test here skips (CI); with triton but no CUDA, the
   refusals, the fallback to the torch path, and the kernels themselves under Triton's CPU interpreter
@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton")
 
 import attnzoo as az  # noqa: E402
 from attnzoo.backends.triton import linear as tlin  # noqa: E402
-from attnzoo.variants.linear._decay import decay_chunk  # noqa: E402
+from attnzoo.variants.linear._decay import decay_chunk, normalise  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -42,6 +42,9 @@ def _inputs(name, b=1, hq=2, hkv=2, s=40, d=16, dv=16, dtype=torch.float32, devi
 
 
 def _variant(name):
+    """`linear` is fla's unnormalised linear attention, `linear_norm` / `based` the papers' (normalised)."""
+    if name == "linear_norm":
+        return az.get("linear")
     return az.get(name, normalize=False) if name == "linear" else az.get(name)
 
 
@@ -57,9 +60,9 @@ def test_registered_and_listed_for_the_variants_it_serves():
     from attnzoo.core.dispatch import backends
 
     assert "triton" in [b.name for b in backends()]
-    for name in ("gla", "retention", "lightning", "linear"):
+    for name in ("gla", "retention", "lightning", "linear", "based"):
         assert "triton" in az.get(name).info.backends
-    for name in ("based", "cosine", "full"):
+    for name in ("cosine", "hedgehog", "full"):
         assert "triton" not in az.get(name).info.backends
 
 
@@ -76,12 +79,11 @@ def test_why_not_gives_reasons():
     assert "cu_seqlens" in tlin.why_not(attn, packed, cuda_q)
     f64 = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)
     assert "float16/bfloat16/float32" in tlin.why_not(attn, call, f64)
-    lin = az.get("linear")                                 # normalised by default: no kernel
     q2, k2, v2, _ = _inputs("linear")
-    assert "normalize=True" in tlin.why_not(lin, _call(lin, q2, k2, v2, {}), cuda_q)
-    assert tlin.why_not(az.get("linear", normalize=False), _call(lin, q2, k2, v2, {}), cuda_q) is None
-    based = az.get("based")
-    assert "serves" in tlin.why_not(based, _call(based, q2, k2, v2, {}), cuda_q)
+    for attn in (az.get("linear"), az.get("linear", normalize=False), az.get("based")):
+        assert tlin.why_not(attn, _call(attn, q2, k2, v2, {}), cuda_q) is None
+    cosine = az.get("cosine")
+    assert "serves" in tlin.why_not(cosine, _call(cosine, q2, k2, v2, {}), cuda_q)
 
 
 def test_missing_triton_is_a_reason(monkeypatch):
@@ -146,19 +148,21 @@ INTERPRETED = textwrap.dedent(r"""
         worst[key] = max(worst.get(key, 0.0), err)
 
     # the backend's run: variants, GQA, cross pattern, initial and final state, lengths off the chunk grid
-    for name, params in (("gla", {}), ("retention", {}), ("lightning", {}), ("linear", {"normalize": False})):
+    for name, params in (("gla", {}), ("retention", {}), ("lightning", {}), ("linear", {"normalize": False}),
+                         ("linear", {}), ("based", {}), ("based", {"normalize": False})):
         attn = az.get(name, **params)
-        b, hq, hkv, sq, sk, d, dv = 2, 4, 2, 29, 45, 24, 20
+        b, hq, hkv, sq, sk, d, dv = 2, 4, 2, 29, 45, (6 if name == "based" else 24), 20   # based: 43 features
         q, k, v = torch.randn(b, hq, sq, d), torch.randn(b, hkv, sk, d), torch.randn(b, hkv, sk, dv)
         inputs = {"g": F.logsigmoid(torch.randn(b, hkv, sk, d))} if name == "gla" else {}
-        h0 = torch.randn(b, hkv, d, dv)
+        h0 = torch.randn(*attn.state_shape(b, hkv, d, dv)).abs()   # abs: a positive normaliser column z
         call = attn.prepare(q, k, v, True, None, inputs)
         call.options = {"mode": "chunk", "initial_state": h0, "output_final_state": True, "cu_seqlens": None}
         o, st = tl_.run(attn, q, k, v, call)
         ro, rst = attn.reference(q.double(), k.double(), v.double(), causal=True, initial_state=h0.double(),
                                  output_final_state=True, **{n: t.double() for n, t in inputs.items()})
-        note(name + ".o", o, ro)
-        note(name + ".state", st, rst)
+        tag = name + ("" if params.get("normalize", True) else ".unnormalised")
+        note(tag + ".o", o, ro)
+        note(tag + ".state", st, rst)
 
     # gradients of the op (no gate, scalar gate, per-dimension gate; ordinary and near-0 gates) vs float64
     for dtype in (torch.float32, torch.bfloat16):
@@ -205,7 +209,8 @@ INTERPRETED = textwrap.dedent(r"""
     decay_chunk(q, k, v, g, 0.25, torch.zeros(1, 2, 16, 16), 16)[0].sum().backward()
     assert all(torch.allclose(a, t.grad, atol=1e-5) for a, t in zip(grads, (q, k, v, g)))
     print("WORST", worst)
-    tol = lambda k: (1e-4 if k.endswith(".dg") else 2e-5) if k.startswith(("float32", "gla", "ret", "light", "lin")) \
+    tol = lambda k: (1e-4 if k.endswith(".dg") else 2e-5) if k.startswith(("float32", "gla", "ret", "light", "lin",
+                                                                             "based")) \
         else 2e-2  # noqa: E731 (dg: q dq - k dk cancels under strong decay)
     bad = {k: v for k, v in worst.items() if v > tol(k)}
     assert not bad, bad
@@ -222,19 +227,21 @@ def test_kernels_under_the_triton_interpreter():
 # ---- on a GPU ---------------------------------------------------------------------------------------------------
 def _bf16_torch(attn, q, k, v, inputs):
     """The same computation by the torch chunk path in bfloat16 arithmetic (state and all): FA's baseline."""
-    qk, kk, g = tlin._operands(attn, q.bfloat16(), k.bfloat16(), v, types.SimpleNamespace(
-        shapes=types.SimpleNamespace(kv_heads=k.shape[1], sk=k.shape[2]), inputs=inputs))
+    qk, kk, vv, g, scale, norm = tlin._operands(attn, q.bfloat16(), k.bfloat16(), v.bfloat16(), types.SimpleNamespace(
+        shapes=types.SimpleNamespace(kv_heads=k.shape[1], sk=k.shape[2]), inputs=inputs, scale=q.shape[-1] ** -0.5))
     g = None if g is None else g.bfloat16()
-    state = torch.zeros(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], dtype=torch.bfloat16, device=q.device)
-    return decay_chunk(qk, kk, v.bfloat16(), g, q.shape[-1] ** -0.5, state, 64)[0]
+    state = torch.zeros(k.shape[0], k.shape[1], kk.shape[-1], vv.shape[-1], dtype=torch.bfloat16, device=q.device)
+    o = decay_chunk(qk, kk, vv, g, scale, state, 64)[0]
+    return normalise(o) if norm else o
 
 
 @needs_cuda
 @pytest.mark.parametrize("name,gate", [("gla", 1.0), ("gla", 12.0), ("gla", 0.002), ("retention", 1.0),
-                                       ("lightning", 1.0), ("linear", 1.0)])
+                                       ("lightning", 1.0), ("linear", 1.0), ("linear_norm", 1.0), ("based", 1.0)])
 def test_fa_rule_forward_and_backward_on_cuda(name, gate):
     attn = _variant(name)
-    q, k, v, inputs = _inputs(name, b=2, hq=4, hkv=2, s=333, d=64, dv=64, dtype=torch.float64, device="cuda",
+    d = 16 if name == "based" else 64   # based: 273 Taylor features of a 16-dim projection, as in the paper
+    q, k, v, inputs = _inputs(name, b=2, hq=4, hkv=2, s=333, d=d, dv=64, dtype=torch.float64, device="cuda",
                               gate=gate)
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = attn(*ref_leaves, causal=True, backend="torch", **inputs)          # float64 chunk form == definition

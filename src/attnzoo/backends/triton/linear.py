@@ -1,5 +1,5 @@
 """Triton kernels for the decaying-state linear attention of `variants/linear/_decay.py`, and the
-`triton` backend that runs them for `gla`, `retention`, `lightning` and unnormalised `linear`.
+`triton` backend that runs them for `gla`, `retention`, `lightning`, `linear` and `based`.
 
     S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,        o_t = scale * q_t S_t
 
@@ -24,6 +24,10 @@ then dq/dk (one kernel for scalar/no gates; for GLA `_gla_bwd_dA`, `_gla_bwd_int
 in the forward) and `_gla_bwd_inter`). Gate gradients come from dG_t = q_t dq_t - k_t dk_t: with
 G the global cumulative gate, dL/dg_u = sum_{t >= u} dG_t, i.e. a reverse cumulative sum inside the
 chunk plus rowsum(H_{n+1} * dH_{n+1}) for everything after it (GQA: summed over the group's queries).
+
+Feature-map variants (`linear`, `based`: Taylor features of 1 + D + D^2 entries) run the same kernels on
+phi(q), phi(k); the normalised ones divide by the normaliser z, carried as a column of ones appended to the
+values (the torch path's layout: the state's last column is z).
 
 Query heads read their KV head's state (GQA without copies); KV-side gradients sum the group in-kernel.
 If a kernel fails to compile or launch, the call falls back to the torch chunk path with a one-time
@@ -51,7 +55,7 @@ SUB = 16            # GLA's sub-chunk (16 x 16 blocks of the C x C tile)
 # inputs' 16-bit dtype: more precise, 1.2-4x slower on an H200. The states always accumulate in float32; by
 # default they are stored per chunk in the inputs' dtype (as fla does), which passes FlashAttention's rule.
 HIGH_PRECISION = False
-SERVED = ("gla", "retention", "lightning", "linear")
+SERVED = ("gla", "retention", "lightning", "linear", "based")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -887,8 +891,6 @@ def why_not(variant, call, q) -> str | None:
         return TRITON_ERROR
     if q.device.type != "cuda":
         return f"triton kernels run on CUDA tensors; q is on {q.device}"
-    if variant.name == "linear" and variant.config.get("normalize", True):
-        return "linear with normalize=True (the normaliser z) has no triton kernel; normalize=False has"
     opts = getattr(call, "options", None) or {}
     mode = opts.get("mode") or variant.default_mode
     if mode != "chunk":
@@ -901,28 +903,41 @@ def why_not(variant, call, q) -> str | None:
 
 
 def _operands(variant, q, k, v, call):
-    """(q, k, g) for the kernels: feature maps applied, fixed decays as per-head log gates."""
+    """(q, k, v, log gates, scale, normalised) for the kernels: feature maps applied (in float32, then the inputs'
+    dtype), fixed decays as per-head log gates, a column of ones on the values where the variant normalises."""
     s = call.shapes
     if variant.name == "gla":
-        return q, k, call.inputs["g"]
+        return q, k, v, call.inputs["g"], call.scale, False
     if variant.name in ("retention", "lightning"):
         like = torch.empty(0, dtype=torch.float64, device=q.device)
         logg = variant.decays(s.kv_heads, like).log().float()
-        return q, k, logg.view(1, -1, 1).expand(1, s.kv_heads, s.sk)
-    from ...variants.linear.linear.naive import FEATURE_MAPS  # linear, normalize=False
+        return q, k, v, logg.view(1, -1, 1).expand(1, s.kv_heads, s.sk), call.scale, False
+    from ...variants.linear._decay import with_ones
 
-    phi = FEATURE_MAPS[variant.config["feature_map"]]
-    return phi(q.float()).to(q.dtype), phi(k.float()).to(k.dtype), None
+    if variant.name == "based":  # the Taylor features hold sqrt(scale): the kernels multiply by 1
+        from ...variants.linear.based.naive import taylor_features
+
+        fq, fk, scale = taylor_features(q.float(), call.scale), taylor_features(k.float(), call.scale), 1.0
+    else:
+        from ...variants.linear.linear.naive import FEATURE_MAPS
+
+        phi = FEATURE_MAPS[variant.config["feature_map"]]
+        fq, fk, scale = phi(q.float()), phi(k.float()), call.scale
+    norm = bool(variant.config["normalize"])
+    return fq.to(q.dtype), fk.to(k.dtype), (with_ones(v) if norm else v), None, scale, norm
 
 
 def _run_kernels(variant, q, k, v, call, h0):
+    from ...variants.linear._decay import normalise
+
     s = call.shapes
     opts = getattr(call, "options", None) or {}
-    qk, kk, g = _operands(variant, q, k, v, call)
+    qk, kk, vv, g, scale, norm = _operands(variant, q, k, v, call)
     if s.sq < s.sk:  # cross pattern: queries are the last Sq positions; earlier keys only build the state
-        qk = torch.cat([qk.new_zeros(s.batch, s.q_heads, s.sk - s.sq, s.d), qk], dim=2)
-    o, ht = _launch(qk, kk, v, g, call.scale, h0, bool(opts.get("output_final_state")))
+        qk = torch.cat([qk.new_zeros(s.batch, s.q_heads, s.sk - s.sq, qk.shape[-1]), qk], dim=2)
+    o, ht = _launch(qk, kk, vv, g, scale, h0, bool(opts.get("output_final_state")))
     o = o[:, :, s.sk - s.sq:]
+    o = normalise(o) if norm else o
     return (o, ht) if opts.get("output_final_state") else o
 
 
@@ -943,7 +958,7 @@ def backend():
 
     return Backend("triton", 40, why_not, run, serves=serves,
                    doc="Triton chunk kernels for decaying-state linear attention (gla, retention, lightning, "
-                       "linear without normaliser): forward and backward, on CUDA")
+                       "linear, based): forward and backward, on CUDA")
 
 
 __all__ = ["chunk_decay", "chunk_decay_fwd", "chunk_decay_bwd", "why_not", "run", "serves", "backend",
