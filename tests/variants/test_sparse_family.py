@@ -496,3 +496,18 @@ def test_hyper_without_samples_reads_its_block_and_the_causal_base_reads_itself(
     attn = az.get("hyper", block_size=1, sample_size=0, lsh_bits=2, min_seq_len=1)
     mask = attn.dense_mask(40, 40, causal=True, q=q, k=k)
     assert mask.diagonal(dim1=-2, dim2=-1).all() and torch.isfinite(attn(q, k, v, causal=True)).all()
+
+
+@pytest.mark.parametrize("block,sk", [(1, 37), (16, 100), (64, 64), (128, 300)])
+def test_selection_density_counts_the_keys_of_its_blocks(block, sk):
+    """density() from block indices (no per-key expansion) == the share of keys token_indices() lists."""
+    from attnzoo.core.selection import Selection
+
+    nb = -(-sk // block)
+    g = torch.Generator().manual_seed(block)
+    idx = torch.randint(-1, nb, (2, 3, 11, 4), generator=g)
+    idx = torch.where(torch.arange(4) < 3, idx, nb - 1)          # the last, partial block in every row
+    sel = Selection(idx, block, sk)
+    tok = sel.token_indices()
+    # duplicate block ids count twice in both (a selection holds each block once; the count must still agree)
+    assert sel.density() == pytest.approx(float((tok >= 0).sum()) / (2 * 3 * 11 * sk), abs=1e-12)

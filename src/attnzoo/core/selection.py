@@ -49,9 +49,11 @@ class Selection:
         return out[..., : self.sk]
 
     def density(self) -> float:
-        """Share of (query, key) pairs selected (before causality)."""
-        tok = self.token_indices()
-        return float((tok >= 0).sum()) / (tok.shape[0] * tok.shape[1] * tok.shape[2] * self.sk)
+        """Share of (query, key) pairs selected (before causality), counted from the block indices."""
+        idx = self.indices
+        nb = -(-self.sk // self.block)
+        keys = (idx >= 0).sum() * self.block - (idx == nb - 1).sum() * (nb * self.block - self.sk)
+        return float(keys) / (idx.shape[0] * idx.shape[1] * idx.shape[2] * self.sk)
 
 
 class SelectionVariant(Variant):
@@ -163,13 +165,20 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 
-def block_gate_select(gate: torch.Tensor, call: Call, block: int, top_k: int) -> Selection:
+def block_gate_select(gate: torch.Tensor, call: Call, block: int, top_k: int, rows: torch.Tensor | None = None
+                      ) -> Selection:
     """Blocks by gate score (B, Hq, Sq, n): each query's own block always, later blocks never under
-    causality, then the highest-scoring others up to `top_k` blocks in all (MoBA, Quest)."""
+    causality, then the highest-scoring others up to `top_k` blocks in all (MoBA, Quest). With `rows` (Sq,)
+    the gate has one row per group of queries sharing their own block (query t uses row rows[t]; SeerAttention's
+    query blocks): the choice is made once per row, the same as choosing per query from the expanded gate."""
     s = call.shapes
-    own = ((s.query_positions(device=gate.device)) // block).view(1, 1, -1, 1)
+    own = s.query_positions(device=gate.device) // block
+    if rows is not None:
+        own = torch.zeros(gate.shape[2], dtype=own.dtype, device=gate.device).scatter_(0, rows, own)
+    own = own.view(1, 1, -1, 1)
     blocks = torch.arange(gate.shape[-1], device=gate.device).view(1, 1, 1, -1)
     gate = gate.masked_fill(blocks == own, torch.inf)
     if call.causal:
         gate = gate.masked_fill(blocks > own, -torch.inf)
-    return Selection(topk_indices(gate, top_k), block, s.sk)
+    idx = topk_indices(gate, top_k)
+    return Selection(idx if rows is None else idx[:, :, rows], block, s.sk)

@@ -105,10 +105,14 @@ class Layout:
 
 
 def _lists(flags: torch.Tensor):
-    """bool (R, n) -> (count int32 (R,), indices of the set flags first, ascending, int32 (R, n))."""
-    num = flags.sum(-1).to(torch.int32)
-    idx = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return num.contiguous(), idx.contiguous()
+    """bool (R, n) -> (count int32 (R,), indices of the set flags first, ascending, int32 (R, n); entries past the
+    count are unused): a prefix sum and one scatter, linear in R n (a sort took milliseconds at 128k tokens)."""
+    r, n = flags.shape
+    num = flags.sum(-1, dtype=torch.int32)
+    slot = torch.where(flags, flags.cumsum(-1) - 1, n)                 # unset flags go to a dump column
+    idx = torch.zeros(r, n + 1, dtype=torch.int32, device=flags.device)
+    idx.scatter_(1, slot, torch.arange(n, dtype=torch.int32, device=flags.device).expand(r, n))
+    return num.contiguous(), idx[:, :n].contiguous()
 
 
 def pack_bits(m: torch.Tensor) -> torch.Tensor:

@@ -37,11 +37,14 @@ def _block_fits(block: int, block_n: int) -> bool:
 
 
 def _chosen(sel: Selection, rows: int) -> torch.Tensor:
-    """bool (B, Hq, rows, nb): query t chose key block j (rows past Sq: nothing)."""
+    """bool (B, Hq, rows, nb): query t chose key block j. Rows past Sq repeat the last query's choice, so that a
+    tile's any/all over its rows are those of its real queries (the kernels never store those rows)."""
     idx = sel.indices
+    if rows > idx.shape[2]:
+        idx = torch.cat([idx, idx[:, :, -1:].expand(-1, -1, rows - idx.shape[2], -1)], dim=2)
     nb = -(-sel.sk // sel.block)
-    out = torch.zeros(*idx.shape[:2], rows, nb + 1, dtype=torch.bool, device=idx.device)
-    out[:, :, : idx.shape[2]].scatter_(-1, torch.where(idx >= 0, idx, nb), True)
+    out = torch.zeros(*idx.shape[:3], nb + 1, dtype=torch.bool, device=idx.device)
+    out.scatter_(-1, torch.where(idx >= 0, idx, nb), True)
     return out[..., :nb]
 
 
@@ -68,9 +71,8 @@ def selection_layout(sel: Selection, call: Call, block_m: int, block_n: int) -> 
     nq, nk = -(-s.sq // block_m), -(-s.sk // block_n)
     chosen = _chosen(sel, nq * block_m)                                   # (B, Hq, nq * BM, nb)
     tiles = chosen.view(s.batch, s.q_heads, nq, block_m, -1)
-    real = (torch.arange(nq * block_m, device=dev) < s.sq).view(1, 1, nq, block_m, 1)
     touched = _per_tile(tiles.any(3), sel.block, block_n, nk, torch.any)  # (B, Hq, nq, nk)
-    everyone = _per_tile((tiles | ~real).all(3), sel.block, block_n, nk, torch.all)
+    everyone = _per_tile(tiles.all(3), sel.block, block_n, nk, torch.all)
     q_first = torch.arange(nq, device=dev).view(-1, 1) * block_m + s.offset
     q_last = (torch.arange(1, nq + 1, device=dev).view(-1, 1) * block_m).clamp(max=s.sq) - 1 + s.offset
     k_first = torch.arange(nk, device=dev).view(1, -1) * block_n
@@ -103,9 +105,8 @@ def _bits(chosen, block: int, call: Call, part, clean, block_m: int, block_n: in
         blk = (j * per + torch.arange(per, device=dev).view(1, -1)).clamp(max=chosen.shape[-1] - 1)   # (T, per)
         row_in = chosen[b.unsqueeze(-1), h.unsqueeze(-1), rows.unsqueeze(-1), blk.unsqueeze(1)]     # (T, BM, per)
         out = bs.pack_bits(row_in.repeat_interleave(block, dim=-1))
-    edge = ~clean[i.view(-1), j.view(-1)]
-    if bool(edge.any()):                                  # causal diagonal / sequence end: key by key
-        e = edge.nonzero().view(-1)
+    e = (~clean[i.view(-1), j.view(-1)]).nonzero().view(-1)   # causal diagonal / sequence end: key by key
+    if e.numel():
         q_idx = rows[e].unsqueeze(-1) + s.offset                                           # (E, BM, 1)
         kv_idx = (j[e] * block_n + torch.arange(block_n, device=dev).view(1, -1)).unsqueeze(1)  # (E, 1, BN)
         ok = kv_idx < s.sk

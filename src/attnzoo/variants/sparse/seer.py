@@ -41,9 +41,10 @@ def pool_queries(q: torch.Tensor, call, block: int) -> tuple[torch.Tensor, torch
     the call's queries in each block of absolute positions."""
     pos = call.shapes.query_positions(device=q.device)
     rel = pos // block - pos[0] // block
-    nq = int(rel[-1]) + 1
-    member = (rel.view(1, -1) == torch.arange(nq, device=q.device).view(-1, 1)).to(q.dtype)
-    return (member / member.sum(-1, keepdim=True)) @ q, rel
+    nq = (call.shapes.offset + call.shapes.sq - 1) // block - call.shapes.offset // block + 1
+    sums = q.new_zeros(*q.shape[:2], nq, q.shape[-1]).index_add_(2, rel, q)     # O(Sq D), no (nq, Sq) matrix
+    counts = torch.zeros(nq, dtype=q.dtype, device=q.device).index_add_(0, rel, torch.ones_like(rel, dtype=q.dtype))
+    return sums / counts.view(-1, 1), rel
 
 
 def gate_scores(q, k, call, block: int, wq: torch.Tensor | None = None, wk: torch.Tensor | None = None):
@@ -99,4 +100,4 @@ class Seer(SelectionVariant):
         acc = torch.promote_types(q.dtype, torch.float32)
         scores, rel = gate_scores(q.to(acc), k.to(acc), call, self.config["block_size"],
                                   call.inputs.get("gate_q"), call.inputs.get("gate_k"))
-        return block_gate_select(scores[:, :, rel].detach(), call, self.config["block_size"], self.config["top_k"])
+        return block_gate_select(scores.detach(), call, self.config["block_size"], self.config["top_k"], rows=rel)
