@@ -75,6 +75,27 @@ def test_per_block_selection_has_no_partial_tiles_off_the_diagonal():
                                                           .view(1, 2, 8, 64, 8, 64).any(-1).any(-2).sum())
 
 
+@pytest.mark.parametrize("sq,sk,block,grouped", [(300, 300, 64, True), (128, 320, 64, True), (100, 330, 64, False),
+                                                  (256, 256, 128, True), (200, 200, 32, True)])
+def test_tables_read_one_row_per_query_block_when_the_selection_is_shared(sq, sk, block, grouped):
+    """SeerAttention's selection is shared by aligned query blocks: the tables then read one row per block (when the
+    first query starts a block) and equal the per-query tables and the dense mask."""
+    import dataclasses
+
+    attn = az.get("seer", block_size=block, top_k=3)
+    q, k, _ = qkv(1, 2, 1, sq, sk, 16)
+    call = attn.prepare(q, k, k, True, None, {})
+    sel = attn.select(q, k, call)
+    assert sel.query_block == block
+    want = attn.dense_mask(sq, sk, causal=True, q=q, k=k)
+    for block_m, block_n in ((64, 64), (128, 64), (64, 128)):
+        assert (selected._row_group(sel, call, block_m) > 1) == grouped
+        lay = selected.selection_layout(sel, call, block_m, block_n)
+        per_query = selected.selection_layout(dataclasses.replace(sel, query_block=None), call, block_m, block_n)
+        assert torch.equal(lay.dense(sq, sk, 1, 2), want) and torch.equal(per_query.dense(sq, sk, 1, 2), want)
+        assert torch.equal(lay.bits, per_query.bits) and torch.equal(lay.full_idx, per_query.full_idx)
+
+
 def test_served_variants_and_refusals():
     from attnzoo.core.selection import SelectionVariant
 

@@ -25,11 +25,14 @@ QUERY_TILE = 64
 @dataclass(frozen=True)
 class Selection:
     """Kept key blocks: `indices` (B, Hq, Sq, n) long, block index or -1; block b covers keys
-    [b * block, min((b + 1) * block, Sk))."""
+    [b * block, min((b + 1) * block, Sk)). `query_block`, when set, says that queries in the same aligned block of
+    that many positions (position // query_block) share their row (SeerAttention): kernels may read one row per
+    such block."""
 
     indices: torch.Tensor
     block: int
     sk: int
+    query_block: int | None = None
 
     def token_indices(self, rows: slice = slice(None)) -> torch.Tensor:
         """(B, Hq, rows, n * block) key indices of the selected blocks, -1 where unused or past Sk."""
@@ -169,8 +172,9 @@ def block_gate_select(gate: torch.Tensor, call: Call, block: int, top_k: int, ro
                       ) -> Selection:
     """Blocks by gate score (B, Hq, Sq, n): each query's own block always, later blocks never under
     causality, then the highest-scoring others up to `top_k` blocks in all (MoBA, Quest). With `rows` (Sq,)
-    the gate has one row per group of queries sharing their own block (query t uses row rows[t]; SeerAttention's
-    query blocks): the choice is made once per row, the same as choosing per query from the expanded gate."""
+    the gate has one row per block of positions (query t uses row rows[t], the t-th query's position // block
+    counted from the first query's; SeerAttention's query blocks): the choice is made once per row, the same as
+    choosing per query from the expanded gate, and the Selection says so (query_block = block)."""
     s = call.shapes
     own = s.query_positions(device=gate.device) // block
     if rows is not None:
@@ -181,4 +185,6 @@ def block_gate_select(gate: torch.Tensor, call: Call, block: int, top_k: int, ro
     if call.causal:
         gate = gate.masked_fill(blocks > own, -torch.inf)
     idx = topk_indices(gate, top_k)
-    return Selection(idx if rows is None else idx[:, :, rows], block, s.sk)
+    if rows is None:
+        return Selection(idx, block, s.sk)
+    return Selection(idx[:, :, rows], block, s.sk, query_block=block)

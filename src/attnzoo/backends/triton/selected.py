@@ -36,10 +36,20 @@ def _block_fits(block: int, block_n: int) -> bool:
     return block >= MIN_BLOCK and (block % block_n == 0 or block_n % block == 0)
 
 
-def _chosen(sel: Selection, rows: int) -> torch.Tensor:
-    """bool (B, Hq, rows, nb): query t chose key block j. Rows past Sq repeat the last query's choice, so that a
-    tile's any/all over its rows are those of its real queries (the kernels never store those rows)."""
-    idx = sel.indices
+def _row_group(sel: Selection, call: Call, block_m: int) -> int:
+    """Queries per row of the choice table: 1, or a whole number of them per tile when the selection is shared by
+    aligned query blocks (`query_block`) that line up with the tiles (the call's first query starts a block)."""
+    qb = sel.query_block
+    if not qb or call.shapes.offset % qb or (qb % block_m and block_m % qb):
+        return 1
+    return min(qb, block_m)
+
+
+def _chosen(sel: Selection, rows: int, group: int) -> torch.Tensor:
+    """bool (B, Hq, rows, nb): row r (queries r * group ...) chose key block j. Rows past the queries repeat the
+    last one's choice, so that a tile's any/all over its rows are those of its real queries (the kernels never
+    store those rows)."""
+    idx = sel.indices[:, :, ::group]
     if rows > idx.shape[2]:
         idx = torch.cat([idx, idx[:, :, -1:].expand(-1, -1, rows - idx.shape[2], -1)], dim=2)
     nb = -(-sel.sk // sel.block)
@@ -69,8 +79,9 @@ def selection_layout(sel: Selection, call: Call, block_m: int, block_n: int) -> 
         raise ValueError(f"selection blocks of {sel.block} keys do not tile key tiles of {block_n}")
     dev = sel.indices.device
     nq, nk = -(-s.sq // block_m), -(-s.sk // block_n)
-    chosen = _chosen(sel, nq * block_m)                                   # (B, Hq, nq * BM, nb)
-    tiles = chosen.view(s.batch, s.q_heads, nq, block_m, -1)
+    group = _row_group(sel, call, block_m)
+    chosen = _chosen(sel, nq * block_m // group, group)                   # (B, Hq, nq * BM / group, nb)
+    tiles = chosen.view(s.batch, s.q_heads, nq, block_m // group, -1)
     touched = _per_tile(tiles.any(3), sel.block, block_n, nk, torch.any)  # (B, Hq, nq, nk)
     everyone = _per_tile(tiles.all(3), sel.block, block_n, nk, torch.all)
     q_first = torch.arange(nq, device=dev).view(-1, 1) * block_m + s.offset
@@ -84,26 +95,27 @@ def selection_layout(sel: Selection, call: Call, block_m: int, block_n: int) -> 
     full = touched & everyone & clean
     part = touched & ~full
     lists = bs.tile_lists(full, part)
-    return bs.Layout(block_m, block_n, *lists[:5], _bits(chosen, sel.block, call, part, clean, block_m, block_n),
+    return bs.Layout(block_m, block_n, *lists[:5], _bits(chosen, group, sel.block, call, part, clean, block_m, block_n),
                      *lists[5:], s.q_heads * nq, nq, s.q_heads * nk, nk)
 
 
-def _bits(chosen, block: int, call: Call, part, clean, block_m: int, block_n: int) -> torch.Tensor:
-    """int32 (tiles, BM, BN / 32) in tile-id order: each row's choice of the tile's key block(s), and causality
-    and the sequence end key by key on the tiles that `clean` says need it."""
+def _bits(chosen, group: int, block: int, call: Call, part, clean, block_m: int, block_n: int) -> torch.Tensor:
+    """int32 (tiles, BM, BN / 32) in tile-id order: each query's choice of the tile's key block(s) (row
+    query // group of `chosen`), and causality and the sequence end key by key on the tiles `clean` says need it."""
     s = call.shapes
     dev = chosen.device
     coords = part.nonzero()                               # (tiles, 4): b, h, i, j (the one device sync)
     b, h, i, j = (x.view(-1, 1) for x in coords.unbind(1))
     rows = i * block_m + torch.arange(block_m, device=dev).view(1, -1)                    # (T, BM)
     words = block_n // 32
+    table_rows = rows // group
     if block >= block_n:
-        row_in = chosen[b, h, rows, (j * block_n) // block]                               # (T, BM)
+        row_in = chosen[b, h, table_rows, (j * block_n) // block]                         # (T, BM)
         out = torch.where(row_in, -1, 0).to(torch.int32).unsqueeze(-1).expand(-1, -1, words).contiguous()
     else:
         per = block_n // block
         blk = (j * per + torch.arange(per, device=dev).view(1, -1)).clamp(max=chosen.shape[-1] - 1)   # (T, per)
-        row_in = chosen[b.unsqueeze(-1), h.unsqueeze(-1), rows.unsqueeze(-1), blk.unsqueeze(1)]     # (T, BM, per)
+        row_in = chosen[b.unsqueeze(-1), h.unsqueeze(-1), table_rows.unsqueeze(-1), blk.unsqueeze(1)]  # (T, BM, per)
         out = bs.pack_bits(row_in.repeat_interleave(block, dim=-1))
     e = (~clean[i.view(-1), j.view(-1)]).nonzero().view(-1)   # causal diagonal / sequence end: key by key
     if e.numel():
