@@ -1,18 +1,25 @@
-"""The two content-sparse methods fitted to a model, on SmolLM2's real q/k (attnzoo.bench.capture, cached):
+"""Content-sparse methods fitted to a model, on SmolLM2's real q/k (attnzoo.bench.capture, cached), against
+the block-gated methods and the top-k oracle at the same share of the keys:
 
-- MInference's offline pattern search: each head of each layer gets its pattern (A-shape, vertical-slash,
-  block-sparse) and budget split at one key budget; the searched layer keeps attention mass against the
-  best single pattern for every head, MoBA and the top-k oracle at the same budget.
-- SeerAttention's self-distillation: the gate of each layer trained on the first half of the text (KL to the
-  block-max-pooled exact attention), scored on the whole text against the same gate untrained, the
-  untrained identity gate, MoBA and the top-k oracle at the same share of the blocks.
+- MInference's offline pattern search (`minference`): each head of each layer gets its pattern (A-shape,
+  vertical-slash, block-sparse) and budget split at one key budget; the searched layer against the best single
+  pattern for every head.
+- SeerAttention's self-distillation (`seer`): the gate of each layer trained on the first half of the text (KL to
+  the block-max-pooled exact attention), scored on the whole text against the same gate untrained and the
+  untrained identity gate (no gate weights).
+- `moba`, `quest` (block gates without training) and the `topk` oracle at the same share.
 
-Mass kept = the exact softmax mass on the selected keys, mean over heads and queries (causal).
+Each method may name its block size (`seer:64`, `moba:128`, `quest:64`; default --block-size). At a density d of
+the keys the token methods read round(d * length) keys, the block methods round(d * length / block) blocks (the
+query's own block included). Mass kept = the exact softmax mass on the selected keys, mean over heads and
+queries (causal); `read` = the share of the causal (query, key) pairs the selection reads (early queries read
+all they can see, so this is about 2d - d^2 for a nominal share d).
 
-    python benchmarks/sparse_learned.py [--length 512] [--density 0.125] [--steps 100] [--out DIR]
+    python benchmarks/sparse_learned.py [--length 512] [--densities 0.125,0.0625] [--block-size 16]
+        [--variants minference,seer,moba,topk] [--steps 100] [--out DIR]
 
-Writes sparse_learned.json (and the MInference patterns, minference_patterns.json) and report.html (plotly
-plots when installed) to --out.
+Writes sparse_learned.json (and the MInference patterns, minference_patterns.json, one file per density
+minference_patterns_<keys>.json when several) and report.html (plotly plots when installed) to --out.
 """
 from __future__ import annotations
 
@@ -36,83 +43,162 @@ from attnzoo.nn.seer import distill_seer_gate  # noqa: E402
 from attnzoo.variants.sparse import minference as mi  # noqa: E402
 
 BLOCK = 16
+BLOCK_METHODS = ("minference", "seer", "moba", "quest")
+METHODS = (*BLOCK_METHODS, "topk")
 
 
-def kept(q, k, attn, **inputs) -> float:
+def kept(q, k, attn, **inputs) -> tuple[float, float]:
+    """(mass kept, share of the causal (query, key) pairs read) of attn's selection on q, k."""
     with torch.no_grad():
-        return float(mi.mass_kept(q, k, attn.selection(q, k, causal=True, **inputs)).mean())
+        sel = attn.selection(q, k, causal=True, **inputs)
+        return float(mi.mass_kept(q, k, sel).mean()), causal_share(sel, q.shape[2])
+
+
+def causal_share(sel, s: int) -> float:
+    """Share of the causal (query, key) pairs of causal self-attention over s positions that `sel` reads, a tile
+    of queries at a time."""
+    read = 0
+    for a in range(0, s, mi.QUERY_TILE):
+        tok = sel.token_indices(slice(a, min(a + mi.QUERY_TILE, s)))
+        pos = torch.arange(a, a + tok.shape[2]).view(1, 1, -1, 1)
+        read += int(((tok >= 0) & (tok <= pos)).sum())
+    return read / (sel.indices.shape[0] * sel.indices.shape[1] * s * (s + 1) / 2)
+
+
+def parse_variants(text: str, block: int) -> list[tuple[str, int]]:
+    """"seer:64,moba,topk" -> [("seer", 64), ("moba", block), ("topk", 1)]."""
+    out = []
+    for item in text.split(","):
+        name, _, size = item.strip().partition(":")
+        if name not in METHODS:
+            raise ValueError(f"--variants: {name!r} is not one of {', '.join(METHODS)}")
+        if name == "topk" and size:
+            raise ValueError("--variants: topk reads single keys; it takes no block size")
+        out.append((name, int(size) if size else (block if name in BLOCK_METHODS else 1)))
+    return out
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--layers", default="0,10,19,29")
-    p.add_argument("--density", type=float, default=0.125, help="share of the keys (of the blocks for seer)")
+    p.add_argument("--density", "--densities", dest="densities", default="0.125",
+                   help="shares of the keys, comma-separated (of the blocks for the block methods)")
+    p.add_argument("--block-size", type=int, default=BLOCK, help="block size of the methods not naming their own")
+    p.add_argument("--variants", default="minference,seer,moba,topk",
+                   help=f"comma-separated, of {', '.join(METHODS)}; a block method may name its block size: seer:64")
     p.add_argument("--steps", type=int, default=100, help="distillation steps per layer")
     p.add_argument("--out", type=Path, default=Path("results/sparse_learned"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     layers = [int(x) for x in args.layers.split(",")]
+    densities = [float(x) for x in args.densities.split(",")]
+    variants = parse_variants(args.variants, args.block_size)
     t0 = time.perf_counter()
     qkv, info = capture.captured_qkv("smollm2", args.length, layers, lambda: models.load_causal_lm())
-    budget = max(1, round(args.density * args.length))
-    blocks = max(1, round(args.density * args.length / BLOCK))
     args.out.mkdir(parents=True, exist_ok=True)
-    search = mi.search_model("smollm2", args.length, budget, layers, args.out / "minference_patterns.json",
-                             block_size=BLOCK)
-    rows = {"minference": {}, "seer": {}}
-    for layer in layers:
-        q, k, _ = qkv[layer]
-        oracle = kept(q, k, az.get("topk", top_k=budget))
-        moba = kept(q, k, az.get("moba", block_size=BLOCK, top_k=blocks))
-        found = search["layers"][str(layer)]
-        uniform = {c: sum(m) / len(m) for c, m in found["mass"].items()}
-        searched = kept(q, k, az.get("minference", **mi.load_patterns(search, layer)))
-        rows["minference"][layer] = {"searched": searched, "best_uniform": max(uniform.values()),
-                                     "best_uniform_pattern": max(uniform, key=uniform.get), "moba": moba,
-                                     "topk_oracle": oracle, "heads": found["heads"]}
-        torch.manual_seed(0)
-        gate = az.nn.SeerGate(q.shape[1], q.shape[3], block_size=BLOCK, gate_dim=16)
-        seer = az.get("seer", block_size=BLOCK, top_k=blocks)
-        untrained = kept(q, k, seer, **gate.inputs())
-        half = args.length // 2
-        history = distill_seer_gate(gate, [(q[:, :, :half], k[:, :, :half])], steps=args.steps)
-        rows["seer"][layer] = {"trained": kept(q, k, seer, **gate.inputs()), "untrained": untrained,
-                               "identity_gate": kept(q, k, seer), "moba": moba, "topk_oracle": oracle,
-                               "loss_first": history["loss"][0], "loss_last": history["loss"][-1],
-                               "loss": history["loss"]}
-    results = {"model": "smollm2", "length": args.length, "layers": layers, "density": args.density,
-               "key_budget": budget, "block_size": BLOCK, "seer_blocks": blocks, "steps": args.steps,
-               "capture": info, "seconds": time.perf_counter() - t0, **rows}
+    gates = {}
+    for block in sorted({b for name, b in variants if name == "seer"}):   # trained once, scored at every density
+        gates[block] = {}
+        for layer in layers:
+            q, k, _ = qkv[layer]
+            torch.manual_seed(0)
+            untrained = az.nn.SeerGate(q.shape[1], q.shape[3], block_size=block, gate_dim=16)
+            trained = az.nn.SeerGate(q.shape[1], q.shape[3], block_size=block, gate_dim=16)
+            trained.load_state_dict(untrained.state_dict())
+            half = args.length // 2
+            history = distill_seer_gate(trained, [(q[:, :, :half], k[:, :, :half])], steps=args.steps)
+            gates[block][layer] = (trained, untrained, history["loss"])
+    runs = [run_density(d, args, layers, variants, qkv, gates, several=len(densities) > 1) for d in densities]
+    results = {"model": "smollm2", "length": args.length, "layers": layers, "densities": densities,
+               "block_size": args.block_size, "variants": [f"{n}:{b}" for n, b in variants], "steps": args.steps,
+               "capture": info, "seconds": time.perf_counter() - t0, "runs": runs,
+               "seer_gates": {str(b): {str(layer): {"loss_first": g[2][0], "loss_last": g[2][-1], "loss": g[2]}
+                                       for layer, g in by_layer.items()} for b, by_layer in gates.items()}}
     (args.out / "sparse_learned.json").write_text(json.dumps(results, indent=1))
     show(results)
     (args.out / "report.html").write_text(report(results))
     return results
 
 
+def run_density(density: float, args, layers, variants, qkv, gates, several: bool) -> dict:
+    """Mass kept and share read of every variant at one density: {"density", "key_budget", "blocks", "mass":
+    {label: {layer: mass}}, "read": {label: {layer: share}}, "minference": {layer: patterns}}."""
+    t0 = time.perf_counter()
+    budget = max(1, round(density * args.length))
+    blocks = {b: max(1, round(density * args.length / b)) for _, b in variants}
+    run = {"density": density, "key_budget": budget, "blocks": {str(b): n for b, n in blocks.items()}, "mass": {},
+           "read": {}, "minference": {}}
+
+    def record(label, layer, value):
+        run["mass"].setdefault(label, {})[str(layer)] = value[0]
+        if value[1] is not None:   # the search's own estimate has no selection to count
+            run["read"].setdefault(label, {})[str(layer)] = value[1]
+
+    for name, block in variants:
+        if name == "minference":
+            path = args.out / (f"minference_patterns_{budget}.json" if several else "minference_patterns.json")
+            search = mi.search_model("smollm2", args.length, budget, layers, path, block_size=block)
+        for layer in layers:
+            q, k, _ = qkv[layer]
+            if name == "topk":
+                record("topk oracle", layer, kept(q, k, az.get("topk", top_k=budget)))
+            elif name in ("moba", "quest"):
+                size = {"moba": "block_size", "quest": "page"}[name]
+                record(f"{name}:{block}", layer, kept(q, k, az.get(name, **{size: block, "top_k": blocks[block]})))
+            elif name == "seer":
+                seer = az.get("seer", block_size=block, top_k=blocks[block])
+                trained, untrained, _ = gates[block][layer]
+                record(f"seer:{block} trained", layer, kept(q, k, seer, **trained.inputs()))
+                record(f"seer:{block} untrained", layer, kept(q, k, seer, **untrained.inputs()))
+                record(f"seer:{block} identity gate", layer, kept(q, k, seer))
+            else:
+                found = search["layers"][str(layer)]
+                uniform = {c: sum(m) / len(m) for c, m in found["mass"].items()}
+                best = max(uniform, key=uniform.get)
+                record(f"minference:{block} searched", layer,
+                       kept(q, k, az.get("minference", **mi.load_patterns(search, layer))))
+                record(f"minference:{block} best single pattern", layer, (uniform[best], None))
+                run["minference"][str(layer)] = {"best_uniform_pattern": best, "heads": found["heads"]}
+    for table in (run["mass"], run["read"]):
+        for values in table.values():
+            values["mean"] = sum(values[str(x)] for x in layers) / len(layers)
+    run["seconds"] = time.perf_counter() - t0
+    return run
+
+
 def show(results: dict) -> None:
     console = Console()
-    t = Table(title=f"MInference search: mass kept at {results['key_budget']} keys of {results['length']}")
-    for c in ("layer", "searched", "best single pattern", "moba", "topk oracle", "patterns (A / VS / BS)"):
-        t.add_column(c)
-    for layer, r in results["minference"].items():
-        count = [sum(h[0] == p for h in r["heads"]) for p in mi.PATTERNS]
-        t.add_row(str(layer), f"{r['searched']:.3f}", f"{r['best_uniform']:.3f} ({r['best_uniform_pattern']})",
-                  f"{r['moba']:.3f}", f"{r['topk_oracle']:.3f}", " / ".join(map(str, count)))
-    console.print(t)
-    t = Table(title=f"SeerAttention gate: mass kept at {results['seer_blocks']} blocks of {results['block_size']}")
-    for c in ("layer", "trained", "untrained", "identity gate", "moba", "topk oracle", "KL first -> last"):
-        t.add_column(c)
-    for layer, r in results["seer"].items():
-        t.add_row(str(layer), f"{r['trained']:.3f}", f"{r['untrained']:.3f}", f"{r['identity_gate']:.3f}",
-                  f"{r['moba']:.3f}", f"{r['topk_oracle']:.3f}", f"{r['loss_first']:.3f} -> {r['loss_last']:.4f}")
-    console.print(t)
+    layers = [str(x) for x in results["layers"]]
+    for run in results["runs"]:
+        t = Table(title=f"SmolLM2, {results['length']} tokens: mass kept at density {run['density']:g} "
+                        f"({run['key_budget']} keys; blocks {run['blocks']}) [share of causal pairs read]")
+        t.add_column("variant", no_wrap=True)
+        for c in (*(f"layer {x}" for x in layers), "mean"):
+            t.add_column(c)
+        for label, mass in run["mass"].items():
+            read = run["read"].get(label)
+            t.add_row(label, *(f"{mass[x]:.3f}" + (f" [{read[x]:.3f}]" if read else "") for x in (*layers, "mean")))
+        console.print(t)
+        if run["minference"]:
+            t = Table(title=f"MInference patterns at {run['key_budget']} keys (heads A / VS / BS)")
+            t.add_column("layer"), t.add_column("best single pattern"), t.add_column("patterns (A / VS / BS)")
+            for layer, r in run["minference"].items():
+                count = [sum(h[0] == p for h in r["heads"]) for p in mi.PATTERNS]
+                t.add_row(layer, str(r["best_uniform_pattern"]), " / ".join(map(str, count)))
+            console.print(t)
+    for block, by_layer in results["seer_gates"].items():
+        t = Table(title=f"SeerAttention gate distillation, blocks of {block}: KL first -> last")
+        t.add_column("layer"), t.add_column("KL")
+        for layer, r in by_layer.items():
+            t.add_row(layer, f"{r['loss_first']:.3f} -> {r['loss_last']:.4f}")
+        console.print(t)
 
 
 def report(results: dict) -> str:
-    """One self-contained page: the two tables' numbers as grouped bars and the distillation curves (plotly,
-    inlined), or the JSON alone without plotly."""
-    body = f"<h1>Fitted content-sparse attention on SmolLM2</h1><pre>{html.escape(json.dumps({k: v for k, v in results.items() if k not in ('minference', 'seer')}, indent=1))}</pre>"
+    """One self-contained page: mass kept per variant and layer as grouped bars at each density and the
+    distillation curves (plotly, inlined), or the JSON alone without plotly."""
+    body = f"<h1>Fitted content-sparse attention on SmolLM2</h1><pre>{html.escape(json.dumps({k: v for k, v in results.items() if k not in ('runs', 'seer_gates')}, indent=1))}</pre>"
     try:
         import plotly.graph_objects as go
         from plotly.offline import get_plotlyjs
@@ -120,15 +206,17 @@ def report(results: dict) -> str:
         return f"<html><body>{body}<p>plots need plotly (pip install 'attnzoo[report]')</p><pre>" \
                f"{html.escape(json.dumps(results, indent=1))}</pre></body></html>"
     figures = []
-    for method, keys in (("minference", ("searched", "best_uniform", "moba", "topk_oracle")),
-                         ("seer", ("trained", "untrained", "identity_gate", "moba", "topk_oracle"))):
-        fig = go.Figure([go.Bar(name=key, x=[f"layer {x}" for x in results[method]],
-                                y=[r[key] for r in results[method].values()]) for key in keys])
-        fig.update_layout(title=f"{method}: attention mass kept", barmode="group", yaxis_title="mass kept")
+    for run in results["runs"]:
+        x = [f"layer {layer}" for layer in results["layers"]] + ["mean"]
+        fig = go.Figure([go.Bar(name=label, x=x, y=list(mass.values())) for label, mass in run["mass"].items()])
+        fig.update_layout(title=f"attention mass kept at density {run['density']:g} ({results['length']} tokens)",
+                          barmode="group", yaxis_title="mass kept")
         figures.append(fig)
-    curves = go.Figure([go.Scatter(y=r["loss"], name=f"layer {x}") for x, r in results["seer"].items()])
-    curves.update_layout(title="seer gate distillation", xaxis_title="step", yaxis_title="KL", yaxis_type="log")
-    figures.append(curves)
+    for block, by_layer in results["seer_gates"].items():
+        curves = go.Figure([go.Scatter(y=r["loss"], name=f"layer {x}") for x, r in by_layer.items()])
+        curves.update_layout(title=f"seer gate distillation (blocks of {block})", xaxis_title="step",
+                             yaxis_title="KL", yaxis_type="log")
+        figures.append(curves)
     plots = "".join(f.to_html(full_html=False, include_plotlyjs=False) for f in figures)
     return f"<html><head><script>{get_plotlyjs()}</script></head><body>{body}{plots}</body></html>"
 

@@ -115,26 +115,32 @@ def _lists(flags: torch.Tensor):
     return num.contiguous(), idx[:, :n].contiguous()
 
 
-def pack_bits(m: torch.Tensor) -> torch.Tensor:
+def _pack_bits(m: torch.Tensor) -> torch.Tensor:
     """bool (..., n) with n a multiple of 32 -> int32 (..., n / 32), bit c of word w = element 32 w + c."""
     words = m.view(*m.shape[:-1], -1, 32).to(torch.int64)
     w = (words << torch.arange(32, device=m.device)).sum(-1)
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
 
 
-def tile_lists(full: torch.Tensor, part: torch.Tensor) -> tuple:
+def tile_lists(full: torch.Tensor, part: torch.Tensor, forward: bool = True, transposed: bool = True) -> tuple:
     """Full and partial tiles, bool (B', H', nq, nk) -> the Layout's lists, forward (rows: query blocks) then
-    transposed (rows: key blocks); partial tiles are numbered in row-major order (the order of `part.nonzero()`)."""
+    transposed (rows: key blocks); partial tiles are numbered in row-major order (the order of `part.nonzero()`).
+    Lists not asked for are empty tensors (the forward reads only the first five, dK/dV only the last five)."""
     nq, nk = part.shape[-2:]
     tile_id = (part.flatten().cumsum(0) - 1).view(part.shape).to(torch.int32)
-    full_num, full_idx = _lists(full.reshape(-1, nk))
-    part_num, part_idx = _lists(part.reshape(-1, nk))
-    part_tile = torch.gather(tile_id.reshape(-1, nk), 1, part_idx.long()).contiguous()
-    t_full_num, t_full_idx = _lists(full.transpose(-1, -2).reshape(-1, nq))
-    t_part_num, t_part_idx = _lists(part.transpose(-1, -2).reshape(-1, nq))
-    t_part_tile = torch.gather(tile_id.transpose(-1, -2).reshape(-1, nq), 1, t_part_idx.long()).contiguous()
-    return (full_num, full_idx, part_num, part_idx, part_tile, t_full_num, t_full_idx, t_part_num, t_part_idx,
-            t_part_tile)
+    none = (torch.empty(0, 1, dtype=torch.int32, device=part.device),) * 5
+    fwd = t = none
+    if forward:
+        full_num, full_idx = _lists(full.reshape(-1, nk))
+        part_num, part_idx = _lists(part.reshape(-1, nk))
+        part_tile = torch.gather(tile_id.reshape(-1, nk), 1, part_idx.long()).contiguous()
+        fwd = (full_num, full_idx, part_num, part_idx, part_tile)
+    if transposed:
+        t_full_num, t_full_idx = _lists(full.transpose(-1, -2).reshape(-1, nq))
+        t_part_num, t_part_idx = _lists(part.transpose(-1, -2).reshape(-1, nq))
+        t_part_tile = torch.gather(tile_id.transpose(-1, -2).reshape(-1, nq), 1, t_part_idx.long()).contiguous()
+        t = (t_full_num, t_full_idx, t_part_num, t_part_idx, t_part_tile)
+    return fwd + t
 
 
 def build_layout(variant: SoftmaxVariant, call: Call, block_m: int = BLOCK_M, block_n: int = BLOCK_N) -> Layout:
@@ -167,7 +173,7 @@ def _tile_bits(variant, call: Call, part: torch.Tensor, block_m: int, block_n: i
         # clamped, so variants that index per-call inputs by position stay inside them
         m = variant.full_mask(call, b, h, q_idx.clamp(max=s.sq - 1) + s.offset, kv_idx.clamp(max=s.sk - 1))
         m = inside if m is None else m & inside
-        out[c0:c0 + MASK_CHUNK] = pack_bits(m.expand(inside.shape[0], block_m, block_n))
+        out[c0:c0 + MASK_CHUNK] = _pack_bits(m.expand(inside.shape[0], block_m, block_n))
     return out
 
 
@@ -562,5 +568,5 @@ def run(variant, q, k, v, call: Call):
         return _fallback(variant, q, k, v, call)
 
 
-__all__ = ["BLOCK_M", "BLOCK_N", "Layout", "backward", "build_layout", "forward", "layout_for", "pack_bits", "run",
+__all__ = ["BLOCK_M", "BLOCK_N", "Layout", "backward", "build_layout", "forward", "layout_for", "run",
            "serves", "stats", "tile_lists", "why_not"]

@@ -9,8 +9,9 @@ q and k, so there is nothing to cache):
   work in the kernel); *partial* when some query chose it; otherwise skipped. So the kernel's work is the union
   of the tile's selections: equal to the selection when the variant selects per query block (SeerAttention),
   larger when nearby queries disagree (MoBA, Quest select per query);
-- a partial tile's bits are one word pattern per query row (all ones where the row chose the tile's block), and
-  only tiles that cross the causal diagonal or the sequence end get their bits evaluated key by key.
+- a partial tile's bits are built word by word: per query row, all ones where the row chose the tile's block, and
+  causality and the sequence end as a prefix of allowed keys (never a per-key tensor);
+- the forward's tables hold the query-block lists only, the backward's (its own tiles) the key-block lists only.
 
 Served: selection variants whose output is exact softmax over the selection (`forward_torch` not overridden), with
 key blocks of >= 16 keys that tile the kernels' key tiles (block a multiple of 64 or a divisor of it). Forward and
@@ -69,8 +70,9 @@ def _per_tile(x: torch.Tensor, block: int, block_n: int, nk: int, reduce) -> tor
     return reduce(x.view(*x.shape[:-1], nk, per), dim=-1)
 
 
-def selection_layout(sel: Selection, call: Call, block_m: int, block_n: int) -> bs.Layout:
-    """The kernels' tables for `sel` under the call's causality (bottom-right) and lengths."""
+def selection_layout(sel: Selection, call: Call, block_m: int, block_n: int, lists: str = "both") -> bs.Layout:
+    """The kernels' tables for `sel` under the call's causality (bottom-right) and lengths; `lists`: "forward"
+    (per query block: the forward and dQ kernels), "transposed" (per key block: dK/dV) or "both"."""
     s = call.shapes
     if sel.indices.shape[:3] != (s.batch, s.q_heads, s.sq) or sel.sk != s.sk:
         raise ValueError(f"selection {tuple(sel.indices.shape[:3])} over Sk={sel.sk} does not match the call "
@@ -94,14 +96,20 @@ def selection_layout(sel: Selection, call: Call, block_m: int, block_n: int) -> 
         clean = clean & (k_last <= q_first)                     # every query of the tile sees every key of it
     full = touched & everyone & clean
     part = touched & ~full
-    lists = bs.tile_lists(full, part)
-    return bs.Layout(block_m, block_n, *lists[:5], _bits(chosen, group, sel.block, call, part, clean, block_m, block_n),
+    lists = bs.tile_lists(full, part, forward=lists != "transposed", transposed=lists != "forward")
+    return bs.Layout(block_m, block_n, *lists[:5], _bits(chosen, group, sel.block, call, part, block_m, block_n),
                      *lists[5:], s.q_heads * nq, nq, s.q_heads * nk, nk)
 
 
-def _bits(chosen, group: int, block: int, call: Call, part, clean, block_m: int, block_n: int) -> torch.Tensor:
-    """int32 (tiles, BM, BN / 32) in tile-id order: each query's choice of the tile's key block(s) (row
-    query // group of `chosen`), and causality and the sequence end key by key on the tiles `clean` says need it."""
+def _as_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words in [0, 2^32) -> the int32 with the same bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _bits(chosen, group: int, block: int, call: Call, part, block_m: int, block_n: int) -> torch.Tensor:
+    """int32 (tiles, BM, BN / 32) in tile-id order, built word by word (never per key): each query's choice of the
+    tile's key block(s) (row query // group of `chosen`), and with it causality and the sequence end, which in a
+    tile row always allow a prefix of its keys."""
     s = call.shapes
     dev = chosen.device
     coords = part.nonzero()                               # (tiles, 4): b, h, i, j (the one device sync)
@@ -111,21 +119,23 @@ def _bits(chosen, group: int, block: int, call: Call, part, clean, block_m: int,
     table_rows = rows // group
     if block >= block_n:
         row_in = chosen[b, h, table_rows, (j * block_n) // block]                         # (T, BM)
-        out = torch.where(row_in, -1, 0).to(torch.int32).unsqueeze(-1).expand(-1, -1, words).contiguous()
+        out = torch.where(row_in, -1, 0).to(torch.int32).unsqueeze(-1).expand(-1, -1, words)
     else:
         per = block_n // block
         blk = (j * per + torch.arange(per, device=dev).view(1, -1)).clamp(max=chosen.shape[-1] - 1)   # (T, per)
         row_in = chosen[b.unsqueeze(-1), h.unsqueeze(-1), table_rows.unsqueeze(-1), blk.unsqueeze(1)]  # (T, BM, per)
-        out = bs.pack_bits(row_in.repeat_interleave(block, dim=-1))
-    e = (~clean[i.view(-1), j.view(-1)]).nonzero().view(-1)   # causal diagonal / sequence end: key by key
-    if e.numel():
-        q_idx = rows[e].unsqueeze(-1) + s.offset                                           # (E, BM, 1)
-        kv_idx = (j[e] * block_n + torch.arange(block_n, device=dev).view(1, -1)).unsqueeze(1)  # (E, 1, BN)
-        ok = kv_idx < s.sk
-        if call.causal:
-            ok = ok & (kv_idx <= q_idx)
-        out[e] &= bs.pack_bits(ok.expand(-1, block_m, -1))
-    return out
+        if block >= 32:                                   # a block spans whole words
+            out = torch.where(row_in.repeat_interleave(block // 32, dim=-1), -1, 0).to(torch.int32)
+        else:                                             # a word holds 32 / block blocks
+            m = 32 // block
+            shifts = torch.arange(m, device=dev) * block
+            parts = row_in.view(*row_in.shape[:2], words, m).to(torch.int64) * (((1 << block) - 1) << shifts)
+            out = _as_int32(parts.sum(-1))
+    allowed = (s.sk - j * block_n).expand(-1, block_m)                                     # keys before Sk
+    if call.causal:
+        allowed = torch.minimum(allowed, rows + s.offset + 1 - j * block_n)
+    n = (allowed.unsqueeze(-1) - 32 * torch.arange(words, device=dev)).clamp(0, 32)       # (T, BM, words)
+    return out & _as_int32((1 << n) - 1)
 
 
 def why_not(variant, call: Call, q) -> str | None:
@@ -159,7 +169,7 @@ def forward_block_m(sel: Selection) -> int:
 class _Selected(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sel, call):
-        lay = selection_layout(sel, call, forward_block_m(sel), bs.BLOCK_N)
+        lay = selection_layout(sel, call, forward_block_m(sel), bs.BLOCK_N, "forward")
         o, lse = bs.forward(q, k, v, lay, call.scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.lay, ctx.sel, ctx.call = lay, sel, call
@@ -170,7 +180,7 @@ class _Selected(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         try:
-            lay_kv = selection_layout(ctx.sel, ctx.call, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N)
+            lay_kv = selection_layout(ctx.sel, ctx.call, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N, "transposed")
             dq, dk, dv = bs.backward(q, k, v, o, lse, do, ctx.lay, lay_kv, ctx.call.scale)
         except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
             bs._warn_once("backward", err)
@@ -189,7 +199,8 @@ def run(variant, q, k, v, call: Call):
     try:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return _Selected.apply(q, k, v, sel, call)
-        return bs.forward(q, k, v, selection_layout(sel, call, forward_block_m(sel), bs.BLOCK_N), call.scale)[0]
+        lay = selection_layout(sel, call, forward_block_m(sel), bs.BLOCK_N, "forward")
+        return bs.forward(q, k, v, lay, call.scale)[0]
     except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
         bs._warn_once("forward", err)
         return attend_selected(q, k, v, sel, call)
