@@ -38,12 +38,14 @@ def pool_keys(k: torch.Tensor, block: int) -> torch.Tensor:
 
 def pool_queries(q: torch.Tensor, call, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled (B, H, nq, D), block of each query (Sq,) counted from the call's first query block): the mean of
-    the call's queries in each block of absolute positions."""
-    pos = call.shapes.query_positions(device=q.device)
-    rel = pos // block - pos[0] // block
-    nq = (call.shapes.offset + call.shapes.sq - 1) // block - call.shapes.offset // block + 1
-    sums = q.new_zeros(*q.shape[:2], nq, q.shape[-1]).index_add_(2, rel, q)     # O(Sq D), no (nq, Sq) matrix
-    counts = torch.zeros(nq, dtype=q.dtype, device=q.device).index_add_(0, rel, torch.ones_like(rel, dtype=q.dtype))
+    the call's queries in each block of absolute positions (zero-padded to whole blocks, then one sum per block)."""
+    s = call.shapes
+    lead = s.offset % block                                   # positions of the first block before the first query
+    nq = -(-(lead + s.sq) // block)
+    pad = (0, 0, lead, nq * block - lead - s.sq)
+    sums = torch.nn.functional.pad(q, pad).view(*q.shape[:2], nq, block, q.shape[-1]).sum(3)
+    counts = torch.nn.functional.pad(q.new_ones(s.sq, 1), pad).view(nq, block).sum(1)
+    rel = (torch.arange(s.sq, device=q.device) + lead) // block
     return sums / counts.view(-1, 1), rel
 
 
