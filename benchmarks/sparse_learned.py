@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.progress import track  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import attnzoo as az  # noqa: E402
@@ -45,13 +46,6 @@ from attnzoo.variants.sparse import minference as mi  # noqa: E402
 BLOCK = 16
 BLOCK_METHODS = ("minference", "seer", "moba", "quest")
 METHODS = (*BLOCK_METHODS, "topk")
-
-
-def kept(q, k, attn, **inputs) -> tuple[float, float]:
-    """(mass kept, share of the causal (query, key) pairs read) of attn's selection on q, k."""
-    with torch.no_grad():
-        sel = attn.selection(q, k, causal=True, **inputs)
-        return float(mi.mass_kept(q, k, sel).mean()), causal_share(sel, q.shape[2])
 
 
 def causal_share(sel, s: int) -> float:
@@ -97,7 +91,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     qkv, info = capture.captured_qkv("smollm2", args.length, layers, lambda: models.load_causal_lm())
     args.out.mkdir(parents=True, exist_ok=True)
-    gates = {}
+    gates, t1 = {}, time.perf_counter()
     for block in sorted({b for name, b in variants if name == "seer"}):   # trained once, scored at every density
         gates[block] = {}
         for layer in layers:
@@ -109,10 +103,26 @@ def main(argv=None) -> dict:
             half = args.length // 2
             history = distill_seer_gate(trained, [(q[:, :, :half], k[:, :, :half])], steps=args.steps)
             gates[block][layer] = (trained, untrained, history["loss"])
-    runs = [run_density(d, args, layers, variants, qkv, gates, several=len(densities) > 1) for d in densities]
+    distill_seconds, t1 = time.perf_counter() - t1, time.perf_counter()
+    runs = [new_run(d, args.length, variants) for d in densities]
+    searches = {}
+    for run in runs:
+        for name, block in variants:
+            if name == "minference":
+                name = "minference_patterns" + (f"_{run['key_budget']}" if len(runs) > 1 else "") + ".json"
+                searches[run["key_budget"], block] = mi.search_model("smollm2", args.length, run["key_budget"],
+                                                                     layers, args.out / name, block_size=block)
+    for layer in track(layers, description="mass kept"):
+        q, k, _ = qkv[layer]
+        measure_layer(q, k, layer, runs, variants, gates, searches)
+    for run in runs:
+        for table in (run["mass"], run["read"]):
+            for values in table.values():
+                values["mean"] = sum(values[str(x)] for x in layers) / len(layers)
     results = {"model": "smollm2", "length": args.length, "layers": layers, "densities": densities,
                "block_size": args.block_size, "variants": [f"{n}:{b}" for n, b in variants], "steps": args.steps,
-               "capture": info, "seconds": time.perf_counter() - t0, "runs": runs,
+               "capture": info, "seconds": time.perf_counter() - t0, "distill_seconds": distill_seconds,
+               "mass_seconds": time.perf_counter() - t1, "runs": runs,
                "seer_gates": {str(b): {str(layer): {"loss_first": g[2][0], "loss_last": g[2][-1], "loss": g[2]}
                                        for layer, g in by_layer.items()} for b, by_layer in gates.items()}}
     (args.out / "sparse_learned.json").write_text(json.dumps(results, indent=1))
@@ -121,64 +131,65 @@ def main(argv=None) -> dict:
     return results
 
 
-def run_density(density: float, args, layers, variants, qkv, gates, several: bool) -> dict:
-    """Mass kept and share read of every variant at one density: {"density", "key_budget", "blocks", "mass":
-    {label: {layer: mass}}, "read": {label: {layer: share}}, "minference": {layer: patterns}}."""
-    t0 = time.perf_counter()
-    budget = max(1, round(density * args.length))
-    blocks = {b: max(1, round(density * args.length / b)) for _, b in variants}
-    run = {"density": density, "key_budget": budget, "blocks": {str(b): n for b, n in blocks.items()}, "mass": {},
-           "read": {}, "minference": {}}
+def new_run(density: float, length: int, variants) -> dict:
+    """One density's record: {"density", "key_budget", "blocks": {block: count}, "mass": {label: {layer: mass}},
+    "read": {label: {layer: share of the causal pairs}}, "minference": {layer: patterns}}."""
+    return {"density": density, "key_budget": max(1, round(density * length)),
+            "blocks": {str(b): max(1, round(density * length / b)) for n, b in variants if n in BLOCK_METHODS},
+            "mass": {}, "read": {},
+            "minference": {}}
 
-    def record(label, layer, value):
-        run["mass"].setdefault(label, {})[str(layer)] = value[0]
-        if value[1] is not None:   # the search's own estimate has no selection to count
-            run["read"].setdefault(label, {})[str(layer)] = value[1]
 
-    for name, block in variants:
-        if name == "minference":
-            path = args.out / (f"minference_patterns_{budget}.json" if several else "minference_patterns.json")
-            search = mi.search_model("smollm2", args.length, budget, layers, path, block_size=block)
-        for layer in layers:
-            q, k, _ = qkv[layer]
+def measure_layer(q, k, layer: int, runs: list[dict], variants, gates, searches) -> None:
+    """Every variant's selection at every density on one layer's q, k, their mass kept from one pass of the exact
+    softmax (mi.masses_kept), written into the runs."""
+    chosen = []   # (run, label, attn, inputs)
+    for run in runs:
+        budget = run["key_budget"]
+        for name, block in variants:
+            top = run["blocks"].get(str(block))
             if name == "topk":
-                record("topk oracle", layer, kept(q, k, az.get("topk", top_k=budget)))
+                chosen.append((run, "topk oracle", az.get("topk", top_k=budget), {}))
             elif name in ("moba", "quest"):
                 size = {"moba": "block_size", "quest": "page"}[name]
-                record(f"{name}:{block}", layer, kept(q, k, az.get(name, **{size: block, "top_k": blocks[block]})))
+                chosen.append((run, f"{name}:{block}", az.get(name, **{size: block, "top_k": top}), {}))
             elif name == "seer":
-                seer = az.get("seer", block_size=block, top_k=blocks[block])
+                seer = az.get("seer", block_size=block, top_k=top)
                 trained, untrained, _ = gates[block][layer]
-                record(f"seer:{block} trained", layer, kept(q, k, seer, **trained.inputs()))
-                record(f"seer:{block} untrained", layer, kept(q, k, seer, **untrained.inputs()))
-                record(f"seer:{block} identity gate", layer, kept(q, k, seer))
+                chosen += [(run, f"seer:{block} trained", seer, trained.inputs()),
+                           (run, f"seer:{block} untrained", seer, untrained.inputs()),
+                           (run, f"seer:{block} identity gate", seer, {})]
             else:
-                found = search["layers"][str(layer)]
+                found = searches[budget, block]["layers"][str(layer)]
                 uniform = {c: sum(m) / len(m) for c, m in found["mass"].items()}
                 best = max(uniform, key=uniform.get)
-                record(f"minference:{block} searched", layer,
-                       kept(q, k, az.get("minference", **mi.load_patterns(search, layer))))
-                record(f"minference:{block} best single pattern", layer, (uniform[best], None))
+                params = mi.load_patterns(searches[budget, block], layer)
+                chosen.append((run, f"minference:{block} searched", az.get("minference", **params), {}))
+                # the search's own estimate: no selection to count the pairs of
+                run["mass"].setdefault(f"minference:{block} searched", {})
+                run["mass"].setdefault(f"minference:{block} best single pattern", {})[str(layer)] = uniform[best]
                 run["minference"][str(layer)] = {"best_uniform_pattern": best, "heads": found["heads"]}
-    for table in (run["mass"], run["read"]):
-        for values in table.values():
-            values["mean"] = sum(values[str(x)] for x in layers) / len(layers)
-    run["seconds"] = time.perf_counter() - t0
-    return run
+    with torch.no_grad():
+        selections = [attn.selection(q, k, causal=True, **inputs) for _, _, attn, inputs in chosen]
+        masses = mi.masses_kept(q, k, selections)
+    for (run, label, _, _), sel, mass in zip(chosen, selections, masses):
+        run["mass"].setdefault(label, {})[str(layer)] = float(mass.mean())
+        run["read"].setdefault(label, {})[str(layer)] = causal_share(sel, q.shape[2])
 
 
 def show(results: dict) -> None:
     console = Console()
     layers = [str(x) for x in results["layers"]]
     for run in results["runs"]:
+        blocks = ", ".join(f"{n} of {b}" for b, n in run["blocks"].items())
         t = Table(title=f"SmolLM2, {results['length']} tokens: mass kept at density {run['density']:g} "
-                        f"({run['key_budget']} keys; blocks {run['blocks']}) [share of causal pairs read]")
+                        f"({run['key_budget']} keys; blocks: {blocks}); pairs read = share of the causal pairs")
         t.add_column("variant", no_wrap=True)
-        for c in (*(f"layer {x}" for x in layers), "mean"):
+        for c in (*(f"layer {x}" for x in layers), "mean", "pairs read"):
             t.add_column(c)
         for label, mass in run["mass"].items():
             read = run["read"].get(label)
-            t.add_row(label, *(f"{mass[x]:.3f}" + (f" [{read[x]:.3f}]" if read else "") for x in (*layers, "mean")))
+            t.add_row(label, *(f"{mass[x]:.3f}" for x in (*layers, "mean")), f"{read['mean']:.3f}" if read else "")
         console.print(t)
         if run["minference"]:
             t = Table(title=f"MInference patterns at {run['key_budget']} keys (heads A / VS / BS)")

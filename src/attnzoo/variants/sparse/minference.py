@@ -170,11 +170,16 @@ class MInference(SelectionVariant):
 def mass_kept(q, k, sel: Selection, causal: bool = True) -> torch.Tensor:
     """(Hq,): mean over batch rows and queries of the exact softmax mass on the selected keys, a tile of
     queries at a time (no Sq x Sk tensor)."""
+    return masses_kept(q, k, [sel], causal)[0]
+
+
+def masses_kept(q, k, selections: list[Selection], causal: bool = True) -> list[torch.Tensor]:
+    """`mass_kept` of each selection, each tile's exact softmax computed once for all of them."""
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
     acc = torch.promote_types(q.dtype, torch.float32)
     kk = k.to(acc).repeat_interleave(hq // k.shape[1], dim=1)
-    total = torch.zeros(hq, dtype=acc, device=q.device)
+    totals = [torch.zeros(hq, dtype=acc, device=q.device) for _ in selections]
     keys = torch.arange(sk, device=q.device).view(1, -1)
     for a in range(0, sq, QUERY_TILE):
         e = min(a + QUERY_TILE, sq)
@@ -183,11 +188,12 @@ def mass_kept(q, k, sel: Selection, causal: bool = True) -> torch.Tensor:
         if causal:
             scores = scores.masked_fill(keys > pos, -torch.inf)
         probs = torch.softmax(scores, dim=-1)
-        tok = sel.token_indices(slice(a, e))
-        chosen = torch.zeros(*tok.shape[:3], sk + 1, dtype=torch.bool, device=q.device)
-        chosen.scatter_(-1, torch.where(tok >= 0, tok, sk), True)
-        total += (probs * chosen[..., :sk]).sum((-1, -2)).sum(0)
-    return total / (b * sq)
+        for total, sel in zip(totals, selections):
+            tok = sel.token_indices(slice(a, e))
+            chosen = torch.zeros(*tok.shape[:3], sk + 1, dtype=torch.bool, device=q.device)
+            chosen.scatter_(-1, torch.where(tok >= 0, tok, sk), True)
+            total += (probs * chosen[..., :sk]).sum((-1, -2)).sum(0)
+    return [total / (b * sq) for total in totals]
 
 
 def search_patterns(q, k, budget: int, candidates=CANDIDATES, block_size: int = 64, last_q: int = 64) -> dict:
