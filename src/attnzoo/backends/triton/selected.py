@@ -97,8 +97,8 @@ def selection_layout(sel: Selection, call: Call, block_m: int, block_n: int, lis
     full = touched & everyone & clean
     part = touched & ~full
     lists = bs.tile_lists(full, part, forward=lists != "transposed", transposed=lists != "forward")
-    return bs.Layout(block_m, block_n, *lists[:5], _bits(chosen, group, sel.block, call, part, block_m, block_n),
-                     *lists[5:], s.q_heads * nq, nq, s.q_heads * nk, nk)
+    bits = _bits(chosen, group, sel.block, call, part, clean, block_m, block_n)
+    return bs.Layout(block_m, block_n, *lists[:5], bits, *lists[5:], s.q_heads * nq, nq, s.q_heads * nk, nk)
 
 
 def _as_int32(words: torch.Tensor) -> torch.Tensor:
@@ -106,13 +106,13 @@ def _as_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def _bits(chosen, group: int, block: int, call: Call, part, block_m: int, block_n: int) -> torch.Tensor:
+def _bits(chosen, group: int, block: int, call: Call, part, clean, block_m: int, block_n: int) -> torch.Tensor:
     """int32 (tiles, BM, BN / 32) in tile-id order, built word by word (never per key): each query's choice of the
-    tile's key block(s) (row query // group of `chosen`), and with it causality and the sequence end, which in a
-    tile row always allow a prefix of its keys."""
+    tile's key block(s) (row query // group of `chosen`), and on the tiles that `clean` leaves out causality and
+    the sequence end, which in a tile row allow a prefix of its keys."""
     s = call.shapes
     dev = chosen.device
-    coords = part.nonzero()                               # (tiles, 4): b, h, i, j (the one device sync)
+    coords = part.nonzero()                               # (tiles, 4): b, h, i, j (a device sync)
     b, h, i, j = (x.view(-1, 1) for x in coords.unbind(1))
     rows = i * block_m + torch.arange(block_m, device=dev).view(1, -1)                    # (T, BM)
     words = block_n // 32
@@ -131,11 +131,15 @@ def _bits(chosen, group: int, block: int, call: Call, part, block_m: int, block_
             shifts = torch.arange(m, device=dev) * block
             parts = row_in.view(*row_in.shape[:2], words, m).to(torch.int64) * (((1 << block) - 1) << shifts)
             out = _as_int32(parts.sum(-1))
-    allowed = (s.sk - j * block_n).expand(-1, block_m)                                     # keys before Sk
-    if call.causal:
-        allowed = torch.minimum(allowed, rows + s.offset + 1 - j * block_n)
-    n = (allowed.unsqueeze(-1) - 32 * torch.arange(words, device=dev)).clamp(0, 32)       # (T, BM, words)
-    return out & _as_int32((1 << n) - 1)
+    out = out.contiguous()
+    e = (~clean[i.view(-1), j.view(-1)]).nonzero().view(-1)   # tiles crossing the causal diagonal or Sk
+    if e.numel():
+        allowed = (s.sk - j[e] * block_n).expand(-1, block_m)                             # keys before Sk
+        if call.causal:
+            allowed = torch.minimum(allowed, rows[e] + s.offset + 1 - j[e] * block_n)
+        n = (allowed.unsqueeze(-1) - 32 * torch.arange(words, device=dev)).clamp(0, 32)   # (E, BM, words)
+        out[e] &= _as_int32((1 << n) - 1)
+    return out
 
 
 def why_not(variant, call: Call, q) -> str | None:
