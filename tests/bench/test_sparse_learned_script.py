@@ -1,8 +1,10 @@
-"""benchmarks/sparse_learned.py: its variant list and its count of the causal pairs a selection reads."""
+"""benchmarks/sparse_learned.py: its variant list, its count of the causal pairs a selection reads, and the
+mass kept of several selections from one softmax pass (minference.masses_kept)."""
 from __future__ import annotations
 
-import importlib.util
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,10 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sparse_learned.py
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("sparse_learned", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return SimpleNamespace(**runpy.run_path(str(SCRIPT), run_name="sparse_learned"))
 
 
 def test_variants_take_their_own_block_or_the_default(script):
