@@ -553,9 +553,9 @@ def _bf16_chunk(attn, q, k, v, scale):
     """FlashAttention's baseline: the torch chunk path on the kernels' operands in bf16 arithmetic (state too)."""
     from attnzoo.variants.linear._decay import normalise
 
-    ns = types.SimpleNamespace(shapes=types.SimpleNamespace(kv_heads=k.shape[1], sk=k.shape[2]), inputs={},
-                               scale=scale)
-    qk, kk, vv, g, sc, norm = L._operands(attn, q, k, v, ns)
+    shapes = types.SimpleNamespace(batch=k.shape[0], kv_heads=k.shape[1], sk=k.shape[2])
+    ns = types.SimpleNamespace(shapes=shapes, inputs={}, scale=scale)
+    qk, kk, vv, g, sc, norm, _, _ = L._operands(attn, q, k, v, ns)
     state = torch.zeros(k.shape[0], k.shape[1], kk.shape[-1], vv.shape[-1], dtype=q.dtype, device=q.device)
     o = decay_chunk(qk, kk, vv, g, sc, state, 64)[0]
     return normalise(o) if norm else o

@@ -44,7 +44,14 @@ def retrieval_presses() -> list:
             kv.get("head_roles", ratio=0.78, examples=4) + q4]
 
 
-PRESS_SETS = {"main": presses, "retrieval": retrieval_presses}
+def core_presses() -> list:
+    """The frontier's reference rows: quantization alone, eviction + int4, eviction alone (ragged)."""
+    q4 = kv.get("kv_quant", bits=4)
+    return [kv.compose(q4), kv.get("snapkv", ratio=0.5) + q4, kv.get("razor", ratio=0.78) + q4,
+            kv.compose(kv.get("razor", ratio=0.78))]
+
+
+PRESS_SETS = {"main": presses, "retrieval": retrieval_presses, "core": core_presses}
 
 
 def markdown(summary: list[dict]) -> str:

@@ -64,11 +64,14 @@ def _needles(task: str, rng: random.Random) -> tuple[str, list[str], str, tuple[
     magic = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
              "I will quiz you about the numbers afterwards.\n\n")
     if task == "passkey":
+        # InfiniteBench's passkey form with its number_string wording: asked for "the pass key" over a
+        # haystack of Python documentation (`pass`, key functions), the chat-tuned SmolLM2 explained the
+        # Python term ("a Python function that allows you to pass") instead of copying the number.
         key = _digits(rng, 5)
-        return ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize "
-                "it. I will quiz you about the pass key.\n\n",
-                [f"The pass key is {key}. Remember it. {key} is the pass key."],
-                "What is the pass key?\nThe pass key is", (key,), 8, False)
+        return ("There is an important sequence of digits hidden inside a lot of irrelevant text. Find it and "
+                "memorize it. I will quiz you about the sequence of digits.\n\n",
+                [f"The sequence of digits is {key}. Remember it. {key} is the sequence of digits."],
+                "What is the sequence of digits?\nThe sequence of digits is", (key,), 8, False)
     if task == "niah_single":
         key, value = _key(rng), _digits(rng, 7)
         return (magic, [f"One of the special magic numbers for {key} is: {value}."],

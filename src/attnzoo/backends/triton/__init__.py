@@ -44,7 +44,7 @@ def _auto_why_not(variant, call, q):
 if blocksparse.TRITON_ERROR is None:  # no triton: no `triton` backend
     register_backend(Backend(
         "triton", 40, _why_not, _run, serves=_serves, auto_why_not=_auto_why_not,
-        doc="Triton kernels: chunked decaying-state linear attention (gla, retention, lightning, linear, based), "
-            "block-sparse exact softmax attention for mask variants and for content-sparse selections; forward and "
-            "backward, on CUDA"),
+        doc="Triton kernels: chunked decaying-state linear attention (gla, retention, lightning, linear, based, "
+            "cosine), block-sparse exact softmax attention for mask variants and for content-sparse selections; "
+            "forward and backward, on CUDA"),
         replace=True)

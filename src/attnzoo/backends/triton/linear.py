@@ -1,5 +1,5 @@
 """Triton kernels for the decaying-state linear attention of `variants/linear/_decay.py`, and the
-`triton` backend that runs them for `gla`, `retention`, `lightning`, `linear` and `based`.
+`triton` backend that runs them for `gla`, `retention`, `lightning`, `linear`, `based` and `cosine`.
 
     S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,        o_t = scale * q_t S_t
 
@@ -27,7 +27,8 @@ chunk plus rowsum(H_{n+1} * dH_{n+1}) for everything after it (GQA: summed over 
 
 Feature-map variants (`linear`, `based`: Taylor features of 1 + D + D^2 entries) run the same kernels on
 phi(q), phi(k); the normalised ones divide by the normaliser z, carried as a column of ones appended to the
-values (the torch path's layout: the state's last column is z).
+values (the torch path's layout: the state's last column is z). `cosine` runs them on L2-normalised q/k and
+position-scaled values; its state's extra row (tokens seen) stays outside the kernels.
 
 Query heads read their KV head's state (GQA without copies); KV-side gradients sum the group in-kernel.
 If a kernel fails to compile or launch, the call falls back to the torch chunk path with a one-time
@@ -55,7 +56,7 @@ SUB = 16            # GLA's sub-chunk (16 x 16 blocks of the C x C tile)
 # inputs' 16-bit dtype: more precise, 1.2-4x slower on an H200. The states always accumulate in float32; by
 # default they are stored per chunk in the inputs' dtype (as fla does), which passes FlashAttention's rule.
 HIGH_PRECISION = False
-SERVED = ("gla", "retention", "lightning", "linear", "based")
+SERVED = ("gla", "retention", "lightning", "linear", "based", "cosine")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -906,16 +907,26 @@ def why_not(variant, call, q) -> str | None:
     return None
 
 
-def _operands(variant, q, k, v, call):
-    """(q, k, v, log gates, scale, normalised) for the kernels: feature maps applied (in float32, then the inputs'
-    dtype), fixed decays as per-head log gates, a column of ones on the values where the variant normalises."""
+def _operands(variant, q, k, v, call, h0=None):
+    """What the kernels compute for this variant: (q, k, v, log gates, scale, normalised, initial state, tokens
+    seen before (cosine) or None). Feature maps in float32, then the inputs' dtype; fixed decays as per-head log
+    gates; a column of ones on the values where the variant normalises; cosine's values scaled by position."""
     s = call.shapes
     if variant.name == "gla":
-        return q, k, v, call.inputs["g"], call.scale, False
+        return q, k, v, call.inputs["g"], call.scale, False, h0, None
     if variant.name in ("retention", "lightning"):
         like = torch.empty(0, dtype=torch.float64, device=q.device)
         logg = variant.decays(s.kv_heads, like).log().float()
-        return q, k, v, logg.view(1, -1, 1).expand(1, s.kv_heads, s.sk), call.scale, False
+        return q, k, v, logg.view(1, -1, 1).expand(1, s.kv_heads, s.sk), call.scale, False, h0, None
+    if variant.name == "cosine":
+        from ...variants.linear.cosine.naive import l2_normalise, position_scaled_values, split_state
+
+        n0 = torch.zeros(s.batch, s.kv_heads, 1, 1, device=q.device)
+        if h0 is not None:
+            h0, n0 = split_state(h0.float())
+        vs = position_scaled_values(v, n0, variant.powers(s.kv_heads, n0), torch.float32).to(v.dtype)
+        qk, kk = l2_normalise(q.float()).to(q.dtype), l2_normalise(k.float()).to(k.dtype)
+        return qk, kk, vs, None, call.scale, False, h0, n0
     from ...variants.linear._decay import with_ones
 
     if variant.name == "based":  # the Taylor features hold sqrt(scale): the kernels multiply by 1
@@ -928,7 +939,7 @@ def _operands(variant, q, k, v, call):
         phi = FEATURE_MAPS[variant.config["feature_map"]]
         fq, fk, scale = phi(q.float()), phi(k.float()), call.scale
     norm = bool(variant.config["normalize"])
-    return fq.to(q.dtype), fk.to(k.dtype), (with_ones(v) if norm else v), None, scale, norm
+    return fq.to(q.dtype), fk.to(k.dtype), (with_ones(v) if norm else v), None, scale, norm, h0, None
 
 
 def _run_kernels(variant, q, k, v, call, h0):
@@ -936,12 +947,16 @@ def _run_kernels(variant, q, k, v, call, h0):
 
     s = call.shapes
     opts = getattr(call, "options", None) or {}
-    qk, kk, vv, g, scale, norm = _operands(variant, q, k, v, call)
+    qk, kk, vv, g, scale, norm, h0, n0 = _operands(variant, q, k, v, call, h0)
     if s.sq < s.sk:  # cross pattern: queries are the last Sq positions; earlier keys only build the state
         qk = torch.cat([qk.new_zeros(s.batch, s.q_heads, s.sk - s.sq, qk.shape[-1]), qk], dim=2)
     o, ht = _launch(qk, kk, vv, g, scale, h0, bool(opts.get("output_final_state")))
     o = o[:, :, s.sk - s.sq:]
     o = normalise(o) if norm else o
+    if n0 is not None and ht is not None:  # cosine: the state carries the tokens seen as its last row
+        from ...variants.linear.cosine.naive import join_state
+
+        ht = join_state(ht, n0 + s.sk)
     return (o, ht) if opts.get("output_final_state") else o
 
 
@@ -962,7 +977,7 @@ def backend():
 
     return Backend("triton", 40, why_not, run, serves=serves,
                    doc="Triton chunk kernels for decaying-state linear attention (gla, retention, lightning, "
-                       "linear, based): forward and backward, on CUDA")
+                       "linear, based, cosine): forward and backward, on CUDA")
 
 
 __all__ = ["chunk_decay", "chunk_decay_fwd", "chunk_decay_bwd", "why_not", "run", "serves", "backend",
