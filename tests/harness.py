@@ -1,6 +1,10 @@
 """Shared checks for exact variants: fast path == reference, FlashAttention's low-precision rule."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -88,3 +92,13 @@ def assert_reference_rule(attn, q, k, v, causal, dtype, backend="torch", **input
     base = reference_error(attn, q, k, v, causal, dtype, **inputs)
     assert ours <= 2 * base + 1e-6, f"{attn!r} {dtype}: ours {ours:.3e} > 2 x reference-in-dtype {base:.3e}"
     return ours, base
+
+
+def run_under_triton_interpreter(script: str, **env: str) -> str:
+    """Runs `script` in a fresh Python with TRITON_INTERPRET=1 (Triton's CPU interpreter: kernels on CPU tensors),
+    asserts it succeeded and printed its WORST errors line, and returns its stdout."""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1500,
+                         env=dict(os.environ, TRITON_INTERPRET="1", **env))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert "WORST" in out.stdout
+    return out.stdout

@@ -9,15 +9,12 @@
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import qkv
+from harness import qkv, run_under_triton_interpreter
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -188,10 +185,7 @@ INTERPRETED = textwrap.dedent(r"""
 
 def test_kernels_under_the_triton_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=1500)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    assert "WORST" in out.stdout
+    run_under_triton_interpreter(INTERPRETED)
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------------------------

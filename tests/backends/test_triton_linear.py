@@ -8,9 +8,6 @@ and based, with and without their normaliser).
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 import types
 import warnings
@@ -18,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import run_under_triton_interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -225,10 +223,7 @@ INTERPRETED = textwrap.dedent(r"""
 
 
 def test_kernels_under_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
-    out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=1500)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    assert "WORST" in out.stdout
+    run_under_triton_interpreter(INTERPRETED, TRITON_DEFAULT_FP_FUSION="1")
 
 
 # ---- on a GPU ---------------------------------------------------------------------------------------------------

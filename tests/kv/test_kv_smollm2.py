@@ -31,7 +31,7 @@ def test_ratio_zero_is_bit_identical_on_smollm2(smollm2, text, plain_logits, nam
 
 def test_passkey_survives_snapkv_through_generate(smollm2):
     model, tok = smollm2
-    sample = tasks.make_sample("passkey", tok, 500, 0.3, seed=1)
+    sample = tasks.make_sample("passkey", tok, 500, 0.3, seed=2)
     prompt = tasks.make_prompt(sample, tok)
     x = torch.cat([prompt.context_ids, prompt.question_ids], dim=1)
     plain = model.generate(x, max_new_tokens=8, do_sample=False)

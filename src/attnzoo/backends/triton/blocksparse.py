@@ -481,12 +481,16 @@ def backward(q, k, v, o, lse, do, lay: Layout, lay_kv: Layout, scale: float):
     return dq, dk, dv
 
 
-class _BlockSparse(torch.autograd.Function):
+class BlockSparse(torch.autograd.Function):
+    """The kernels under autograd: `apply(q, k, v, lay, scale, tables)`, `lay` the forward's tables and `tables`
+    what the backward needs: `.backward_layout()` (dK/dV's transposed lists) and `.fallback(q, k, v)` (the output
+    by another path, differentiated when a backward kernel fails)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, lay, scale, variant, call):
+    def forward(ctx, q, k, v, lay, scale, tables):
         o, lse = forward(q, k, v, lay, scale)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.lay, ctx.scale, ctx.variant, ctx.call = lay, scale, variant, call
+        ctx.lay, ctx.scale, ctx.tables = lay, scale, tables
         return o
 
     @staticmethod
@@ -494,19 +498,25 @@ class _BlockSparse(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         try:
-            lay_kv = layout_for(ctx.variant, ctx.call, BWD_BLOCK_M, BWD_BLOCK_N)
-            dq, dk, dv = backward(q, k, v, o, lse, do, ctx.lay, lay_kv, ctx.scale)
+            dq, dk, dv = backward(q, k, v, o, lse, do, ctx.lay, ctx.tables.backward_layout(), ctx.scale)
         except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
             _warn_once("backward", err)
-            dq, dk, dv = _fallback_grads(ctx, q, k, v, do)
-        return dq, dk, dv, None, None, None, None
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+                dq, dk, dv = torch.autograd.grad(ctx.tables.fallback(*leaves), leaves, do)
+        return dq, dk, dv, None, None, None
 
 
-def _fallback_grads(ctx, q, k, v, do):
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = _fallback(ctx.variant, *leaves, ctx.call)
-        return torch.autograd.grad(out, leaves, do)
+@dataclass
+class _MaskTables:
+    variant: SoftmaxVariant
+    call: Call
+
+    def backward_layout(self) -> Layout:
+        return layout_for(self.variant, self.call, BWD_BLOCK_M, BWD_BLOCK_N)
+
+    def fallback(self, q, k, v):
+        return _fallback(self.variant, q, k, v, self.call)
 
 
 # ---- the backend ------------------------------------------------------------------------------------------------------
@@ -561,12 +571,12 @@ def run(variant, q, k, v, call: Call):
         lay = layout_for(variant, call)
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            return _BlockSparse.apply(q, k, v, lay, call.scale, variant, call)
+            return BlockSparse.apply(q, k, v, lay, call.scale, _MaskTables(variant, call))
         return forward(q, k, v, lay, call.scale)[0]
     except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
         _warn_once("forward", err)
         return _fallback(variant, q, k, v, call)
 
 
-__all__ = ["BLOCK_M", "BLOCK_N", "Layout", "backward", "build_layout", "forward", "layout_for", "run",
+__all__ = ["BLOCK_M", "BLOCK_N", "BlockSparse", "Layout", "backward", "build_layout", "forward", "layout_for", "run",
            "serves", "stats", "tile_lists", "why_not"]

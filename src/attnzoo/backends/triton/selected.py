@@ -20,6 +20,8 @@ fails to compile or launch falls back to the torch path (`attend_selected`) with
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ...core.selection import Selection, SelectionVariant, attend_selected
@@ -170,28 +172,29 @@ def forward_block_m(sel: Selection) -> int:
     return 128 if sel.block >= 128 else 64
 
 
-class _Selected(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, sel, call):
-        lay = selection_layout(sel, call, forward_block_m(sel), bs.BLOCK_N, "forward")
-        o, lse = bs.forward(q, k, v, lay, call.scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.lay, ctx.sel, ctx.call = lay, sel, call
-        return o
+@dataclass
+class _SelectionTables:
+    """What the block-sparse kernels' backward needs for a selection (blocksparse.BlockSparse)."""
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        try:
-            lay_kv = selection_layout(ctx.sel, ctx.call, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N, "transposed")
-            dq, dk, dv = bs.backward(q, k, v, o, lse, do, ctx.lay, lay_kv, ctx.call.scale)
-        except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
-            bs._warn_once("backward", err)
-            with torch.enable_grad():
-                leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-                dq, dk, dv = torch.autograd.grad(attend_selected(*leaves, ctx.sel, ctx.call), leaves, do)
-        return dq, dk, dv, None, None
+    sel: Selection
+    call: Call
+
+    def forward_layout(self) -> bs.Layout:
+        return selection_layout(self.sel, self.call, forward_block_m(self.sel), bs.BLOCK_N, "forward")
+
+    def backward_layout(self) -> bs.Layout:
+        return selection_layout(self.sel, self.call, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N, "transposed")
+
+    def fallback(self, q, k, v):
+        return attend_selected(q, k, v, self.sel, self.call)
+
+
+def attend(q, k, v, sel: Selection, call: Call):
+    """Exact softmax over `sel` (and causality) through the kernels, differentiable in q, k, v."""
+    tables = _SelectionTables(sel, call)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return bs.BlockSparse.apply(q, k, v, tables.forward_layout(), call.scale, tables)
+    return bs.forward(q, k, v, tables.forward_layout(), call.scale)[0]
 
 
 def run(variant, q, k, v, call: Call):
@@ -201,13 +204,10 @@ def run(variant, q, k, v, call: Call):
                          f">= {MIN_BLOCK} keys tiling {bs.BLOCK_N}- and {bs.BWD_BLOCK_N}-key tiles")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     try:
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            return _Selected.apply(q, k, v, sel, call)
-        lay = selection_layout(sel, call, forward_block_m(sel), bs.BLOCK_N, "forward")
-        return bs.forward(q, k, v, lay, call.scale)[0]
+        return attend(q, k, v, sel, call)
     except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
         bs._warn_once("forward", err)
         return attend_selected(q, k, v, sel, call)
 
 
-__all__ = ["forward_block_m", "run", "selection_layout", "serves", "why_not"]
+__all__ = ["attend", "forward_block_m", "run", "selection_layout", "serves", "why_not"]
