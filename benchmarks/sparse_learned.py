@@ -109,9 +109,9 @@ def main(argv=None) -> dict:
     for run in runs:
         for name, block in variants:
             if name == "minference":
-                name = "minference_patterns" + (f"_{run['key_budget']}" if len(runs) > 1 else "") + ".json"
+                path = args.out / ("minference_patterns" + (f"_{run['key_budget']}" if len(runs) > 1 else "") + ".json")
                 searches[run["key_budget"], block] = mi.search_model("smollm2", args.length, run["key_budget"],
-                                                                     layers, args.out / name, block_size=block)
+                                                                     layers, path, block_size=block)
     for layer in track(layers, description="mass kept"):
         q, k, _ = qkv[layer]
         measure_layer(q, k, layer, runs, variants, gates, searches)
@@ -120,7 +120,8 @@ def main(argv=None) -> dict:
             for values in table.values():
                 values["mean"] = sum(values[str(x)] for x in layers) / len(layers)
     results = {"model": "smollm2", "length": args.length, "layers": layers, "densities": densities,
-               "block_size": args.block_size, "variants": [f"{n}:{b}" for n, b in variants], "steps": args.steps,
+               "block_size": args.block_size, "steps": args.steps,
+               "variants": [f"{n}:{b}" if n in BLOCK_METHODS else n for n, b in variants],
                "capture": info, "seconds": time.perf_counter() - t0, "distill_seconds": distill_seconds,
                "mass_seconds": time.perf_counter() - t1, "runs": runs,
                "seer_gates": {str(b): {str(layer): {"loss_first": g[2][0], "loss_last": g[2][-1], "loss": g[2]}
@@ -136,8 +137,7 @@ def new_run(density: float, length: int, variants) -> dict:
     "read": {label: {layer: share of the causal pairs}}, "minference": {layer: patterns}}."""
     return {"density": density, "key_budget": max(1, round(density * length)),
             "blocks": {str(b): max(1, round(density * length / b)) for n, b in variants if n in BLOCK_METHODS},
-            "mass": {}, "read": {},
-            "minference": {}}
+            "mass": {}, "read": {}, "minference": {}}
 
 
 def measure_layer(q, k, layer: int, runs: list[dict], variants, gates, searches) -> None:
@@ -165,9 +165,9 @@ def measure_layer(q, k, layer: int, runs: list[dict], variants, gates, searches)
                 best = max(uniform, key=uniform.get)
                 params = mi.load_patterns(searches[budget, block], layer)
                 chosen.append((run, f"minference:{block} searched", az.get("minference", **params), {}))
+                run["mass"].setdefault(f"minference:{block} searched", {})   # its row first in the tables
                 # the search's own estimate: no selection to count the pairs of
-                run["mass"].setdefault(f"minference:{block} searched", {})
-                run["mass"].setdefault(f"minference:{block} best single pattern", {})[str(layer)] = uniform[best]
+                run["mass"].setdefault(f"minference:{block} best uniform", {})[str(layer)] = uniform[best]
                 run["minference"][str(layer)] = {"best_uniform_pattern": best, "heads": found["heads"]}
     with torch.no_grad():
         selections = [attn.selection(q, k, causal=True, **inputs) for _, _, attn, inputs in chosen]
@@ -183,9 +183,9 @@ def show(results: dict) -> None:
     for run in results["runs"]:
         blocks = ", ".join(f"{n} of {b}" for b, n in run["blocks"].items())
         t = Table(title=f"SmolLM2, {results['length']} tokens: mass kept at density {run['density']:g} "
-                        f"({run['key_budget']} keys; blocks: {blocks}); pairs read = share of the causal pairs")
+                        f"({run['key_budget']} keys; blocks: {blocks}); read = share of the causal pairs")
         t.add_column("variant", no_wrap=True)
-        for c in (*(f"layer {x}" for x in layers), "mean", "pairs read"):
+        for c in (*(f"L{x}" for x in layers), "mean", "read"):
             t.add_column(c)
         for label, mass in run["mass"].items():
             read = run["read"].get(label)
@@ -209,7 +209,8 @@ def show(results: dict) -> None:
 def report(results: dict) -> str:
     """One self-contained page: mass kept per variant and layer as grouped bars at each density and the
     distillation curves (plotly, inlined), or the JSON alone without plotly."""
-    body = f"<h1>Fitted content-sparse attention on SmolLM2</h1><pre>{html.escape(json.dumps({k: v for k, v in results.items() if k not in ('runs', 'seer_gates')}, indent=1))}</pre>"
+    settings = html.escape(json.dumps({k: v for k, v in results.items() if k not in ("runs", "seer_gates")}, indent=1))
+    body = f"<h1>Fitted content-sparse attention on SmolLM2</h1><pre>{settings}</pre>"
     try:
         import plotly.graph_objects as go
         from plotly.offline import get_plotlyjs
