@@ -30,6 +30,7 @@ from attnzoo.backends.distributed.kernels import (
 from attnzoo.backends.distributed.problem import Problem
 from attnzoo.backends.distributed.strategies import _Tiles
 from attnzoo.backends.distributed.view import global_call
+from harness import run_under_triton_interpreter
 
 TOL = 1e-10
 
@@ -238,6 +239,87 @@ def test_flash_band_tiles_fuzz(data):
     _close(out, pick(ref, qs), "out")
     for t, r, segs, n in zip(loc, ref_in, (qs, ks, ks), "qkv"):
         _close(t.grad, pick(r.grad, segs), f"d{n}")
+
+
+TRITON_TILES = """
+import torch, attnzoo as az
+from attnzoo.backends.distributed.kernels import TritonKernel
+from attnzoo.backends.distributed.problem import Problem
+from attnzoo.backends.distributed.strategies import _Tiles
+from attnzoo.backends.distributed.view import global_call
+torch.manual_seed(0)
+s, worst = 70, {}
+ids = torch.zeros(2, s, dtype=torch.long)
+ids[:, 25:] = 1
+ids[:, 48:] = 2
+ids[1] = torch.arange(s) * 3 // s
+qs, ks = ((5, 30), (40, 25)), ((0, 20), (20, 35), (55, 15))
+pick = lambda t, segs: torch.cat([t[:, :, a:a + n] for a, n in segs], 2)
+for tag, attn, causal, inputs, dtype in (
+        ("document", az.get("document"), True, {"document_ids": ids}, torch.float32),
+        ("window", az.get("sliding_window", window=9), True, {}, torch.float32),
+        ("prefix", az.get("prefix_lm", prefix=20), False, {}, torch.float32),
+        ("full", az.get("full"), True, {}, torch.float32),
+        ("document.fp16", az.get("document"), False, {"document_ids": ids}, torch.float16)):
+    q, k, v, dout = (torch.randn(2, h, s, 16, dtype=torch.float64) for h in (4, 2, 2, 4))
+    rows = torch.zeros(s, 1, dtype=torch.float64)
+    for a, n in qs:
+        rows[a:a + n] = 1
+    dout = dout * rows
+    low = [t.to(dtype) for t in (q, k, v)]
+    ref_in = [t.double().requires_grad_() for t in low]
+    ref = attn.reference(*ref_in, causal=causal, **inputs)
+    ref.backward(dout)
+    gcall = global_call(attn, *low, causal, 16 ** -0.5, s, inputs)
+    problem = Problem(attn, gcall, [list(qs)], TritonKernel())
+    loc = [pick(t, segs).clone().requires_grad_() for t, segs in ((low[0], qs), (low[1], ks), (low[2], ks))]
+    out = _Tiles.apply(*loc, problem, qs, ks)
+    out.backward(pick(dout, qs).to(dtype))
+    for n, a, r in (("o", out, pick(ref, qs)), ("dq", loc[0].grad, pick(ref_in[0].grad, qs)),
+                    ("dk", loc[1].grad, pick(ref_in[1].grad, ks)), ("dv", loc[2].grad, pick(ref_in[2].grad, ks))):
+        worst[tag + "." + n] = ((a.double() - r).norm() / r.norm()).item()
+    tile = problem.tiles(list(qs), list(ks))[0]
+    g = problem.kernel.backward(pick(dout, qs)[:, :, :tile[1]].to(dtype), loc[0][:, :, :tile[1]].detach(),
+                                loc[1][:, :, tile[2]:tile[2] + tile[3]].detach(),
+                                loc[2][:, :, tile[2]:tile[2] + tile[3]].detach(),
+                                out[:, :, :tile[1]].detach().float(), torch.zeros(2, 4, tile[1]), tile[4])
+    assert all(x.dtype == torch.float32 for x in g), [x.dtype for x in g]   # partial gradients in float32
+print("WORST", worst)
+bad = {k: v for k, v in worst.items() if v > (1e-5 if "fp16" not in k else 2e-3)}
+assert not bad, bad
+"""
+
+
+def test_triton_tile_kernel_under_the_interpreter():
+    """The CUDA tile kernel for every mask (attnzoo's block-sparse Triton kernels on the tile's GlobalView),
+    run by Triton's CPU interpreter: queries in two segments against keys in three, documents / window /
+    prefix-LM / causal, GQA, merged, forward and backward, against the float64 definition; its partial
+    gradients come out in float32 for 16-bit inputs."""
+    pytest.importorskip("triton")
+    run_under_triton_interpreter(TRITON_TILES)
+
+
+def test_cuda_tile_kernel_choice():
+    from attnzoo.backends.distributed.kernels import TritonKernel, kernel_for
+
+    cuda_q = torch.empty(0, dtype=torch.bfloat16, device="meta")
+    cuda_q = type("Q", (), {"device": torch.device("cuda"), "dtype": torch.bfloat16})()
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    causal = az.get("full")
+    gcall = global_call(causal, q, k, v, True, None, 16, {})
+    assert isinstance(kernel_for(causal, gcall, cuda_q), FlashKernel)
+    assert "band masks" in kernel_for(az.get("document"), gcall, cuda_q, "flash")
+    from attnzoo.backends.triton import blocksparse as bs
+
+    if bs.TRITON_ERROR is None:
+        assert isinstance(kernel_for(causal, gcall, cuda_q, "triton"), TritonKernel)
+        assert isinstance(kernel_for(az.get("document"), gcall, cuda_q), TritonKernel)
+        assert "score" in kernel_for(az.get("alibi", heads=2), gcall, cuda_q)
+    else:
+        assert "triton" in kernel_for(az.get("document"), gcall, cuda_q)
+    with pytest.raises(ValueError, match="tile_kernel must be one of"):
+        with context_parallel(tile_kernel="fast"):
+            pass
 
 
 def test_communication_plan_structure():

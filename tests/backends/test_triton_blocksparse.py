@@ -163,6 +163,21 @@ INTERPRETED = textwrap.dedent(r"""
                 continue
             check(f"{str(dtype)[6:]}.{tag}", attn, causal, b, hq, hkv, sq, sk, d, dv, inputs, dtype)
 
+    # inputs that are slices of longer sequences (not dense): the gradients must not be written with their strides
+    q, k, v = torch.randn(1, 4, 90, 16), torch.randn(1, 2, 120, 16), torch.randn(1, 2, 120, 16)
+    attn = az.get("sliding_window", window=13)
+    sl = [t[:, :, 10:80].detach().requires_grad_() for t in (q, k, v)]
+    sliced = [t[:, :, 5:75] for t in sl]                     # views with the strides of the 90/120-token tensors
+    o = bs.run(attn, *sliced, attn.prepare(*sliced, True, None, {}))
+    ref_in = [t.detach().double().clone().requires_grad_() for t in sliced]
+    ro = attn.reference(*ref_in, causal=True)
+    do = torch.randn_like(ro)
+    (o.double() * do).sum().backward()
+    (ro * do).sum().backward()
+    for n, a, r in (("o", o, ro), *zip(("dq", "dk", "dv"), (t.grad[:, :, 5:75] for t in sl), (t.grad for t in ref_in))):
+        worst["float32.sliced." + n] = ((a.double() - r).norm() / r.norm()).item()
+    assert all((t.grad[:, :, :5] == 0).all() and (t.grad[:, :, 75:] == 0).all() for t in sl)
+
     # rows with no allowed key: queries of a document absent from the keys give zeros and zero gradients
     kd = ids(1, 64, (32,))
     qd = torch.full((1, 20), 7)

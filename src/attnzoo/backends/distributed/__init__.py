@@ -39,6 +39,7 @@ class ContextParallel:
     group: object
     strategy: str
     layout: str
+    tile_kernel: str = "auto"
     traffic: Traffic = field(default_factory=Traffic)
 
 
@@ -46,24 +47,32 @@ _ACTIVE: contextvars.ContextVar[ContextParallel | None] = contextvars.ContextVar
 
 
 @contextlib.contextmanager
-def context_parallel(group=None, *, strategy: str = DEFAULT_STRATEGY, layout: str = "contiguous"):
+def context_parallel(group=None, *, strategy: str = DEFAULT_STRATEGY, layout: str = "contiguous",
+                     tile_kernel: str = "auto"):
     """Run attnzoo attention sharded over `group` (None = the default group) inside the block.
 
     strategy: "ring" (default: structure-aware point-to-point, memory O(s_r) per rank, communication
     overlapped), "allgather" (gathers all keys/values: simplest, best when K/V are small, e.g. GQA) or
     "ulysses" (all-to-all over heads; needs Hq and Hkv divisible by the world size). layout: how the
     caller sharded the sequence, "contiguous" (rank r holds one run; lengths may differ) or "zigzag"
-    (chunks r and 2P-1-r of 2P: balances causal work; see `shard`). Yields a `ContextParallel` whose
-    `traffic` counts the bytes this rank sent and received."""
+    (chunks r and 2P-1-r of 2P: balances causal work; see `shard`). tile_kernel (CUDA): "auto" (PyTorch's
+    FlashAttention for band masks - full, causal, sliding_window - and attnzoo's triton kernels for every other
+    mask), "triton" (the triton kernels for all: partial gradients summed in float32, so bf16 gradients of keys
+    that several ranks use are rounded once; slower than flash) or "flash" (band masks only). Yields a
+    `ContextParallel` whose `traffic` counts the bytes this rank sent and received."""
     import torch.distributed as dist
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     check_layout(layout)
+    from .kernels import TILE_KERNELS
+
+    if tile_kernel not in TILE_KERNELS:
+        raise ValueError(f"tile_kernel must be one of {list(TILE_KERNELS)}, got {tile_kernel!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("context_parallel needs an initialised torch.distributed process group "
                            "(torch.distributed.init_process_group)")
-    cp = ContextParallel(group, strategy, layout)
+    cp = ContextParallel(group, strategy, layout, tile_kernel)
     token = _ACTIVE.set(cp)
     try:
         yield cp
@@ -91,7 +100,7 @@ def _why_not(variant, call, q, strategy: str | None = None) -> str | None:
         return f"{variant.name} is not an exact softmax mask variant nor a recurrent one"
     from .kernels import kernel_for
 
-    kernel = kernel_for(variant, call, q)
+    kernel = kernel_for(variant, call, q, _ACTIVE.get().tile_kernel)
     return kernel if isinstance(kernel, str) else None
 
 
@@ -130,7 +139,7 @@ def _run(variant, q, k, v, call, strategy: str | None = None):
         global_inputs[name] = t if seq_dim is None else reorder(gather_padded(t, lengths, seq_dim, group), segs,
                                                                 seq_dim)
     gcall = global_call(variant, q, k, v, call.causal, call.scale, sum(lengths), global_inputs)
-    kernel = kernel_for(variant, gcall, q)
+    kernel = kernel_for(variant, gcall, q, cp.tile_kernel)
     heads = (0, s.q_heads)
     if strategy == "ulysses":
         heads = (rank * s.q_heads // world, s.q_heads // world)

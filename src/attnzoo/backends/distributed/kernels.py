@@ -6,7 +6,10 @@ tiles the mask needs, masks from the variant's definition) on a `GlobalView`, so
 mask variant runs. `flash`: PyTorch's CUDA FlashAttention-2 (`aten._flash_attention_forward` /
 `_backward`) with its window arguments; it serves the band masks (full, causal, sliding_window) by
 cutting each tile to the rows and keys the band reaches and expressing the band in the kernel's
-bottom-right-aligned window. Both return float32 (float64 for float64 inputs) outputs and
+bottom-right-aligned window. `triton`: attnzoo's block-sparse Triton kernels on the same `GlobalView`, so
+every exact mask variant runs sharded on CUDA; their partial gradients come out in float32 and are summed
+over tiles and ranks before one rounding (flash's come out in the inputs' dtype, so a key used by several
+tiles is rounded once per tile). All return float32 (float64 for float64 inputs) outputs and
 log-sum-exps, -inf for rows that see no key of the tile.
 """
 from __future__ import annotations
@@ -215,15 +218,77 @@ def band_reference_bwd(dout, q, k, v, out, lse, scale, left, right):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-def kernel_for(base: SoftmaxVariant, call: Call, q: torch.Tensor):
-    """The tile kernel for this variant and q's device and dtype, or a string saying why there is none."""
+# ---- triton: the block-sparse kernels on a global view, every mask on CUDA -------------------------
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass
+class TritonTile:
+    view: GlobalView
+    call: Call
+    fwd: object = None   # blocksparse Layouts, built at first use (the tile object lives for one call)
+    bwd: object = None
+
+
+class TritonKernel:
+    name = "triton"
+
+    def tile(self, base, gcall, intervals, q_start, n, k_start, m, heads, kv_heads, h_start=0) -> TritonTile:
+        s = gcall.shapes
+        call = Call(Shapes(s.batch, heads, kv_heads, n, m, s.d, s.dv), gcall.scale, False, {}, gcall.device)
+        return TritonTile(GlobalView(base, gcall, intervals, q_start, k_start, h_start), call)
+
+    def _forward_layout(self, t: TritonTile):
+        from ..triton import blocksparse as bs
+
+        if t.fwd is None:  # built directly: the layout cache keys on local inputs, a view's are global
+            t.fwd = bs.build_layout(t.view, t.call)
+        return t.fwd
+
+    def forward(self, q, k, v, t: TritonTile):
+        from ..triton import blocksparse as bs
+
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        o, lse2 = bs.forward(q, k, v, self._forward_layout(t), t.call.scale)
+        lse = torch.where(torch.isposinf(lse2), -INF, lse2 / LOG2E)   # empty rows: +inf there, -inf here
+        return o.to(acc_dtype(q.dtype)), lse
+
+    def backward(self, dout, q, k, v, out, lse, t: TritonTile):
+        from ..triton import blocksparse as bs
+
+        if t.bwd is None:
+            t.bwd = bs.build_layout(t.view, t.call, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N)
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        lse2 = torch.where(torch.isneginf(lse), INF, lse * LOG2E).float().contiguous()
+        return bs.backward(q, k, v, out.contiguous(), lse2, dout.to(q.dtype).contiguous(), self._forward_layout(t),
+                           t.bwd, t.call.scale, grad_dtype=acc_dtype(q.dtype))
+
+
+TILE_KERNELS = ("auto", "flash", "triton")
+
+
+def kernel_for(base: SoftmaxVariant, call: Call, q: torch.Tensor, choice: str = "auto"):
+    """The tile kernel for this variant, q's device and dtype and the caller's `choice` ("auto": on CUDA flash
+    for band masks, triton for the others), or a string saying why there is none."""
     if q.device.type == "cpu":
         why = tb.fused_why_not(base, call, q)
         return CpuKernel() if why is None else f"the CPU tile kernel cannot serve it: {why}"
     if q.device.type == "cuda":
         band = band_of(base, call.causal)
-        if band is None:
-            return (f"on CUDA context parallelism runs band masks (full, causal, sliding_window) through "
-                    f"FlashAttention; {base.name} runs sharded on CPU only for now")
-        return FlashKernel(*band)
+        if choice != "triton" and band is not None:
+            return FlashKernel(*band)
+        if choice == "flash":
+            return (f"tile_kernel='flash' runs band masks (full, causal, sliding_window) only; {base.name} needs "
+                    "tile_kernel='triton' or 'auto'")
+        from ..triton import blocksparse as bs
+
+        if bs.TRITON_ERROR is not None:
+            return f"{base.name} runs sharded on CUDA through the triton kernels: {bs.TRITON_ERROR}"
+        s = call.shapes
+        if base.has_score or base.normalization != "softmax" or base.carries:
+            return f"the triton tile kernel runs masks without score modifiers; {base.name} has one"
+        if q.dtype not in bs.DTYPES or max(s.d, s.dv) > 256:
+            return f"the triton tile kernel takes float16/bfloat16/float32 and head dims <= 256, got {q.dtype}, D={s.d}"
+        return TritonKernel()
     return f"no tile kernel for device {q.device.type}"

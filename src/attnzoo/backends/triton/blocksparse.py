@@ -460,16 +460,28 @@ def forward(q, k, v, lay: Layout, scale: float):
     return o, lse
 
 
-def backward(q, k, v, o, lse, do, lay: Layout, lay_kv: Layout, scale: float):
-    """(dq, dk, dv): dQ over `lay` (the forward's tiles), dK/dV over `lay_kv`'s transposed lists."""
+def _with_grad_buffer(t: torch.Tensor, dtype: torch.dtype):
+    """(t, an empty gradient for it) with the same strides: the kernels write each gradient with its input's
+    strides. A view that is not dense (a slice of a longer sequence) is copied first, else the gradient's writes
+    would land outside its buffer."""
+    g = torch.empty_like(t, dtype=dtype)
+    if g.stride() != t.stride():
+        t = t.contiguous()
+        g = torch.empty_like(t, dtype=dtype)
+    return t, g
+
+
+def backward(q, k, v, o, lse, do, lay: Layout, lay_kv: Layout, scale: float, grad_dtype: torch.dtype | None = None):
+    """(dq, dk, dv): dQ over `lay` (the forward's tiles), dK/dV over `lay_kv`'s transposed lists; in `grad_dtype`
+    (default: the inputs'), e.g. float32 for partial gradients that a caller sums before rounding once."""
     b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    do = do.contiguous() if do.stride() != o.stride() else do
+    (q, dq), (k, dk), (v, dv) = (_with_grad_buffer(x, grad_dtype or x.dtype) for x in (q, k, v))
+    do = do if do.dtype == q.dtype and do.stride(-1) == 1 else do.to(q.dtype).contiguous()  # strides passed
     delta = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     sizes = _sizes(q, k, v, lay)
     _bwd_delta[(triton.cdiv(sq, 64), b * hq)](o, do, delta, sq, hq, *o.stride()[:3], *do.stride()[:3],
                                               DV=sizes["DV"], BDV=sizes["BDV"], BM=64)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _bwd_dq[(triton.cdiv(sq, lay.block_m), b * hq)](
         q, k, v, do, dq, lse, delta, lay.full_num, lay.full_idx, lay.part_num, lay.part_idx, lay.part_tile, lay.bits,
         sq, sk, hq, hq // hkv, scale * LOG2E, scale, lay.b_step, lay.h_step, lay.full_idx.shape[1],
