@@ -133,7 +133,15 @@ def one_gpu(mask: str, q, k, v):
 
 
 def variant_of(mask: str):
-    return ("full", {}) if mask == "causal" else ("sliding_window", {"window": WINDOW})
+    return {"causal": ("full", {}), "window": ("sliding_window", {"window": WINDOW}), "document": ("document", {})}[mask]
+
+
+def document_ids(s: int) -> torch.Tensor:
+    """Three documents of uneven lengths (3/8, 1/8, 1/2 of the sequence): boundaries inside ranks' shards."""
+    ids = torch.zeros(B, s, dtype=torch.long, device=DEVICE)
+    ids[:, 3 * s // 8:] = 1
+    ids[:, s // 2:] = 2
+    return ids
 
 
 def ours(mask: str, layout: str, q, k, v, world: int, rank: int):
@@ -141,29 +149,39 @@ def ours(mask: str, layout: str, q, k, v, world: int, rank: int):
     name, params = variant_of(mask)
     local = [shard(x.detach(), dim=2, layout=layout, world=world, rank=rank).contiguous().requires_grad_(x.requires_grad)
              for x in (q, k, v)]
+    if mask == "document":
+        params = {"document_ids": shard(document_ids(q.shape[2]), dim=1, layout=layout, world=world, rank=rank)}
     return local, lambda: az.attention(*local, variant=name, causal=True, **params)
 
 
 def check(world: int, rank: int, s: int = 8192) -> list[dict]:
-    """bf16 errors against a float32 reference (SDPA math, masked), ours vs one GPU's."""
+    """bf16 errors against a float32 reference (SDPA math, masked), ours vs one GPU's (flash for the band masks;
+    for documents, SDPA under the dense mask in bf16), per tile kernel (flash / triton on CUDA)."""
     rows = []
-    for mask, strategy, layout in (("causal", "ring", "zigzag"), ("causal", "ring", "contiguous"),
-                                   ("causal", "allgather", "zigzag"), ("causal", "ulysses", "contiguous"),
-                                   ("window", "ring", "contiguous"), ("window", "allgather", "contiguous")):
-        row = {"mask": mask, "strategy": strategy, "layout": layout, "seq_len": s}
+    for mask, strategy, layout, tiles in (
+            ("causal", "ring", "zigzag", "auto"), ("causal", "ring", "contiguous", "auto"),
+            ("causal", "allgather", "zigzag", "auto"), ("causal", "ulysses", "contiguous", "auto"),
+            ("window", "ring", "contiguous", "auto"), ("window", "allgather", "contiguous", "auto"),
+            ("causal", "ring", "zigzag", "triton"), ("window", "ring", "contiguous", "triton"),
+            ("document", "ring", "contiguous", "auto"), ("document", "allgather", "zigzag", "auto")):
+        row = {"mask": mask, "strategy": strategy, "layout": layout, "tile_kernel": tiles, "seq_len": s}
         try:
             q, k, v, dout = make(s, seed=1, grad=True)
             pos = torch.arange(s, device=DEVICE)
             allowed = pos.view(1, -1) <= pos.view(-1, 1)
             if mask == "window":
                 allowed &= pos.view(1, -1) >= pos.view(-1, 1) - WINDOW
+            if mask == "document":
+                ids = document_ids(s)[0]
+                allowed &= ids.view(1, -1) == ids.view(-1, 1)
             ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
             ref = F.scaled_dot_product_attention(*ref_in, attn_mask=allowed)
             ref.backward(dout.float())
-            single = one_gpu(mask, q, k, v)
+            single = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed) if mask == "document" else \
+                one_gpu(mask, q, k, v)
             single.backward(dout)
             local, run = ours(mask, layout, q, k, v, world, rank)
-            with context_parallel(strategy=strategy, layout=layout):
+            with context_parallel(strategy=strategy, layout=layout, tile_kernel=tiles):
                 out = run()
                 out.backward(shard(dout, dim=2, layout=layout, world=world, rank=rank))
 
@@ -245,14 +263,15 @@ def time_row(s: int, mask: str, backward: bool, impl: str, world: int, rank: int
             if backward:
                 o.backward(dout)
         mine["ms"] = timed(step, reps)
-    else:
-        layout = "zigzag" if mask == "causal" and impl == "ring" else "contiguous"
+    else:  # "ring", "allgather", or "<strategy>_triton": the same with the triton tile kernel
+        strategy, _, tiles = impl.partition("_")
+        layout = "zigzag" if mask == "causal" and strategy == "ring" else "contiguous"
         mine["layout"] = layout
         local, run = ours(mask, layout, q, k, v, world, rank)
         ldout = shard(dout, dim=2, layout=layout, world=world, rank=rank).contiguous()
         del q, k, v, dout  # this rank holds its shards only, as in training
         reset_memory()
-        with context_parallel(strategy=impl, layout=layout) as cp:
+        with context_parallel(strategy=strategy, layout=layout, tile_kernel=tiles or "auto") as cp:
             def step():
                 for x in local:
                     x.grad = None
@@ -278,6 +297,10 @@ def main() -> None:
     ap.add_argument("--lengths", default="65536,131072,262144,524288", help="total tokens, comma-separated")
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip timed rows past this many seconds")
     ap.add_argument("--simulate", action="store_true", help="only print the simulated 8-rank / multi-host table")
+    ap.add_argument("--check-only", action="store_true", help="the correctness check only (no timed rows)")
+    ap.add_argument("--impls", default="one_gpu,ring,allgather,torch_cp",
+                    help="timed implementations (also ring_triton: the ring with the triton tile kernel)")
+    ap.add_argument("--masks", default="causal,window")
     ap.add_argument("--smoke", action="store_true", help="CPU and gloo at tiny lengths (checks the script, times nothing "
                                                          "meaningful)")
     args = ap.parse_args()
@@ -317,14 +340,15 @@ def main() -> None:
     if rank == 0:
         for c in result["check"]:
             r0 = c["per_rank"][0]
-            print("check", r0["mask"], r0["strategy"], r0["layout"], "error" if "error" in r0 else
+            print("check", r0["mask"], r0["strategy"], r0["layout"], r0["tile_kernel"], "error" if "error" in r0 else
                   f"out {r0['out_err_ours']:.3g} (one GPU {r0['out_err_one_gpu']:.3g}) dq {r0['dq_err_ours']:.3g} "
-                  f"(one GPU {r0['dq_err_one_gpu']:.3g}) within 2x: {r0['within_2x_one_gpu']}", r0.get("error", ""))
+                  f"(one GPU {r0['dq_err_one_gpu']:.3g}) dk {r0['dk_err_ours']:.3g} (one GPU {r0['dk_err_one_gpu']:.3g}) "
+                  f"dv {r0['dv_err_ours']:.3g} (one GPU {r0['dv_err_one_gpu']:.3g}) within 2x: {r0['within_2x_one_gpu']}",
+                  r0.get("error", ""))
     plans = []
-    for s in [int(x) for x in args.lengths.split(",")]:
-        for mask in ("causal", "window"):
-            plans += [(s, mask, backward, impl) for backward in (False, True)
-                      for impl in ("one_gpu", "ring", "allgather", "torch_cp")]
+    for s in ([] if args.check_only else [int(x) for x in args.lengths.split(",")]):
+        for mask in args.masks.split(","):
+            plans += [(s, mask, backward, impl) for backward in (False, True) for impl in args.impls.split(",")]
     single_ms = {}
     for s, mask, backward, impl in plans:
         over = torch.tensor([time.time() - t0 > args.budget_s], device=DEVICE)
