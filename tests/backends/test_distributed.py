@@ -302,20 +302,22 @@ def test_triton_tile_kernel_under_the_interpreter():
 def test_cuda_tile_kernel_choice():
     from attnzoo.backends.distributed.kernels import TritonKernel, kernel_for
 
-    cuda_q = torch.empty(0, dtype=torch.bfloat16, device="meta")
     cuda_q = type("Q", (), {"device": torch.device("cuda"), "dtype": torch.bfloat16})()
     q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
-    causal = az.get("full")
+    causal, window = az.get("full"), az.get("sliding_window", window=4)
     gcall = global_call(causal, q, k, v, True, None, 16, {})
-    assert isinstance(kernel_for(causal, gcall, cuda_q), FlashKernel)
+    assert isinstance(kernel_for(causal, gcall, cuda_q, "flash"), FlashKernel)
+    assert isinstance(kernel_for(window, gcall, cuda_q), FlashKernel)           # auto: flash for windows
     assert "band masks" in kernel_for(az.get("document"), gcall, cuda_q, "flash")
     from attnzoo.backends.triton import blocksparse as bs
 
-    if bs.TRITON_ERROR is None:
-        assert isinstance(kernel_for(causal, gcall, cuda_q, "triton"), TritonKernel)
+    if bs.TRITON_ERROR is None:   # auto: triton for causal (bf16 dk/dv within the rule) and every other mask
+        assert isinstance(kernel_for(causal, gcall, cuda_q), TritonKernel)
+        assert isinstance(kernel_for(window, gcall, cuda_q, "triton"), TritonKernel)
         assert isinstance(kernel_for(az.get("document"), gcall, cuda_q), TritonKernel)
         assert "score" in kernel_for(az.get("alibi", heads=2), gcall, cuda_q)
     else:
+        assert isinstance(kernel_for(causal, gcall, cuda_q), FlashKernel)
         assert "triton" in kernel_for(az.get("document"), gcall, cuda_q)
     with pytest.raises(ValueError, match="tile_kernel must be one of"):
         with context_parallel(tile_kernel="fast"):

@@ -56,9 +56,9 @@ def context_parallel(group=None, *, strategy: str = DEFAULT_STRATEGY, layout: st
     "ulysses" (all-to-all over heads; needs Hq and Hkv divisible by the world size). layout: how the
     caller sharded the sequence, "contiguous" (rank r holds one run; lengths may differ) or "zigzag"
     (chunks r and 2P-1-r of 2P: balances causal work; see `shard`). tile_kernel (CUDA): "auto" (PyTorch's
-    FlashAttention for band masks - full, causal, sliding_window - and attnzoo's triton kernels for every other
-    mask), "triton" (the triton kernels for all: partial gradients summed in float32, so bf16 gradients of keys
-    that several ranks use are rounded once; slower than flash) or "flash" (band masks only). Yields a
+    FlashAttention for sliding windows, attnzoo's triton kernels for every other mask, causal and full included:
+    their partial gradients are summed in float32, so bf16 gradients of keys that several ranks use are rounded
+    once), "triton" (the triton kernels for all) or "flash" (band masks only: full, causal, sliding_window). Yields a
     `ContextParallel` whose `traffic` counts the bytes this rank sent and received."""
     import torch.distributed as dist
 

@@ -269,20 +269,23 @@ TILE_KERNELS = ("auto", "flash", "triton")
 
 
 def kernel_for(base: SoftmaxVariant, call: Call, q: torch.Tensor, choice: str = "auto"):
-    """The tile kernel for this variant, q's device and dtype and the caller's `choice` ("auto": on CUDA flash
-    for band masks, triton for the others), or a string saying why there is none."""
+    """The tile kernel for this variant, q's device and dtype and the caller's `choice`, or a string saying why
+    there is none. "auto" on CUDA: flash for sliding windows (faster there), triton for everything else (measured
+    on two H200s at 128k causal: as fast as flash tiles, and only it keeps bf16 dk/dv within FlashAttention's rule,
+    benchmarks/results/context_parallel_h200x2_*_tiles.json), flash for full/causal when triton is missing."""
     if q.device.type == "cpu":
         why = tb.fused_why_not(base, call, q)
         return CpuKernel() if why is None else f"the CPU tile kernel cannot serve it: {why}"
     if q.device.type == "cuda":
+        from ..triton import blocksparse as bs
+
         band = band_of(base, call.causal)
-        if choice != "triton" and band is not None:
+        window = band is not None and band[0] != INF
+        if band is not None and (choice == "flash" or (choice == "auto" and (window or bs.TRITON_ERROR is not None))):
             return FlashKernel(*band)
         if choice == "flash":
             return (f"tile_kernel='flash' runs band masks (full, causal, sliding_window) only; {base.name} needs "
                     "tile_kernel='triton' or 'auto'")
-        from ..triton import blocksparse as bs
-
         if bs.TRITON_ERROR is not None:
             return f"{base.name} runs sharded on CUDA through the triton kernels: {bs.TRITON_ERROR}"
         s = call.shapes
