@@ -14,7 +14,7 @@ q and k, so there is nothing to cache):
 - the forward's tables hold the query-block lists only, the backward's (its own tiles) the key-block lists only.
 
 Served: selection variants whose output is exact softmax over the selection (`forward_torch` not overridden), with
-key blocks of >= 16 keys that tile the kernels' key tiles (block a multiple of 64 or a divisor of it). Forward and
+key blocks that tile the kernels' 64- and 128-key tiles (16, 32, 64 or a multiple of 128 keys). Forward and
 backward (the backward's tiles come from the same selection). Rows with nothing selected give zeros. A kernel that
 fails to compile or launch falls back to the torch path (`attend_selected`) with a one-time warning.
 """
@@ -161,8 +161,8 @@ def why_not(variant, call: Call, q) -> str | None:
         return (f"{variant.name} selects single keys (or blocks sized only when it selects); the kernels need key "
                 "blocks known up front")
     if not all(_block_fits(block, n) for n in (bs.BLOCK_N, bs.BWD_BLOCK_N)):
-        return (f"{variant.name} selects blocks of {block} keys; the kernels need blocks of >= {MIN_BLOCK} keys "
-                f"that tile {bs.BLOCK_N}- and {bs.BWD_BLOCK_N}-key tiles (a multiple of 128 or a divisor of 64)")
+        return (f"{variant.name} selects blocks of {block} keys; the kernels need blocks that tile {bs.BLOCK_N}- and "
+                f"{bs.BWD_BLOCK_N}-key tiles: 16, 32, 64 or a multiple of 128 keys")
     return None
 
 
