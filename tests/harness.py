@@ -94,6 +94,20 @@ def assert_reference_rule(attn, q, k, v, causal, dtype, backend="torch", **input
     return ours, base
 
 
+# The end of the block-sparse kernels' interpreter scripts: a failing backward kernel must fall back (right
+# gradients; the script defines `check`, `worst`, `bs` and FALLBACK_CASE), then every error within tolerance.
+BACKWARD_FALLBACK_AND_REPORT = """
+def boom(*a, **k):
+    raise RuntimeError("simulated")
+bs.backward = boom
+warnings.simplefilter("ignore", RuntimeWarning)
+check("float32.fallback", *FALLBACK_CASE)
+print("WORST", worst)
+bad = {k: v for k, v in worst.items() if v > (1e-5 if k.startswith("float32") else 1.5e-2)}
+assert not bad, bad
+"""
+
+
 def run_under_triton_interpreter(script: str, **env: str) -> str:
     """Runs `script` in a fresh Python with TRITON_INTERPRET=1 (Triton's CPU interpreter: kernels on CPU tensors),
     asserts it succeeded and printed its WORST errors line, and returns its stdout."""
