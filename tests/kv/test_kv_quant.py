@@ -50,3 +50,33 @@ def test_bytes_held_shrink_with_the_bit_width(llama):
     assert held[8]["bytes"] == 3 * (2 * 256 * 2 * 12 + 2 * (256 // 32) * 12 * 4 * 2 + 2 * 256 * 4 * 2)
     assert held[8]["bytes"] < full / 2.5 and held[4]["bytes"] < held[8]["bytes"] * 0.75
     assert held[8]["removed"] == 0.0 and held[8]["entries"] == 256 * 2 * 3
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_the_layer_returns_kivis_dequantized_entries(bits):
+    """Over prefill and decode steps, every step attends to exactly: each full group of `group` keys quantized
+    per channel on its own, the partial group in full precision, each stored value quantized per token, and the
+    step's fresh entries; the bytes held count codes, scales, minimums and the full-precision keys."""
+    from attnzoo.kv.quant import _quantized_layer_class
+
+    layer, group = _quantized_layer_class()(bits, 8), 8
+    gen = torch.Generator().manual_seed(bits)
+    seen_k, seen_v = [], []
+    for n in (21, 1, 1, 5, 1, 9):
+        k, v = (torch.randn(1, 2, n, 16, generator=gen) for _ in range(2))
+        got_k, got_v = layer.update(k, v)
+        old_k = torch.cat(seen_k, 2) if seen_k else k[..., :0, :]
+        full = old_k.shape[2] // group * group
+        want_k = [dequantize(*quantize(old_k[..., a:a + group, :], bits, dim=-2), bits)
+                  for a in range(0, full, group)] + [old_k[..., full:, :], k]
+        want_v = [dequantize(*quantize(x, bits, dim=-1), bits) for x in seen_v] + [v]
+        assert torch.equal(got_k, torch.cat(want_k, 2)) and torch.equal(got_v, torch.cat(want_v, 2))
+        seen_k.append(k)
+        seen_v.append(v)
+    total = sum(x.shape[2] for x in seen_k)
+    full = total // group * group
+    per_byte = 8 // bits
+    codes = 2 * 2 * total * 16 // per_byte                        # keys of full groups + every value, packed
+    codes -= 2 * (total - full) * 16 // per_byte                   # the partial key group is not coded
+    scales = 2 * (full // group) * 16 * 2 + 2 * total * 2          # key (scale, min) per group and channel; values'
+    assert layer.bytes_held() == codes + scales * 4 + 2 * (total - full) * 16 * 4

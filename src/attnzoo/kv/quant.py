@@ -60,37 +60,60 @@ def _quantized_layer_class():
         """A DynamicLayer that stores keys per channel over groups of `group` tokens (KIVI's layout; the
         newest < `group` keys stay in full precision until their group fills) and values per token.
         `keys` holds only the full-precision key residual, `values` nothing; `update` returns the
-        dequantized stored entries followed by the step's own fresh ones."""
+        dequantized stored entries followed by the step's own fresh ones. Stored entries sit in one packed
+        tensor per kind (codes (B, H, S, D / per-byte), scales and minimums per group or token), so each step
+        dequantizes them in one pass whatever their number."""
 
         def __init__(self, bits: int, group: int):
             super().__init__()
             self.bits, self.group = bits, group
-            self.key_groups: list[tuple] = []
-            self.value_tokens: list[tuple] = []
+            self.key_codes = self.key_scale = self.key_lo = None      # (B, H, n * group, D'), (B, H, n, 1, D) x 2
+            self.value_codes = self.value_scale = self.value_lo = None  # (B, H, S, D'), (B, H, S, 1) x 2
             self.length = 0
+
+        def _stored_keys(self, dtype):
+            if self.key_codes is None:
+                return []
+            b, h, s, _ = self.key_codes.shape
+            codes = unpack_codes(self.key_codes, self.bits).view(b, h, s // self.group, self.group, -1)
+            return [(codes.to(self.key_scale.dtype) * self.key_scale + self.key_lo).flatten(2, 3).to(dtype)]
+
+        def _stored_values(self, dtype):
+            if self.value_codes is None:
+                return []
+            return [dequantize(self.value_codes, self.value_scale, self.value_lo, self.bits).to(dtype)]
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
                 self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
             # This step attends to the stored (dequantized) entries and its own fresh ones, as KIVI does.
-            keys = torch.cat([dequantize(*g, self.bits).to(key_states.dtype) for g in self.key_groups]
-                             + [self.keys, key_states], dim=-2)
-            values = torch.cat([dequantize(*v, self.bits).to(value_states.dtype) for v in self.value_tokens]
-                               + [value_states], dim=-2)
+            keys = torch.cat(self._stored_keys(key_states.dtype) + [self.keys, key_states], dim=-2)
+            values = torch.cat(self._stored_values(value_states.dtype) + [value_states], dim=-2)
             self.length += key_states.shape[-2]
             self.keys = torch.cat([self.keys, key_states], dim=-2)
-            while self.keys.shape[-2] >= self.group:
-                self.key_groups.append(quantize(self.keys[..., : self.group, :], self.bits, dim=-2))
-                self.keys = self.keys[..., self.group:, :]
-            self.value_tokens.append(quantize(value_states, self.bits, dim=-1))
+            full = self.keys.shape[-2] // self.group * self.group
+            if full:  # whole groups: quantized per channel over each group's tokens
+                b, h, _, d = self.keys.shape
+                grouped = self.keys[..., :full, :].reshape(b, h, full // self.group, self.group, d)
+                codes, scale, lo = quantize(grouped, self.bits, dim=-2)
+                self._append("key", codes.flatten(2, 3), scale, lo)
+                self.keys = self.keys[..., full:, :]
+            self._append("value", *quantize(value_states, self.bits, dim=-1))
             return keys, values
+
+        def _append(self, kind: str, codes, scale, lo):
+            names = (f"{kind}_codes", f"{kind}_scale", f"{kind}_lo")
+            old = [getattr(self, n) for n in names]
+            for n, o, x in zip(names, old, (codes, scale, lo)):
+                setattr(self, n, x if o is None else torch.cat([o, x], dim=2))
 
         def get_seq_length(self) -> int:
             return self.length
 
         def bytes_held(self) -> int:
-            parts = [t for g in self.key_groups + self.value_tokens for t in g] + [self.keys]
+            parts = (self.key_codes, self.key_scale, self.key_lo, self.value_codes, self.value_scale, self.value_lo,
+                     self.keys)
             return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     return QuantizedKVLayer
