@@ -127,6 +127,13 @@ def test_bad_initial_state_is_an_error_not_a_fallback(monkeypatch):
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="initial_state must have shape"):
             tlin.run(attn, q, k, v, call)
+    cosine = az.get("cosine")                              # right shape, but its count row is not a count
+    bad = torch.randn(1, 2, 17, 16)
+    call = _call(cosine, q, k, v, {}, initial_state=bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="tokens"):
+            tlin.run(cosine, q, k, v, call)
 
 
 # ---- the kernels under Triton's CPU interpreter --------------------------------------------------------------

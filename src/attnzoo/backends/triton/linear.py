@@ -942,12 +942,12 @@ def _operands(variant, q, k, v, call, h0=None):
     return fq.to(q.dtype), fk.to(k.dtype), (with_ones(v) if norm else v), None, scale, norm, h0, None
 
 
-def _run_kernels(variant, q, k, v, call, h0):
+def _run_kernels(call, operands):
     from ...variants.linear._decay import normalise
 
     s = call.shapes
     opts = getattr(call, "options", None) or {}
-    qk, kk, vv, g, scale, norm, h0, n0 = _operands(variant, q, k, v, call, h0)
+    qk, kk, vv, g, scale, norm, h0, n0 = operands
     if s.sq < s.sk:  # cross pattern: queries are the last Sq positions; earlier keys only build the state
         qk = torch.cat([qk.new_zeros(s.batch, s.q_heads, s.sk - s.sq, qk.shape[-1]), qk], dim=2)
     o, ht = _launch(qk, kk, vv, g, scale, h0, bool(opts.get("output_final_state")))
@@ -965,8 +965,9 @@ def run(variant, q, k, v, call):
     h0 = (getattr(call, "options", None) or {}).get("initial_state")
     if h0 is not None:  # the torch path's checks and messages (outside the fallback)
         h0 = variant._check_state(h0, s.batch, s, q)
+    operands = _operands(variant, q, k, v, call, h0)  # the variant's own checks (cosine's count row) raise here
     try:
-        return _run_kernels(variant, q, k, v, call, h0)
+        return _run_kernels(call, operands)
     except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
         _warn_once("forward", err)
         return variant.forward_torch(q, k, v, call)
