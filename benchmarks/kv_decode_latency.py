@@ -11,6 +11,7 @@ the decode time is the median per token. Methods alternate with the uncompressed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -47,7 +48,7 @@ def run_once(model, tok, ids, tokens: int, press=None, layout=None) -> tuple[flo
     DynamicCache = __import__("transformers").DynamicCache
     device = ids.device
     cache = DynamicCache(config=model.config)
-    session = press(model, tok, layout=layout) if press is not None else _Null()
+    session = press(model, tok, layout=layout) if press is not None else contextlib.nullcontext()
     with session:
         start = _clock(device)
         out = model(input_ids=ids, **with_cache(model, cache), logits_to_keep=1)
@@ -60,14 +61,6 @@ def run_once(model, tok, ids, tokens: int, press=None, layout=None) -> tuple[flo
             token = out.logits[:, -1:].argmax(-1)
             steps.append(_clock(device) - start)
     return prefill, statistics.median(steps)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main():

@@ -1,6 +1,7 @@
 """Tiny random-weight models for the kv tests: a Qwen3 (QK-norm) and a Llama, built from configs (no download)."""
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -40,7 +41,7 @@ def greedy_logits(model, input_ids, steps: int, press=None, layout=None):
     from attnzoo.kv.base import with_cache
 
     cache = with_cache(model, DynamicCache(config=model.config))
-    ctx = press(model, layout=layout) if press is not None else _null()
+    ctx = press(model, layout=layout) if press is not None else contextlib.nullcontext()
     with ctx:
         out = model(input_ids=input_ids, **cache)
         logits = [out.logits]
@@ -51,12 +52,14 @@ def greedy_logits(model, input_ids, steps: int, press=None, layout=None):
     return logits
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def left_padded(rows: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch (len(rows), longest) of the rows padded on the left with `pad`, attention mask 1 on the tokens)."""
+    n = max(len(r) for r in rows)
+    batch = torch.full((len(rows), n), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        batch[i, n - len(r):], mask[i, n - len(r):] = r, 1
+    return batch, mask
 
 
 def fake_session():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kv_tiny import greedy_logits, ids, tiny_qwen3
+from kv_tiny import greedy_logits, ids, left_padded, tiny_qwen3
 
 import attnzoo.kv as kv
 from attnzoo import hf
@@ -63,10 +63,7 @@ def test_ratio_zero_is_exact_with_generate(qwen):
 @pytest.mark.parametrize("name", ["snapkv", "streaming_llm", "knorm", "h2o", "tova", "pyramidkv"])
 def test_left_padded_batch_keeps_the_same_tokens_per_row_as_each_row_alone(qwen, name):
     rows = [ids(30, seed=5)[0], ids(45, seed=6)[0]]
-    batch = torch.zeros(2, 45, dtype=torch.long)
-    mask = torch.zeros(2, 45, dtype=torch.long)
-    for i, r in enumerate(rows):
-        batch[i, 45 - len(r):], mask[i, 45 - len(r):] = r, 1
+    batch, mask = left_padded(rows)
     press = kv.get(name, ratio=0.6, **({"window": 8} if name in ("snapkv", "pyramidkv") else {}))
     with press(qwen) as session:
         qwen.generate(batch, attention_mask=mask, max_new_tokens=1, do_sample=False)
@@ -81,10 +78,7 @@ def test_left_padded_batch_keeps_the_same_tokens_per_row_as_each_row_alone(qwen,
 
 def test_left_padded_generation_with_compression_runs_and_rows_decode_like_alone(qwen):
     rows = [ids(30, seed=5)[0], ids(45, seed=6)[0]]
-    batch = torch.zeros(2, 45, dtype=torch.long)
-    mask = torch.zeros(2, 45, dtype=torch.long)
-    for i, r in enumerate(rows):
-        batch[i, 45 - len(r):], mask[i, 45 - len(r):] = r, 1
+    batch, mask = left_padded(rows)
     press = kv.get("streaming_llm", ratio=0.5)
     with press(qwen):
         out = qwen.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kv_tiny import greedy_logits, ids, tiny_llama
+from kv_tiny import greedy_logits, ids, left_padded, tiny_llama
 
 import attnzoo.kv as kv
 from attnzoo.kv import ragged
@@ -129,10 +129,7 @@ def test_a_ragged_cache_outside_its_session_raises(llama64):
 
 def test_a_left_padded_batch_decodes_the_same_in_both_layouts(llama64):
     rows = [ids(50, seed=5)[0], ids(70, seed=6)[0]]
-    batch = torch.zeros(2, 70, dtype=torch.long)
-    mask = torch.zeros(2, 70, dtype=torch.long)
-    for i, r in enumerate(rows):
-        batch[i, 70 - len(r):], mask[i, 70 - len(r):] = r, 1
+    batch, mask = left_padded(rows)
     press = _per_head_snapkv()
     out = {}
     for layout in ("rectangular", "ragged"):

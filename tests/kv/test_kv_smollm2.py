@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kv_tiny import greedy_logits
+from kv_tiny import greedy_logits, left_padded
 
 import attnzoo.kv as kv
 from attnzoo import models
@@ -46,10 +46,7 @@ def test_passkey_survives_snapkv_through_generate(smollm2):
 def test_padded_batch_keeps_the_same_tokens_as_each_row_alone_on_smollm2(smollm2):
     model, tok = smollm2
     rows = [models.real_token_ids(tok, 90, "heldout", 500)[0], models.real_token_ids(tok, 120, "heldout", 900)[0]]
-    batch = torch.full((2, 120), tok.pad_token_id)
-    mask = torch.zeros(2, 120, dtype=torch.long)
-    for i, r in enumerate(rows):
-        batch[i, 120 - len(r):], mask[i, 120 - len(r):] = r, 1
+    batch, mask = left_padded(rows, tok.pad_token_id)
     press = kv.get("snapkv", ratio=0.5, window=16)
     with press(model) as session:
         model.generate(batch, attention_mask=mask, max_new_tokens=1, do_sample=False)
