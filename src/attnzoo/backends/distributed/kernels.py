@@ -31,6 +31,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def local_call(gcall: Call, heads: int, kv_heads: int, n: int, m: int) -> Call:
+    """The non-causal call of one tile (n queries, m keys; causality is the global view's)."""
+    s = gcall.shapes
+    return Call(Shapes(s.batch, heads, kv_heads, n, m, s.d, s.dv), gcall.scale, False, {}, gcall.device)
+
+
 # ---- cpu: the fused torch path on a global view ---------------------------------------------------
 
 
@@ -45,8 +51,7 @@ class CpuKernel:
     name = "cpu"
 
     def tile(self, base, gcall, intervals, q_start, n, k_start, m, heads, kv_heads, h_start=0) -> CpuTile:
-        s = gcall.shapes
-        call = Call(Shapes(s.batch, heads, kv_heads, n, m, s.d, s.dv), gcall.scale, False, {}, gcall.device)
+        call = local_call(gcall, heads, kv_heads, n, m)
         view = GlobalView(base, gcall, intervals, q_start, k_start, h_start)
         return CpuTile(view, call, tb.plan(view, call, tb.Q_BLOCK, tb.KV_BLOCK))
 
@@ -220,8 +225,6 @@ def band_reference_bwd(dout, q, k, v, out, lse, scale, left, right):
 
 # ---- triton: the block-sparse kernels on a global view, every mask on CUDA -------------------------
 
-LOG2E = 1.4426950408889634
-
 
 @dataclass
 class TritonTile:
@@ -235,9 +238,8 @@ class TritonKernel:
     name = "triton"
 
     def tile(self, base, gcall, intervals, q_start, n, k_start, m, heads, kv_heads, h_start=0) -> TritonTile:
-        s = gcall.shapes
-        call = Call(Shapes(s.batch, heads, kv_heads, n, m, s.d, s.dv), gcall.scale, False, {}, gcall.device)
-        return TritonTile(GlobalView(base, gcall, intervals, q_start, k_start, h_start), call)
+        return TritonTile(GlobalView(base, gcall, intervals, q_start, k_start, h_start),
+                          local_call(gcall, heads, kv_heads, n, m))
 
     def _forward_layout(self, t: TritonTile):
         from ..triton import blocksparse as bs
@@ -249,9 +251,8 @@ class TritonKernel:
     def forward(self, q, k, v, t: TritonTile):
         from ..triton import blocksparse as bs
 
-        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         o, lse2 = bs.forward(q, k, v, self._forward_layout(t), t.call.scale)
-        lse = torch.where(torch.isposinf(lse2), -INF, lse2 / LOG2E)   # empty rows: +inf there, -inf here
+        lse = torch.where(torch.isposinf(lse2), -INF, lse2 / bs.LOG2E)   # empty rows: +inf there, -inf here
         return o.to(acc_dtype(q.dtype)), lse
 
     def backward(self, dout, q, k, v, out, lse, t: TritonTile):
@@ -259,8 +260,7 @@ class TritonKernel:
 
         if t.bwd is None:
             t.bwd = bs.build_layout(t.view, t.call, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N)
-        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        lse2 = torch.where(torch.isneginf(lse), INF, lse * LOG2E).float().contiguous()
+        lse2 = torch.where(torch.isneginf(lse), INF, lse * bs.LOG2E).float().contiguous()
         return bs.backward(q, k, v, out.contiguous(), lse2, dout.to(q.dtype).contiguous(), self._forward_layout(t),
                            t.bwd, t.call.scale, grad_dtype=acc_dtype(q.dtype))
 

@@ -447,8 +447,14 @@ def _strides(*ts) -> list[int]:
     return [s for t in ts for s in t.stride()[:3]]
 
 
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def forward(q, k, v, lay: Layout, scale: float):
-    """(out (B, Hq, Sq, Dv) in q's dtype, base-2 log-sum-exp float32 (B, Hq, Sq)); q, k, v contiguous in the last dim."""
+    """(out (B, Hq, Sq, Dv) in q's dtype, base-2 log-sum-exp float32 (B, Hq, Sq)); the kernels read q, k, v through
+    their strides, the last dim contiguous (copied here when it is not)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     o = torch.empty(b, hq, sq, v.shape[-1], dtype=q.dtype, device=q.device)
@@ -463,9 +469,9 @@ def forward(q, k, v, lay: Layout, scale: float):
 def _with_grad_buffer(t: torch.Tensor, dtype: torch.dtype):
     """(t, an empty gradient for it) with the same strides: the kernels write each gradient with its input's
     strides. A view that is not dense (a slice of a longer sequence) is copied first, else the gradient's writes
-    would land outside its buffer."""
+    would land outside its buffer; so is one whose last dim is not contiguous (the kernels assume it is)."""
     g = torch.empty_like(t, dtype=dtype)
-    if g.stride() != t.stride():
+    if g.stride() != t.stride() or t.stride(-1) != 1:
         t = t.contiguous()
         g = torch.empty_like(t, dtype=dtype)
     return t, g
@@ -574,14 +580,9 @@ def _fallback(variant, q, k, v, call):
     return softmax_blockwise(variant, q, k, v, call)
 
 
-def _last_dim_contiguous(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def run(variant, q, k, v, call: Call):
     try:
         lay = layout_for(variant, call)
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return BlockSparse.apply(q, k, v, lay, call.scale, _MaskTables(variant, call))
         return forward(q, k, v, lay, call.scale)[0]

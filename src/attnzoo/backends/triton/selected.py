@@ -202,7 +202,6 @@ def run(variant, q, k, v, call: Call):
     if not _block_fits(sel.block, bs.BLOCK_N) or not _block_fits(sel.block, bs.BWD_BLOCK_N):
         raise ValueError(f"{variant.name} selected blocks of {sel.block} keys: the triton kernels need blocks of "
                          f">= {MIN_BLOCK} keys tiling {bs.BLOCK_N}- and {bs.BWD_BLOCK_N}-key tiles")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     try:
         return attend(q, k, v, sel, call)
     except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
