@@ -295,14 +295,60 @@ def methods() -> list[type[KVPress]]:
 # ---- applying a press to a model ---------------------------------------------------------------------
 
 
-@dataclass
 class _Slots:
-    """Per-layer bookkeeping aligned with the cache slots."""
+    """Per-layer bookkeeping aligned with the cache slots. A decoding step that needs no Step (see
+    `PressSession._plain_decode`) only records its token here; such tokens (attendable, bias 0) are
+    appended when the bookkeeping is next read, so that step costs no tensor operation per layer."""
 
-    index: torch.Tensor
-    bias: torch.Tensor
-    extra: dict = field(default_factory=dict)
-    budget: torch.Tensor | None = None
+    def __init__(self, index: torch.Tensor, bias: torch.Tensor, extra: dict | None = None):
+        self._index, self._bias, self._extra = index, bias, {} if extra is None else extra
+        self.budget: torch.Tensor | None = None
+        self.plain = False   # every slot attendable with bias 0: a lone query may attend to all of them unmasked
+        self._pending = []   # token indices (consecutive) of decoded tokens not appended yet
+
+    def defer(self, token: int) -> None:
+        self._pending.append(token)
+
+    def _settle(self) -> None:
+        if not self._pending:
+            return
+        first, n = self._pending[0], len(self._pending)
+        self._pending = []
+        batch, heads = self._index.shape[:2]
+        dev = self._index.device
+        self._index = torch.cat([self._index, torch.arange(first, first + n, device=dev).expand(batch, heads, -1)], -1)
+        self._bias = torch.cat([self._bias, self._bias.new_zeros(batch, heads, n)], -1)
+        self._extra = {k: torch.cat([t, t.new_zeros(batch, heads, n)], -1) for k, t in self._extra.items()}
+
+    @property
+    def index(self) -> torch.Tensor:
+        self._settle()
+        return self._index
+
+    @index.setter
+    def index(self, value: torch.Tensor) -> None:
+        self._settle()
+        self._index = value
+
+    @property
+    def bias(self) -> torch.Tensor:
+        self._settle()
+        return self._bias
+
+    @bias.setter
+    def bias(self, value: torch.Tensor) -> None:
+        self._settle()
+        self._bias = value
+
+    @property
+    def extra(self) -> dict:
+        self._settle()
+        return self._extra
+
+    @extra.setter
+    def extra(self, value: dict) -> None:
+        self._settle()
+        self._extra = value
 
 
 @dataclass
@@ -312,10 +358,10 @@ class _Forward:
     valid: torch.Tensor       # (B, length) bool
     position: torch.Tensor    # (B, length) position ids
     prefill: bool
+    all_valid: bool = field(init=False)  # computed once: every layer asks
 
-    @property
-    def all_valid(self) -> bool:
-        return bool(self.valid.all())
+    def __post_init__(self):
+        self.all_valid = bool(self.valid.all())
 
 
 class PressSession:
@@ -441,6 +487,9 @@ class PressSession:
             if fwd is None:
                 return call_next(query, key, value, attention_mask)
             self._check_cache_is_read(layer, key)
+            if self._plain_decode(layer, fwd):
+                self._slots[layer].defer(fwd.seen)
+                return call_next(query, key, value, None)
             if self.layout == "ragged":
                 cache_layer = self.cache.layers[layer]
                 if cache_layer.tail_valid is not None or not fwd.all_valid:  # None: no padding in the tail
@@ -468,18 +517,29 @@ class PressSession:
             if self.press.active and (fwd.prefill or "decode" in self.press.stages):
                 with torch.no_grad():
                     self._apply(step, self.press.keep(step))
+            slots = self._slots[layer]
             if fwd.prefill:
-                slots = self._slots[layer]
                 slots.budget = (slots.bias > -math.inf).sum(-1)
+            if not self._steps_after_prefill:
+                slots.plain = bool((slots.bias == 0).all())
             return out
 
         return run
 
     @property
     def _steps_after_prefill(self) -> bool:
-        """Whether later forwards need a Step (decode-stage and read-sparse presses); the others attend to a
-        ragged cache directly."""
-        return self.press.active and ("decode" in self.press.stages or self.press.kind == "read")
+        """Whether later forwards need a Step (presses that compress while decoding, read-sparse presses); the
+        others attend to a ragged cache directly, or to a rectangular one as the model does (`_plain_decode`)."""
+        decodes = "decode" in self.press.stages and type(self.press).keep is not KVPress.keep
+        return self.press.active and (decodes or self.press.kind == "read")
+
+    def _plain_decode(self, layer: int, fwd: "_Forward") -> bool:
+        """Whether this forward's attention at `layer` is the model's own, unmasked: one real query per row
+        over a rectangular cache whose slots are all attendable with bias 0, for a press with nothing to do
+        after prefill. Then no Step is built; the token is only recorded in the layer's bookkeeping."""
+        slots = self._slots.get(layer)
+        return (self.layout == "rectangular" and not fwd.prefill and fwd.length == 1 and fwd.all_valid
+                and slots is not None and slots.plain and not self._steps_after_prefill)
 
     def _padded_view(self, cache_layer, tail_keys, tail_values):
         """Rectangular keys / values of a ragged layer (packed entries to the front of each head, then the

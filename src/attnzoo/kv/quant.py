@@ -71,25 +71,32 @@ def _quantized_layer_class():
             self.value_codes = self.value_scale = self.value_lo = None  # (B, H, S, D'), (B, H, S, 1) x 2
             self.length = 0
 
-        def _stored_keys(self, dtype):
-            if self.key_codes is None:
-                return []
-            b, h, s, _ = self.key_codes.shape
-            codes = unpack_codes(self.key_codes, self.bits).view(b, h, s // self.group, self.group, -1)
-            return [(codes.to(self.key_scale.dtype) * self.key_scale + self.key_lo).flatten(2, 3).to(dtype)]
-
-        def _stored_values(self, dtype):
-            if self.value_codes is None:
-                return []
-            return [dequantize(self.value_codes, self.value_scale, self.value_lo, self.bits).to(dtype)]
+        def _attended(self, kind: str, fresh: list[torch.Tensor]) -> torch.Tensor:
+            """The stored `kind` entries dequantized, then `fresh` ((B, H, n, D) each), in one tensor written
+            once: the codes (uint8) times the scale straight into it, the minimum added in place."""
+            codes, scale, lo = (getattr(self, f"{kind}_{n}") for n in ("codes", "scale", "lo"))
+            if codes is None:
+                return torch.cat(fresh, dim=-2)
+            b, h, stored, _ = codes.shape
+            x = fresh[-1]
+            out = x.new_empty(b, h, stored + sum(t.shape[-2] for t in fresh), x.shape[-1])
+            head = out[..., :stored, :]
+            if kind == "key":  # per channel over groups of `group` tokens: (B, H, groups, group, D) views
+                head = head.view(b, h, stored // self.group, self.group, -1)
+                codes = codes.view(b, h, stored // self.group, self.group, -1)
+            torch.mul(unpack_codes(codes, self.bits), scale, out=head).add_(lo)
+            for t in fresh:
+                out[..., stored:stored + t.shape[-2], :].copy_(t)
+                stored += t.shape[-2]
+            return out
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
                 self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
             # This step attends to the stored (dequantized) entries and its own fresh ones, as KIVI does.
-            keys = torch.cat(self._stored_keys(key_states.dtype) + [self.keys, key_states], dim=-2)
-            values = torch.cat(self._stored_values(value_states.dtype) + [value_states], dim=-2)
+            keys = self._attended("key", [self.keys, key_states])
+            values = self._attended("value", [value_states])
             self.length += key_states.shape[-2]
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             full = self.keys.shape[-2] // self.group * self.group

@@ -10,8 +10,11 @@ bytes than entries. Here a layer holds two parts:
   (every head holds them all, so no padding), with their padding mask.
 
 `ragged_attention` attends over both with segment reductions (index_add / scatter_reduce: plain
-torch, any device, nothing padded to the fullest head); `padded_attention` is its definition written
-plainly: the packed entries scattered into a rectangular, masked cache, then one softmax.
+torch, any device, nothing padded to the fullest head); when every head holds as many entries (uniform
+budgets: snapkv, tova, expected_attention...) the packed entries are per-head views of one
+(segments, n, D) tensor and it uses batched products over them instead, with no gather at all (decoding
+with a press must not be slower than without). `padded_attention` is its definition written plainly:
+the packed entries scattered into a rectangular, masked cache, then one softmax.
 """
 from __future__ import annotations
 
@@ -63,6 +66,10 @@ class Packed:
         self.n_segments, self.n_entries = len(lengths), keys.shape[0]
         self.dtype, self.bits, self.group = keys.dtype, bits, group
         self.offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).to(torch.int32)
+        # entries per segment when every segment holds as many (then the entries are a (segments, n, D) tensor)
+        self.uniform: int | None = None
+        if len(lengths) and bool((lengths == lengths[0]).all()):
+            self.uniform = int(lengths[0])
         self.bias = bias
         if bits is None:
             self._keys, self._values = keys, values
@@ -83,22 +90,43 @@ class Packed:
         if self.bits is None:
             return self._keys
         codes, scale, lo = self._keys
+        # scales widened before they multiply: float16 arithmetic is slow on CPUs
+        scale, lo = scale.to(self.dtype), lo.to(self.dtype)
+        if self.uniform is not None:  # the groups are the same runs in every segment: broadcast, no gather
+            return _dequantize_uniform_keys(unpack_codes(codes, self.bits), scale, lo, self.n_segments,
+                                            self.uniform, self.group, self.dtype)
         groups, _ = key_groups(self.lengths, self.group, self.n_entries, seg)
-        # scales widened before the per-entry gather: float16 arithmetic is slow on CPUs
-        return (unpack_codes(codes, self.bits).to(self.dtype) * scale.to(self.dtype)[groups]
-                + lo.to(self.dtype)[groups])
+        return unpack_codes(codes, self.bits).to(self.dtype) * scale[groups] + lo[groups]
 
     def values(self) -> torch.Tensor:
         if self.bits is None:
             return self._values
         codes, scale, lo = self._values  # dequantized in the entries' dtype (float16 arithmetic is slow on CPUs)
-        return unpack_codes(codes, self.bits).to(self.dtype) * scale.to(self.dtype) + lo.to(self.dtype)
+        # uint8 codes times the widened scale: one pass, no float copy of the codes first
+        return torch.mul(unpack_codes(codes, self.bits), scale.to(self.dtype)).add_(lo.to(self.dtype))
 
     def bytes_held(self) -> int:
         parts = [self.offsets, self.bias]
         parts += list(self._keys) if self.bits is not None else [self._keys]
         parts += list(self._values) if self.bits is not None else [self._values]
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def _dequantize_uniform_keys(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, segments: int, n: int,
+                             group: int, dtype: torch.dtype) -> torch.Tensor:
+    """(segments * n, D) keys from their (N, D) uint8 codes when every segment holds `n` entries: its
+    `ceil(n / group)` groups are whole runs of `group` entries but the last, so the (groups, D) scales
+    and minimums broadcast over views of the entries."""
+    d = codes.shape[-1]
+    per_segment, whole = -(-n // group), n // group
+    out = torch.empty(segments, n, d, dtype=dtype, device=codes.device)
+    codes, scale, lo = codes.view(segments, n, d), scale.view(segments, per_segment, 1, d), lo.view(segments, per_segment, 1, d)
+    if whole:
+        part = out[:, :whole * group].view(segments, whole, group, d)
+        torch.mul(codes[:, :whole * group].view(segments, whole, group, d), scale[:, :whole], out=part).add_(lo[:, :whole])
+    if whole < per_segment:  # the last, partial group
+        torch.mul(codes[:, whole * group:], scale[:, -1], out=out[:, whole * group:]).add_(lo[:, -1])
+    return out.view(segments * n, d)
 
 
 def quantize_grouped(x: torch.Tensor, groups: torch.Tensor, n_groups: int, bits: int):
@@ -173,10 +201,43 @@ def ragged_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tenso
     groups = hq // hkv
     rows, segments = groups * sq, b * hkv
     q = query.reshape(segments, rows, d)  # (segments, G * Sq, D): the query heads that share each KV head
+    logit_t = torch.bmm(q, tail_keys.reshape(segments, -1, d).transpose(1, 2)) * scaling
+    if tail_valid is not None or sq > 1:  # one query and no padding: every tail entry is visible
+        mask_t = tail_bias(tail_valid, sq, hkv, b, tail_keys.shape[2]).to(query.device, query.dtype)
+        logit_t = logit_t + mask_t.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(segments, rows, -1)
+    tail_values = tail_values.reshape(segments, -1, tail_values.shape[-1])
+    if packed.uniform is not None:
+        out, total = _uniform_packed_attention(q, packed, logit_t, tail_values, scaling)
+    else:
+        out, total = _segmented_packed_attention(q, packed, logit_t, tail_values, scaling, segments <= dense_segments)
+    out = out / total.unsqueeze(-1).masked_fill(total.unsqueeze(-1) == 0, 1.0)
+    return out.view(b, hq, sq, -1)
+
+
+def _uniform_packed_attention(q, packed: Packed, logit_t, tail_values, scaling):
+    """Unnormalised output and softmax denominators when every segment holds `packed.uniform` entries:
+    batched products over the (segments, n, D) views of the packed entries, then the tail's."""
+    segments, rows, d = q.shape
+    n = packed.uniform
+    keys, values = packed.keys().to(q.dtype), packed.values().to(q.dtype)
+    keys, values = keys.view(segments, n, d), values.view(segments, n, values.shape[-1])
+    logit_p = torch.bmm(q, keys.transpose(1, 2)) * scaling  # (segments, G * Sq, n)
+    if packed.bias is not None:
+        logit_p = logit_p + packed.bias.to(logit_p.dtype).view(segments, 1, n)
+    logits = torch.cat([logit_p, logit_t], dim=-1)  # (segments, G * Sq, n + T): a few query rows each
+    top = logits.amax(-1, keepdim=True) if logits.shape[-1] else logits.new_zeros(segments, rows, 1)
+    weight = torch.exp(logits - top.masked_fill(top == -math.inf, 0.0))
+    out = torch.baddbmm(torch.bmm(weight[..., n:], tail_values), weight[..., :n], values)
+    return out, weight.sum(-1)
+
+
+def _segmented_packed_attention(q, packed: Packed, logit_t, tail_values, scaling, dense: bool):
+    """Unnormalised output and softmax denominators over segments of any lengths, by segment reductions
+    (`dense`: products of every entry with every segment's queries, then each entry's own segment)."""
+    segments, rows, d = q.shape
     seg = packed.segments()
-    keys, values = packed.keys(seg).to(query.dtype), packed.values().to(query.dtype)
+    keys, values = packed.keys(seg).to(q.dtype), packed.values().to(q.dtype)
     n = keys.shape[0]
-    dense = segments <= dense_segments
     if dense:  # every entry against every segment's queries, then each entry's own segment
         logit_p = (keys @ q.reshape(segments * rows, d).T).view(n, segments, rows)
         logit_p = logit_p.gather(1, seg.view(n, 1, 1).expand(n, 1, rows)).squeeze(1) * scaling
@@ -184,16 +245,12 @@ def ragged_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tenso
         logit_p = torch.bmm(q.index_select(0, seg), keys.unsqueeze(-1)).squeeze(-1) * scaling  # (N, G * Sq)
     if packed.bias is not None:
         logit_p = logit_p + packed.bias.to(logit_p.dtype).unsqueeze(1)
-    logit_t = torch.bmm(q, tail_keys.reshape(segments, -1, d).transpose(1, 2)) * scaling
-    if tail_valid is not None or sq > 1:  # one query and no padding: every tail entry is visible
-        mask_t = tail_bias(tail_valid, sq, hkv, b, tail_keys.shape[2]).to(query.device, query.dtype)
-        logit_t = logit_t + mask_t.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(segments, rows, -1)
     top = logit_t.amax(-1) if logit_t.shape[-1] else q.new_full((segments, rows), -math.inf)
     top = top.scatter_reduce(0, seg.view(-1, 1).expand_as(logit_p), logit_p, "amax")
     top = top.masked_fill(top == -math.inf, 0.0)
     weight_p = torch.exp(logit_p - top.index_select(0, seg))
     weight_t = torch.exp(logit_t - top.unsqueeze(-1))
-    out = torch.bmm(weight_t, tail_values.reshape(segments, -1, tail_values.shape[-1]))
+    out = torch.bmm(weight_t, tail_values)
     if dense:  # block-diagonal weights (segments, G * Sq, N): one product with the values
         spread = weight_p.new_zeros(segments, n, rows)
         spread[seg, torch.arange(n, device=seg.device)] = weight_p
@@ -203,8 +260,7 @@ def ragged_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tenso
     else:
         total = weight_t.sum(-1).index_add(0, seg, weight_p)
         out = out.index_add(0, seg, weight_p.unsqueeze(-1) * values.unsqueeze(1))
-    out = out / total.unsqueeze(-1).masked_fill(total.unsqueeze(-1) == 0, 1.0)
-    return out.view(b, hq, sq, -1)
+    return out, total
 
 
 def padded_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tensor, tail_values: torch.Tensor,
