@@ -13,15 +13,17 @@ BITS = (8, 4, 2)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes of `bits` bits packed 8 // bits per byte along the last axis (its length a multiple of that)."""
+    """uint8 codes of `bits` bits packed 8 // bits per byte along the last axis (its length a multiple of
+    that), in planes: byte j holds codes j, j + n, j + 2n... (n = length / per byte), so unpacking
+    concatenates whole planes rather than interleaving single codes (an interleave is slow on CPUs)."""
     per = 8 // bits
     if codes.shape[-1] % per:
         raise ValueError(f"{bits}-bit codes pack {per} per byte: the last axis ({codes.shape[-1]}) must be a multiple "
                          f"of {per}")
-    codes = codes.view(*codes.shape[:-1], -1, per)
-    out = codes[..., 0].clone()
+    planes = codes.view(*codes.shape[:-1], per, -1)
+    out = planes[..., 0, :].clone()
     for i in range(1, per):
-        out |= codes[..., i] << (bits * i)
+        out |= planes[..., i, :] << (bits * i)
     return out
 
 
@@ -30,7 +32,7 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per, mask = 8 // bits, 2 ** bits - 1
     if per == 1:
         return packed
-    return torch.stack([(packed >> (bits * i)) & mask for i in range(per)], dim=-1).flatten(-2)
+    return torch.cat([(packed >> (bits * i)) & mask for i in range(per)], dim=-1)
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int, scale_dtype: torch.dtype | None = None
@@ -49,7 +51,20 @@ def quantize(x: torch.Tensor, bits: int, dim: int, scale_dtype: torch.dtype | No
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int) -> torch.Tensor:
-    return unpack_codes(codes, bits).to(scale.dtype) * scale + lo
+    shape = (*codes.shape[:-1], codes.shape[-1] * (8 // bits))
+    return dequantize_into(codes.new_empty(shape, dtype=scale.dtype), codes, scale, lo, bits)
+
+
+def dequantize_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int
+                    ) -> torch.Tensor:
+    """`out` (any strides) = the codes times `scale` plus `lo`, in out's dtype: each plane of codes is
+    written into its slice of `out` and scaled in place (no unpacked or float copy of the codes)."""
+    per, mask = 8 // bits, 2 ** bits - 1
+    n = codes.shape[-1]
+    for i in range(per):
+        plane = codes >> (bits * i) if i else codes
+        out[..., i * n:(i + 1) * n].copy_(plane & mask if i < per - 1 else plane)
+    return out.mul_(scale).add_(lo)
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,8 +87,8 @@ def _quantized_layer_class():
             self.length = 0
 
         def _attended(self, kind: str, fresh: list[torch.Tensor]) -> torch.Tensor:
-            """The stored `kind` entries dequantized, then `fresh` ((B, H, n, D) each), in one tensor written
-            once: the codes (uint8) times the scale straight into it, the minimum added in place."""
+            """The stored `kind` entries dequantized, then `fresh` ((B, H, n, D) each), written straight into
+            one tensor (no copy of the dequantized entries to concatenate them)."""
             codes, scale, lo = (getattr(self, f"{kind}_{n}") for n in ("codes", "scale", "lo"))
             if codes is None:
                 return torch.cat(fresh, dim=-2)
@@ -84,7 +99,7 @@ def _quantized_layer_class():
             if kind == "key":  # per channel over groups of `group` tokens: (B, H, groups, group, D) views
                 head = head.view(b, h, stored // self.group, self.group, -1)
                 codes = codes.view(b, h, stored // self.group, self.group, -1)
-            torch.mul(unpack_codes(codes, self.bits), scale, out=head).add_(lo)
+            dequantize_into(head, codes, scale, lo, self.bits)
             for t in fresh:
                 out[..., stored:stored + t.shape[-2], :].copy_(t)
                 stored += t.shape[-2]

@@ -24,7 +24,7 @@ import math
 import torch
 
 from .base import require_cache_api
-from .quant import pack_codes, quantize, unpack_codes
+from .quant import dequantize_into, pack_codes, quantize, unpack_codes
 
 SCALE_DTYPE = torch.float16  # scales and minimums of quantized entries are stored as KIVI stores them
 # Up to this many (row, KV head) segments, ragged attention uses dense products over all segments and
@@ -93,8 +93,7 @@ class Packed:
         # scales widened before they multiply: float16 arithmetic is slow on CPUs
         scale, lo = scale.to(self.dtype), lo.to(self.dtype)
         if self.uniform is not None:  # the groups are the same runs in every segment: broadcast, no gather
-            return _dequantize_uniform_keys(unpack_codes(codes, self.bits), scale, lo, self.n_segments,
-                                            self.uniform, self.group, self.dtype)
+            return _dequantize_uniform_keys(codes, scale, lo, self.n_segments, self.uniform, self.group, self.bits)
         groups, _ = key_groups(self.lengths, self.group, self.n_entries, seg)
         return unpack_codes(codes, self.bits).to(self.dtype) * scale[groups] + lo[groups]
 
@@ -102,8 +101,8 @@ class Packed:
         if self.bits is None:
             return self._values
         codes, scale, lo = self._values  # dequantized in the entries' dtype (float16 arithmetic is slow on CPUs)
-        # uint8 codes times the widened scale: one pass, no float copy of the codes first
-        return torch.mul(unpack_codes(codes, self.bits), scale.to(self.dtype)).add_(lo.to(self.dtype))
+        out = torch.empty(self.n_entries, codes.shape[-1] * (8 // self.bits), dtype=self.dtype, device=codes.device)
+        return dequantize_into(out, codes, scale.to(self.dtype), lo.to(self.dtype), self.bits)
 
     def bytes_held(self) -> int:
         parts = [self.offsets, self.bias]
@@ -113,19 +112,20 @@ class Packed:
 
 
 def _dequantize_uniform_keys(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, segments: int, n: int,
-                             group: int, dtype: torch.dtype) -> torch.Tensor:
-    """(segments * n, D) keys from their (N, D) uint8 codes when every segment holds `n` entries: its
+                             group: int, bits: int) -> torch.Tensor:
+    """(segments * n, D) keys from their (N, D') packed codes when every segment holds `n` entries: its
     `ceil(n / group)` groups are whole runs of `group` entries but the last, so the (groups, D) scales
     and minimums broadcast over views of the entries."""
-    d = codes.shape[-1]
+    d = scale.shape[-1]
     per_segment, whole = -(-n // group), n // group
-    out = torch.empty(segments, n, d, dtype=dtype, device=codes.device)
-    codes, scale, lo = codes.view(segments, n, d), scale.view(segments, per_segment, 1, d), lo.view(segments, per_segment, 1, d)
+    out = torch.empty(segments, n, d, dtype=scale.dtype, device=codes.device)
+    codes = codes.view(segments, n, codes.shape[-1])
+    scale, lo = scale.view(segments, per_segment, 1, d), lo.view(segments, per_segment, 1, d)
     if whole:
-        part = out[:, :whole * group].view(segments, whole, group, d)
-        torch.mul(codes[:, :whole * group].view(segments, whole, group, d), scale[:, :whole], out=part).add_(lo[:, :whole])
+        dequantize_into(out[:, :whole * group].view(segments, whole, group, d),
+                        codes[:, :whole * group].view(segments, whole, group, -1), scale[:, :whole], lo[:, :whole], bits)
     if whole < per_segment:  # the last, partial group
-        torch.mul(codes[:, whole * group:], scale[:, -1], out=out[:, whole * group:]).add_(lo[:, -1])
+        dequantize_into(out[:, whole * group:], codes[:, whole * group:], scale[:, -1], lo[:, -1], bits)
     return out.view(segments * n, d)
 
 
