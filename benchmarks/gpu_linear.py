@@ -27,7 +27,9 @@ from the full sweep of an earlier run, plus a sweep of GLA's sub-chunk kernels; 
    16-dim q/k, 273 features, Dv 128, normalised) and normalised `linear` (elu+1) through the public API
    (`backend="triton"`), against fla's parallel_based and fused_chunk_based, and chunk_linear_attn(normalize=True)
    on the same elu+1 features; errors of forward and gradients vs float64 with FlashAttention's rule (baseline:
-   our torch chunk path in bf16 arithmetic), then time at B4 H16 S8192 and B1 H16 S65536.
+   our torch chunk path in bf16 arithmetic), then time at B4 H16 S8192 and B1 H16 S65536. `based` runs its
+   quadratic-form kernels up to based.PARALLEL_MAX_LEN keys and the chunk kernels beyond (both checked by the
+   rule); `based_crossover` times both paths from 4k to 64k; `--sweep-based` first picks their launch settings.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo as az
+from attnzoo.backends.triton import based as TB
 from attnzoo.backends.triton import linear as L
 from attnzoo.variants.linear._decay import decay_chunk
 
@@ -482,14 +485,74 @@ def _fla_fm(name):
 
 
 FM = {"based": (16, ("based_parallel", "based_fused_chunk")), "linear": (128, ("linear_chunk",))}
+PARALLEL_MAX_LEN = TB.PARALLEL_MAX_LEN
+
+
+def based_sweep(rows, shape=(4, 16, 8192)):
+    """Launch settings of the quadratic-form based kernels, each timed alone at B4 H16 S8192 D16 Dv128; TB.TUNE
+    then takes the fastest per kernel (recorded as rows["based_tune"])."""
+    import itertools
+
+    b, h, s = shape
+    q, k, v = _fm_inputs("based", b, h, s, 16, 128)
+    scale = 0.25
+    o, z = TB.based_fwd(q, k, v, scale, True)
+    do = torch.randn_like(o)
+    run = {"fwd": lambda: TB.based_fwd(q, k, v, scale, True),
+           "dkdv": lambda: TB.based_bwd(q, k, v, o, z, do, scale, True),     # dkdv + dq: timed together, then dq
+           "dq": lambda: TB.based_bwd(q, k, v, o, z, do, scale, True)}
+    best = copy.deepcopy(TB.TUNE)
+    found = {}
+    for kern in ("fwd", "dkdv", "dq"):
+        times = []
+        for bm, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+            TB.TUNE = {**best, kern: dict(BM=bm, BN=bn, num_warps=w, num_stages=st)}
+            try:
+                run[kern]()
+                times.append((bench(run[kern], rep=50), dict(BM=bm, BN=bn, num_warps=w, num_stages=st)))
+            except Exception as e:  # noqa: BLE001 - a setting that does not compile (shared memory) is skipped
+                times.append((float("inf"), {"error": f"{type(e).__name__}"[:80], "BM": bm, "BN": bn}))
+        times.sort(key=lambda t: t[0])
+        best[kern] = times[0][1]
+        found[kern] = [(round(t, 4), c) for t, c in times[:5]]
+        print("based sweep", kern, found[kern][:3], flush=True)
+    TB.TUNE = best
+    rows["based_tune"] = {"TUNE": best, "top5": found}
+
+
+def based_crossover(rows):
+    """`based` at B1 H16 D16 Dv128: the quadratic-form kernels against the chunk kernels by length (where the
+    default PARALLEL_MAX_LEN comes from)."""
+    attn = az.get("based")
+    out = []
+    for s in ((256,) if DEV == "cpu" else (4096, 8192, 16384, 32768, 65536)):
+        q, k, v = _fm_inputs("based", 1, 16, s, 16, 128)
+        do = torch.randn_like(v)
+        lv = [t.clone().requires_grad_() for t in (q, k, v)]
+        row = {"S": s}
+        for path, limit in (("quadratic", 1 << 30), ("chunk", 0)):
+            TB.PARALLEL_MAX_LEN = limit
+            try:
+                row[f"{path}_fwd_ms"] = bench(lambda: attn(q, k, v, causal=True, backend="triton"), rep=50)
+                row[f"{path}_fwdbwd_ms"] = bench(lambda: attn(*lv, causal=True, backend="triton").backward(do),
+                                                 grad_to_none=lv, rep=50)
+            except Exception as e:  # noqa: BLE001
+                row[f"{path}_error"] = f"{type(e).__name__}: {e}"[:300]
+        TB.PARALLEL_MAX_LEN = PARALLEL_MAX_LEN
+        print("based crossover", row, flush=True)
+        out.append(row)
+    rows["based_crossover"] = out
 
 
 @section("feature_maps")
-def feature_maps(with_fla):
+def feature_maps(with_fla, sweep_based=False):
     rows = {"correctness": [], "timing": []}
     RESULT["feature_maps"] = rows
     b, h, s, _ = CSHAPE
-    for name, (d, fla_names) in FM.items():
+    for name, (d, fla_names) in list(FM.items()) + [("based_chunk", (16, ()))]:
+        # based_chunk: `based` through the chunk kernels (Taylor features) instead of the quadratic-form ones
+        TB.PARALLEL_MAX_LEN = 0 if name == "based_chunk" else PARALLEL_MAX_LEN
+        name = name.replace("_chunk", "") if name == "based_chunk" else name
         attn = az.get(name)
         q, k, v = _fm_inputs(name, b, h, s, d, 128)
         scale = d ** -0.5
@@ -515,8 +578,13 @@ def feature_maps(with_fla):
             row["ok"] = all(row["ours"][n][0] <= 2 * row["torch_bf16"][n][0] for n in row["ours"])
         print(name, {n: ({m: f"{x[0]:.1e}" for m, x in r.items()} if isinstance(r, dict) else r)
                      for n, r in row.items() if n not in ("variant", "shape")}, flush=True)
+        row["path"] = "chunk" if TB.PARALLEL_MAX_LEN == 0 else "default"
         rows["correctness"].append(row)
         save()
+    TB.PARALLEL_MAX_LEN = PARALLEL_MAX_LEN
+    if DEV != "cpu" and sweep_based:
+        based_sweep(rows)
+    based_crossover(rows)
     for (b, h, s, _) in SHAPES:
         for name, (d, fla_names) in FM.items():
             attn = az.get(name)
@@ -551,14 +619,15 @@ def feature_maps(with_fla):
 
 def _bf16_chunk(attn, q, k, v, scale):
     """FlashAttention's baseline: the torch chunk path on the kernels' operands in bf16 arithmetic (state too)."""
-    from attnzoo.variants.linear._decay import normalise
+    from attnzoo.variants.linear._decay import normalise, with_ones
 
     shapes = types.SimpleNamespace(batch=k.shape[0], kv_heads=k.shape[1], sk=k.shape[2])
     ns = types.SimpleNamespace(shapes=shapes, inputs={}, scale=scale)
-    qk, kk, vv, g, sc, norm, _, _ = L._operands(attn, q, k, v, ns)
-    state = torch.zeros(k.shape[0], k.shape[1], kk.shape[-1], vv.shape[-1], dtype=q.dtype, device=q.device)
-    o = decay_chunk(qk, kk, vv, g, sc, state, 64)[0]
-    return normalise(o) if norm else o
+    op = L._operands(attn, q, k, v, ns)
+    vv = with_ones(op.v) if op.norm else op.v
+    state = torch.zeros(k.shape[0], k.shape[1], op.k.shape[-1], vv.shape[-1], dtype=q.dtype, device=q.device)
+    o = decay_chunk(op.q, op.k, vv, op.g, op.scale, state, 64)[0]
+    return normalise(o) if op.norm else o
 
 
 def prune_fla_autotune():
@@ -618,6 +687,7 @@ def main():
     ap.add_argument("--tune", default=None, help="a JSON TUNE table to use instead of the sweep")
     ap.add_argument("--feature-maps", action="store_true", help="also run the based / normalised linear section")
     ap.add_argument("--only-feature-maps", action="store_true", help="run that section only")
+    ap.add_argument("--sweep-based", action="store_true", help="sweep the quadratic-form based kernels' settings")
     args = ap.parse_args()
     OUT = args.out
     import triton
@@ -637,7 +707,7 @@ def main():
             with_fla = False
     save()
     if args.only_feature_maps:
-        feature_maps(with_fla)
+        feature_maps(with_fla, sweep_based=args.sweep_based)
         save()
         return
     correctness(args.quick)

@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton")
 
 import attnzoo as az  # noqa: E402
 from attnzoo.backends.triton import linear as tlin  # noqa: E402
-from attnzoo.variants.linear._decay import decay_chunk, normalise  # noqa: E402
+from attnzoo.variants.linear._decay import decay_chunk, normalise, with_ones  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -118,6 +118,37 @@ def test_a_kernel_failure_falls_back_to_torch_with_one_warning(monkeypatch, name
         tlin.run(attn, q, k, v, call)                      # once only
 
 
+def test_based_quadratic_kernel_failures_fall_back_with_one_warning(monkeypatch):
+    from attnzoo.backends.triton import based as tb
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated compile failure")
+
+    attn = az.get("based")
+    q, k, v, _ = _inputs("based", s=37, d=8)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    call = _call(attn, *leaves, {})
+    assert tlin._quadratic(attn, call, None)
+    # forward "works" (its results computed in torch), the backward kernels fail: gradients from the torch path
+    monkeypatch.setattr(tlin, "_WARNED", set())
+    monkeypatch.setattr(tb, "based_fwd", lambda q, k, v, scale, norm: (attn.reference(q, k, v, causal=True),
+                                                                        torch.ones(q.shape[:3])))
+    monkeypatch.setattr(tb, "based_bwd", boom)
+    o = tlin.run(attn, *leaves, call)
+    do = torch.randn_like(o)
+    with pytest.warns(RuntimeWarning, match="the based backward kernels failed"):
+        o.backward(do)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    attn(*ref_leaves, causal=True, backend="torch").backward(do)
+    for a, r in zip(leaves, ref_leaves):
+        assert torch.allclose(a.grad, r.grad, atol=1e-6)
+    # the forward kernel fails: the torch path's outputs, one warning
+    monkeypatch.setattr(tb, "based_fwd", boom)
+    with pytest.warns(RuntimeWarning, match="falling back to the torch chunk path"):
+        o = tlin.run(attn, q, k, v, call)
+    assert torch.equal(o, attn(q, k, v, causal=True, backend="torch"))
+
+
 def test_bad_initial_state_is_an_error_not_a_fallback(monkeypatch):
     monkeypatch.setattr(tlin, "_WARNED", set())
     attn = az.get("retention")
@@ -172,6 +203,35 @@ INTERPRETED = textwrap.dedent(r"""
         note(tag + ".o", o, ro)
         note(tag + ".state", st, rst)
 
+    # based without state in or out: the quadratic-form kernels (32-token tiles here), GQA, Sq == Sk and the
+    # cross pattern at lengths off the tile grid, outputs and gradients, both dtypes, with and without normaliser
+    from attnzoo.backends.triton import based as tb
+    launched = []
+    fwd = tb.based_fwd
+    tb.based_fwd = lambda *a: launched.append(1) or fwd(*a)
+    torch.manual_seed(2)
+    for params in ({}, {"normalize": False}):
+        attn = az.get("based", **params)
+        for dtype in (torch.float32, torch.bfloat16):
+            for sq, sk in ((50, 50), (45, 77)):
+                b, hq, hkv, d, dv = 2, 4, 2, 16, 20
+                q, k, v = torch.randn(b, hq, sq, d), torch.randn(b, hkv, sk, d), torch.randn(b, hkv, sk, dv)
+                ours = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+                ref = [t.detach().double().requires_grad_() for t in ours]
+                call = attn.prepare(*ours, True, None, {})
+                call.options = {"mode": "chunk", "initial_state": None, "output_final_state": False, "cu_seqlens": None}
+                o = tl_.run(attn, *ours, call)
+                ro = attn.reference(*ref, causal=True)
+                do = torch.randn_like(ro)
+                (o.double() * do).sum().backward()
+                (ro * do).sum().backward()
+                tag = f"{str(dtype)[6:]}.based_quadratic" + ("" if params else ".unnormalised")
+                note(tag + ".o", o, ro)
+                for n, a, r in zip(("dq", "dk", "dv"), ours, ref):
+                    note(f"{tag}.{n}", a.grad, r.grad)
+    assert len(launched) == 8, launched
+    tb.based_fwd = fwd
+
     # gradients of the op (no gate, scalar gate, per-dimension gate; ordinary and near-0 gates) vs float64;
     # seeded apart from the cases above, so that adding a case there leaves these inputs as they are
     torch.manual_seed(1)
@@ -202,6 +262,33 @@ INTERPRETED = textwrap.dedent(r"""
                     if a is not None:
                         note(f"{tag}.{n}", a.grad, r.grad)
 
+    # the normalised form (linear, based): numerator and normaliser from the kernels, the normaliser's gradient
+    # terms in torch; GQA, initial state and normaliser, final state and normaliser, all with gradients
+    from attnzoo.variants.linear._decay import normalise, with_ones
+    torch.manual_seed(3)
+
+    def normalised_case(dtype, fallback_expected=False):
+        b, hq, hkv, s, d, dv = 2, 4, 2, 70, 24, 20
+        fq, fk = (F.elu(torch.randn(b, h, s, d)) + 1 for h in (hq, hkv))
+        v, h0, z0 = torch.randn(b, hkv, s, dv), torch.randn(b, hkv, d, dv), torch.rand(b, hkv, d) * 3
+        ours = [t.to(dtype).requires_grad_() for t in (fq, fk, v)] + [t.clone().requires_grad_() for t in (h0, z0)]
+        ref = [t.detach().double().requires_grad_() for t in ours]
+        o, st, zt = tl_.chunk_normalised(*ours, True)
+        ro, rs = decay_chunk(ref[0], ref[1], with_ones(ref[2]), None, 1.0,
+                             torch.cat([ref[3], ref[4].unsqueeze(-1)], -1), 16)
+        ro, rst, rzt = normalise(ro), rs[..., :-1], rs[..., -1]
+        do, dst, dzt = torch.randn_like(ro), torch.randn_like(rst), torch.randn_like(rzt)
+        ((o.double() * do).sum() + (st.double() * dst).sum() + (zt.double() * dzt).sum()).backward()
+        ((ro * do).sum() + (rst * dst).sum() + (rzt * dzt).sum()).backward()
+        tag = f"{str(dtype)[6:]}.normalised" + (".fallback" if fallback_expected else "")
+        for n, a, r in (("o", o, ro), ("state", st, rst), ("z", zt, rzt)):
+            note(f"{tag}.{n}", a, r)
+        for n, a, r in zip(("dq", "dk", "dv", "dh0", "dz0"), ours, ref):
+            note(f"{tag}.{n}", a.grad, r.grad)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        normalised_case(dtype)
+
     # a backward kernel failure falls back to the torch path (right gradients, one warning)
     def boom(*a, **k):
         raise RuntimeError("simulated")
@@ -218,6 +305,11 @@ INTERPRETED = textwrap.dedent(r"""
         t.grad = None
     decay_chunk(q, k, v, g, 0.25, torch.zeros(1, 2, 16, 16), 16)[0].sum().backward()
     assert all(torch.allclose(a, t.grad, atol=1e-5) for a, t in zip(grads, (q, k, v, g)))
+    tl_._WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:     # the normalised form's backward falls back too
+        warnings.simplefilter("always")
+        normalised_case(torch.float32, fallback_expected=True)
+    assert any("falling back" in str(w.message) for w in caught), caught
     print("WORST", worst)
     # dg: the kernels sum q dq - k dk backwards in time, terms that cancel under strong decay: at gates near e^-17
     # (scale 25) float32 dg measured 3.4e-4 relative (1.0e-3 on other inputs), the torch path's autograd 4.9e-5
@@ -238,18 +330,24 @@ def _bf16_torch(attn, q, k, v, inputs):
     """The same computation by the torch chunk path in bfloat16 arithmetic (state and all): FA's baseline."""
     call = types.SimpleNamespace(shapes=types.SimpleNamespace(batch=k.shape[0], kv_heads=k.shape[1], sk=k.shape[2]),
                                  inputs=inputs, scale=attn.prepare(q, k, v, True, None, inputs).scale)
-    qk, kk, vv, g, scale, norm, _, _ = tlin._operands(attn, q.bfloat16(), k.bfloat16(), v.bfloat16(), call)
-    g = None if g is None else g.bfloat16()
-    state = torch.zeros(k.shape[0], k.shape[1], kk.shape[-1], vv.shape[-1], dtype=torch.bfloat16, device=q.device)
-    o = decay_chunk(qk, kk, vv, g, scale, state, 64)[0]
-    return normalise(o) if norm else o
+    op = tlin._operands(attn, q.bfloat16(), k.bfloat16(), v.bfloat16(), call)
+    g = None if op.g is None else op.g.bfloat16()
+    vv = with_ones(op.v) if op.norm else op.v
+    state = torch.zeros(k.shape[0], k.shape[1], op.k.shape[-1], vv.shape[-1], dtype=torch.bfloat16, device=q.device)
+    o = decay_chunk(op.q, op.k, vv, g, op.scale, state, 64)[0]
+    return normalise(o) if op.norm else o
 
 
 @needs_cuda
 @pytest.mark.parametrize("name,gate", [("gla", 1.0), ("gla", 12.0), ("gla", 0.002), ("retention", 1.0),
                                        ("lightning", 1.0), ("linear", 1.0), ("linear_norm", 1.0), ("based", 1.0),
-                                       ("cosine", 1.0)])
-def test_fa_rule_forward_and_backward_on_cuda(name, gate):
+                                       ("based_chunk", 1.0), ("cosine", 1.0)])
+def test_fa_rule_forward_and_backward_on_cuda(name, gate, monkeypatch):
+    if name == "based_chunk":  # `based` through the chunk kernels (Taylor features), not the quadratic-form ones
+        from attnzoo.backends.triton import based as tb
+
+        monkeypatch.setattr(tb, "PARALLEL_MAX_LEN", 0)
+        name = "based"
     attn = _variant(name)
     d = 16 if name == "based" else 64   # based: 273 Taylor features of a 16-dim projection, as in the paper
     q, k, v, inputs = _inputs(name, b=2, hq=4, hkv=2, s=333, d=d, dv=64, dtype=torch.float64, device="cuda",

@@ -26,8 +26,10 @@ G the global cumulative gate, dL/dg_u = sum_{t >= u} dG_t, i.e. a reverse cumula
 chunk plus rowsum(H_{n+1} * dH_{n+1}) for everything after it (GQA: summed over the group's queries).
 
 Feature-map variants (`linear`, `based`: Taylor features of 1 + D + D^2 entries) run the same kernels on
-phi(q), phi(k); the normalised ones divide by the normaliser z, carried as a column of ones appended to the
-values (the torch path's layout: the state's last column is z). `cosine` runs them on L2-normalised q/k and
+phi(q), phi(k); the normalised ones divide by q_t z_t, z_t the running key sum, computed in `_fwd_o_kernel` next
+to the numerator from per-chunk key sums (`chunk_normalised`; a column of ones in the values, the torch path's
+way, would widen Dv = 128 to 129 and pad every V tile: 2.3-3x the kernels' time). `based` without state in or
+out runs its quadratic form instead up to `based.PARALLEL_MAX_LEN` keys (backends/triton/based.py). `cosine` runs them on L2-normalised q/k and
 position-scaled values; its state's extra row (tokens seen) stays outside the kernels.
 
 Query heads read their KV head's state (GQA without copies); KV-side gradients sum the group in-kernel.
@@ -38,8 +40,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
+
 
 try:  # the glue below imports without triton; the kernels need it
     import triton
@@ -133,10 +137,12 @@ if triton is not None:
             tl.store(ht + ibh * K * V + ok[:, None] * V + ov[None, :], acc, mask=mkv)
 
     @triton.jit(do_not_specialize=_RUNTIME)
-    def _fwd_o_kernel(q, k, v, gc, h, A, o, S, H, HQ, gcb, scale,
+    def _fwd_o_kernel(q, k, v, gc, h, A, o, zn, den, S, H, HQ, gcb, scale,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      GATE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-        """o = scale * ((q * exp(gc)) H_n + A v) for one chunk, V tile and query head."""
+                      GATE: tl.constexpr, NORM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+        """o = scale * ((q * exp(gc)) H_n + A v) for one chunk, V tile and query head. NORM (no gate): divided
+        by den = q z_n + rowsum(A), z_n the sum of the keys before the chunk (float32 (B, H, NT, K)); den is
+        stored (float32 (B, HQ, S)) by the first V tile."""
         iv = tl.program_id(0)
         n = tl.program_id(1)
         ibq = tl.program_id(2).to(tl.int64)
@@ -152,6 +158,7 @@ if triton is not None:
         mv = ov < V
         acc = tl.zeros([C, BV], dtype=tl.float32)
         att = tl.zeros([C, C], dtype=tl.float32)
+        dsum = tl.zeros([C], dtype=tl.float32)
         for ik in range(0, tl.cdiv(K, BK)):
             ok = ik * BK + tl.arange(0, BK)
             mk = ok < K
@@ -166,6 +173,9 @@ if triton is not None:
                 acc = tl.dot(qq.to(DT), hh.to(DT), acc, input_precision=PREC)
                 kt = tl.load(k + ibh * S * K + ot[None, :] * K + ok[:, None], mask=mk[:, None] & mt[None, :], other=0)
                 att = tl.dot(qq.to(DT), kt.to(DT), att, input_precision=PREC)
+                if NORM:
+                    zt = tl.load(zn + (ibh * NT + n) * K + ok, mask=mk, other=0)
+                    dsum += tl.sum(qq.to(tl.float32) * zt[None, :], 1)
         if GATE == 1:
             gq = tl.load(gc + ib * gcb + ih * S + ot, mask=mt, other=0)
             acc = acc * tl.exp(gq)[:, None]
@@ -177,6 +187,11 @@ if triton is not None:
             att = tl.where(keep, att, 0.0)
         vv = tl.load(v + ibh * S * V + ot[:, None] * V + ov[None, :], mask=mt[:, None] & mv[None, :], other=0)
         acc = tl.dot(att.to(DT), vv.to(DT), acc, input_precision=PREC)
+        if NORM:
+            dsum += tl.sum(att, 1)
+            acc = acc * tl.where(dsum == 0, 0.0, 1.0 / tl.where(dsum == 0, 1.0, dsum))[:, None]
+            if iv == 0:
+                tl.store(den + ibq * S + ot, dsum, mask=mt)
         tl.store(o + ibq * S * V + ot[:, None] * V + ov[None, :], (acc * scale).to(o.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
 
@@ -720,9 +735,11 @@ def _gla_A(q, k, gc, H, cfg):
 
 
 def chunk_decay_fwd(q, k, v, gc, scale: float, h0=None, output_final_state: bool = False, cfg: _Cfg | None = None,
-                    keep_A: bool = False):
+                    keep_A: bool = False, zn=None):
     """q (B, HQ, S, K), k (B, H, S, K), v (B, H, S, V) contiguous; gc None or chunk-local cumulative log gates
-    (B|1, H, S) / (B|1, H, S, K) float32; h0 None or (B, H, K, V) float32 -> (o, final state or None, A or None)."""
+    (B|1, H, S) / (B|1, H, S, K) float32; h0 None or (B, H, K, V) float32; zn None or, to normalise (no gates),
+    the normaliser entering each chunk (B, H, NT, K) float32 -> (o, final state or None, A or None, the
+    normaliser (B, HQ, S) float32 or None)."""
     B, HQ, S, K = q.shape
     H, V = k.shape[1], v.shape[-1]
     cfg = cfg or _Cfg(q, K, V, CHUNK, HIGH_PRECISION, H)
@@ -731,12 +748,16 @@ def chunk_decay_fwd(q, k, v, gc, scale: float, h0=None, output_final_state: bool
     h, ht = _states(k, v, gc, gate, h0, output_final_state, state_dtype, cfg)
     A = _gla_A(q, k, gc, H, cfg) if gate == 2 else None
     o = torch.empty(B, HQ, S, V, device=q.device, dtype=q.dtype)
+    if zn is not None and gate:
+        raise ValueError("chunk_decay_fwd: the normaliser (zn) is for ungated linear attention; got gates")
+    den = torch.empty(B, HQ, S, device=q.device, dtype=torch.float32) if zn is not None else None
     tiles, kw = cfg.t("fwd_o")
     grid = (triton.cdiv(V, tiles["BV"]), triton.cdiv(S, cfg.C), B * HQ)
     gcx = gc if gc is not None else k
-    _fwd_o_kernel[grid](q, k, v, gcx, h, A if A is not None else h, o, S, H, HQ, _gc_bstride(gc, B), scale,
-                        K=K, V=V, C=cfg.C, GATE=gate, DT=cfg.DT, PREC=cfg.PREC, **tiles, **kw)
-    return o, ht, (A if keep_A else None)
+    _fwd_o_kernel[grid](q, k, v, gcx, h, A if A is not None else h, o, zn if zn is not None else h,
+                        den if den is not None else h, S, H, HQ, _gc_bstride(gc, B), scale,
+                        K=K, V=V, C=cfg.C, GATE=gate, NORM=zn is not None, DT=cfg.DT, PREC=cfg.PREC, **tiles, **kw)
+    return o, ht, (A if keep_A else None), den
 
 
 def chunk_decay_bwd(q, k, v, gc, scale: float, h0, do, dht, A=None, need_dg: bool = False, cfg: _Cfg | None = None):
@@ -827,7 +848,7 @@ class _ChunkDecay(torch.autograd.Function):
         cfg = _Cfg(q, K, V, CHUNK, HIGH_PRECISION, k.shape[1])
         gc = _cumsum(g, q.shape[2], cfg) if g is not None else None
         keep_A = gc is not None and gc.dim() == 4 and any(ctx.needs_input_grad)
-        o, ht, A = chunk_decay_fwd(q, k, v, gc, scale, h0, output_final_state, cfg, keep_A=keep_A)
+        o, ht, A, _ = chunk_decay_fwd(q, k, v, gc, scale, h0, output_final_state, cfg, keep_A=keep_A)
         ctx.save_for_backward(q, k, v, g, gc, h0, A)
         ctx.scale = scale
         return o, ht
@@ -882,6 +903,98 @@ def chunk_decay(q, k, v, g=None, scale: float | None = None, initial_state=None,
     return _launch(q, k, v, g, scale, initial_state, output_final_state)
 
 
+def _normaliser_states(k, z0, C: int):
+    """z_n, the normaliser entering each chunk (z0 + the keys of the chunks before), (B, H, NT, K) float32, and
+    the final normaliser (B, H, K): O(S K), from per-chunk key sums."""
+    B, H, S, K = k.shape
+    full = S // C * C
+    per = k[:, :, :full].reshape(B, H, S // C, C, K).sum(3, dtype=torch.float32)
+    if full < S:
+        per = torch.cat([per, k[:, :, full:].sum(2, keepdim=True, dtype=torch.float32)], dim=2)
+    inclusive = per.cumsum(2)
+    if z0 is not None:
+        inclusive = inclusive + z0.unsqueeze(2)
+    return inclusive - per, inclusive[:, :, -1]
+
+
+class _NormalisedChunk(torch.autograd.Function):
+    """o_t = (q_t S_t) / (q_t z_t), S_t = S_0 + sum_{s <= t} k_s^T v_s, z_t = z_0 + sum_{s <= t} k_s (no gates).
+    The kernels compute the numerator and the normaliser together (`_fwd_o_kernel`, NORM); the backward runs the
+    numerator's kernels on do / den and adds the normaliser's terms in torch: with dden_t = -(do_t . o_t) / den_t,
+    dq_t += dden_t z_t, dk_s += sum_{t >= s} dden_t q_t, dz_0 += sum_t dden_t q_t."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, h0, z0, output_final_state):
+        cfg = _Cfg(q, q.shape[-1], v.shape[-1], CHUNK, HIGH_PRECISION, k.shape[1])
+        zn, zT = _normaliser_states(k, z0, cfg.C)
+        o, ht, _, den = chunk_decay_fwd(q, k, v, None, 1.0, h0, output_final_state, cfg, zn=zn)
+        ctx.save_for_backward(q, k, v, h0, z0, o, den)
+        return o, ht, zT
+
+    @staticmethod
+    def backward(ctx, do, dht, dzT):
+        q, k, v, h0, z0, o, den = ctx.saved_tensors
+        rden = torch.where(den == 0, 0.0, 1.0 / den)
+        try:
+            do_num = (do.float() * rden.unsqueeze(-1)).to(q.dtype)
+            dq, dk, dv, _, dh0 = _backward_kernels(q, k, v, None, 1.0, h0, do_num.contiguous(),
+                                                   None if dht is None else dht.contiguous(), None, False)
+        except Exception as err:  # noqa: BLE001 - any compile/launch failure falls back
+            _warn_once("backward", err)
+            return _normalised_backward_torch(q, k, v, h0, z0, do, dht, dzT)
+        B, H, S, K = k.shape
+        G = q.shape[1] // H
+        dden = -(do.float() * o.float()).sum(-1) * rden                       # (B, HQ, S)
+        zt = torch.cumsum(k, 2, dtype=torch.float32)                           # z_t without z_0
+        if z0 is not None:
+            zt = zt + z0.unsqueeze(2)
+        dq = dq.float().view(B, H, G, S, K) + dden.view(B, H, G, S, 1) * zt.unsqueeze(2)
+        qd = (dden.view(B, H, G, S, 1) * q.view(B, H, G, S, K)).sum(2)      # float32 (B, H, S, K)
+        dk = dk.float() + qd.flip(2).cumsum(2).flip(2)
+        dz0 = qd.sum(2) if z0 is not None else None
+        if dzT is not None:                                                    # z_T = z_0 + sum_s k_s
+            dk = dk + dzT.unsqueeze(2)
+            dz0 = dz0 + dzT if dz0 is not None else None
+        return dq.view_as(q).to(q.dtype), dk.to(k.dtype), dv, dh0, dz0, None
+
+
+def _normalised_backward_torch(q, k, v, h0, z0, do, dht, dzT):
+    """`_NormalisedChunk`'s gradients through the torch chunk path (ones column for the normaliser): the fallback."""
+    from ...variants.linear._decay import normalise, with_ones
+
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (q, k, v, h0, z0)]
+        lq, lk, lv, lh0, lz0 = leaves
+        state = None
+        if lh0 is not None or lz0 is not None:
+            B, H, _, K = lk.shape
+            s0 = lh0 if lh0 is not None else lk.new_zeros(B, H, K, lv.shape[-1], dtype=torch.float32)
+            z = lz0 if lz0 is not None else lk.new_zeros(B, H, K, dtype=torch.float32)
+            state = torch.cat([s0, z.unsqueeze(-1)], dim=-1)
+        o, st = _torch_chunk(lq, lk, with_ones(lv), None, 1.0, state)
+        outs, grads = [normalise(o)], [do]
+        if dht is not None:
+            outs.append(st[..., :-1])
+            grads.append(dht)
+        if dzT is not None:
+            outs.append(st[..., -1])
+            grads.append(dzT)
+        wrt = [t for t in leaves if t is not None]
+        got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
+        res = [next(got) if t is not None else None for t in leaves]
+    return res[0], res[1], res[2], res[3], res[4], None
+
+
+def chunk_normalised(q, k, v, initial_state=None, initial_normaliser=None, output_final_state: bool = False):
+    """Normalised linear attention without gates through the kernels: q (B, HQ, S, K) features, k (B, H, S, K),
+    v (B, H, S, V); initial state (B, H, K, V) and normaliser (B, H, K) or None -> (o in q's dtype, final state
+    float32 or None, final normaliser (B, H, K) float32). Rows whose normaliser is 0 give zeros."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    z0 = None if initial_normaliser is None else initial_normaliser.float().contiguous()
+    return _NormalisedChunk.apply(q, k, v, h0, z0, bool(output_final_state))
+
+
 # ======================================================================================================
 # the backend
 # ======================================================================================================
@@ -907,17 +1020,30 @@ def why_not(variant, call, q) -> str | None:
     return None
 
 
-def _operands(variant, q, k, v, call, h0=None):
-    """What the kernels compute for this variant: (q, k, v, log gates, scale, normalised, initial state, tokens
-    seen before (cosine) or None). Feature maps in float32, then the inputs' dtype; fixed decays as per-head log
-    gates; a column of ones on the values where the variant normalises; cosine's values scaled by position."""
+class Operands(NamedTuple):
+    """What the kernels compute for a variant: S_t = diag(exp g_t) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t;
+    `norm`: divided by q_t z_t, z_t = z0 + sum_{s <= t} k_s (`chunk_normalised`); cosine's tokens seen before in n0."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor | None
+    scale: float
+    norm: bool
+    h0: torch.Tensor | None     # (B, H, K, V): a normalised variant's state without its z column
+    n0: torch.Tensor | None
+    z0: torch.Tensor | None = None   # a normalised variant's initial z (the torch path's last state column)
+
+
+def _operands(variant, q, k, v, call, h0=None) -> Operands:
+    """Feature maps in float32, then the inputs' dtype; fixed decays as per-head log gates; cosine's values scaled
+    by position and q/k L2-normalised."""
     s = call.shapes
     if variant.name == "gla":
-        return q, k, v, call.inputs["g"], call.scale, False, h0, None
+        return Operands(q, k, v, call.inputs["g"], call.scale, False, h0, None)
     if variant.name in ("retention", "lightning"):
         like = torch.empty(0, dtype=torch.float64, device=q.device)
         logg = variant.decays(s.kv_heads, like).log().float()
-        return q, k, v, logg.view(1, -1, 1).expand(1, s.kv_heads, s.sk), call.scale, False, h0, None
+        return Operands(q, k, v, logg.view(1, -1, 1).expand(1, s.kv_heads, s.sk), call.scale, False, h0, None)
     if variant.name == "cosine":
         from ...variants.linear.cosine.naive import l2_normalise, position_scaled_values, split_state
 
@@ -926,9 +1052,7 @@ def _operands(variant, q, k, v, call, h0=None):
             h0, n0 = split_state(h0.float())
         vs = position_scaled_values(v, n0, variant.powers(s.kv_heads, n0), torch.float32).to(v.dtype)
         qk, kk = l2_normalise(q.float()).to(q.dtype), l2_normalise(k.float()).to(k.dtype)
-        return qk, kk, vs, None, call.scale, False, h0, n0
-    from ...variants.linear._decay import with_ones
-
+        return Operands(qk, kk, vs, None, call.scale, False, h0, n0)
     if variant.name == "based":  # the Taylor features hold sqrt(scale): the kernels multiply by 1
         from ...variants.linear.based.naive import taylor_features
 
@@ -938,26 +1062,40 @@ def _operands(variant, q, k, v, call, h0=None):
 
         phi = FEATURE_MAPS[variant.config["feature_map"]]
         fq, fk, scale = phi(q.float()), phi(k.float()), call.scale
-    norm = bool(variant.config["normalize"])
-    return fq.to(q.dtype), fk.to(k.dtype), (with_ones(v) if norm else v), None, scale, norm, h0, None
+    fq, fk = fq.to(q.dtype), fk.to(k.dtype)
+    if not variant.config["normalize"]:
+        return Operands(fq, fk, v, None, scale, False, h0, None)
+    split = (None, None) if h0 is None else (h0[..., :-1], h0[..., -1])
+    return Operands(fq, fk, v, None, 1.0, True, split[0], None, split[1])   # scale cancels in the ratio
 
 
-def _run_kernels(call, operands):
-    from ...variants.linear._decay import normalise
-
+def _run_kernels(call, op: Operands):
     s = call.shapes
     opts = getattr(call, "options", None) or {}
-    qk, kk, vv, g, scale, norm, h0, n0 = operands
+    final = bool(opts.get("output_final_state"))
+    qk = op.q
     if s.sq < s.sk:  # cross pattern: queries are the last Sq positions; earlier keys only build the state
         qk = torch.cat([qk.new_zeros(s.batch, s.q_heads, s.sk - s.sq, qk.shape[-1]), qk], dim=2)
-    o, ht = _launch(qk, kk, vv, g, scale, h0, bool(opts.get("output_final_state")))
+    if op.norm:
+        o, ht, zT = chunk_normalised(qk, op.k, op.v, op.h0, op.z0, final)
+        ht = torch.cat([ht, zT.unsqueeze(-1)], dim=-1) if final else None
+    else:
+        o, ht = _launch(qk, op.k, op.v, op.g, op.scale, op.h0, final)
     o = o[:, :, s.sk - s.sq:]
-    o = normalise(o) if norm else o
-    if n0 is not None and ht is not None:  # cosine: the state carries the tokens seen as its last row
+    if op.n0 is not None and ht is not None:  # cosine: the state carries the tokens seen as its last row
         from ...variants.linear.cosine.naive import join_state
 
-        ht = join_state(ht, n0 + s.sk)
+        ht = join_state(ht, op.n0 + s.sk)
     return (o, ht) if opts.get("output_final_state") else o
+
+
+def _quadratic(variant, call, h0) -> bool:
+    """`based` without state in or out, up to based.PARALLEL_MAX_LEN keys: the quadratic-form kernels."""
+    from . import based
+
+    opts = getattr(call, "options", None) or {}
+    return (variant.name == "based" and h0 is None and not opts.get("output_final_state")
+            and call.shapes.sk <= based.PARALLEL_MAX_LEN)
 
 
 def run(variant, q, k, v, call):
@@ -965,9 +1103,19 @@ def run(variant, q, k, v, call):
     h0 = (getattr(call, "options", None) or {}).get("initial_state")
     if h0 is not None:  # the torch path's checks and messages (outside the fallback)
         h0 = variant._check_state(h0, s.batch, s, q)
-    operands = _operands(variant, q, k, v, call, h0)  # the variant's own checks (cosine's count row) raise here
+    if _quadratic(variant, call, h0):
+        from .based import based_parallel
+
+        def kernels():
+            return based_parallel(q, k, v, call.scale, bool(variant.config["normalize"]),
+                                  fallback=lambda *qkv: variant.forward_torch(*qkv, call))
+    else:
+        operands = _operands(variant, q, k, v, call, h0)  # the variant's own checks (cosine's count row) raise here
+
+        def kernels():
+            return _run_kernels(call, operands)
     try:
-        return _run_kernels(call, operands)
+        return kernels()
     except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
         _warn_once("forward", err)
         return variant.forward_torch(q, k, v, call)
@@ -981,5 +1129,5 @@ def backend():
                        "linear, based, cosine): forward and backward, on CUDA")
 
 
-__all__ = ["chunk_decay", "chunk_decay_fwd", "chunk_decay_bwd", "why_not", "run", "serves", "backend",
+__all__ = ["chunk_decay", "chunk_normalised", "chunk_decay_fwd", "chunk_decay_bwd", "why_not", "run", "serves", "backend",
            "CHUNK", "HIGH_PRECISION", "TUNE"]
