@@ -81,7 +81,8 @@ def main():
     wanted = [w.strip() for w in args.methods.split(",") if w.strip()]
     table = {k: v for k, v in methods().items() if not wanted or any(w in k for w in wanted)}
     results = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-               "torch": torch.__version__, "tokens": args.tokens, "rounds": args.rounds, "rows": []}
+               "torch": torch.__version__, "threads": args.threads, "tokens": args.tokens, "rounds": args.rounds,
+               "rows": []}
     for length in lengths:
         ids = models.real_token_ids(tok, length, "heldout").to(device)
         run_once(model, tok, ids[:, :256], 2)  # warm-up
@@ -94,9 +95,10 @@ def main():
                 base_pre.append(bp), base_dec.append(bd), pre.append(p / bp), dec.append(d / bd)
             row = {"length": length, "method": name, "prefill_vs_full": statistics.median(pre),
                    "decode_vs_full": statistics.median(dec), "full_prefill_s": statistics.median(base_pre),
-                   "full_decode_ms": 1e3 * statistics.median(base_dec)}
+                   "full_decode_ms": 1e3 * statistics.median(base_dec), "prefill_ratios": pre, "decode_ratios": dec}
             results["rows"].append(row)
             print(f"{length:>6} {name:<34} prefill x{row['prefill_vs_full']:.2f}  decode x{row['decode_vs_full']:.2f}"
+                  f" (rounds: {' '.join(f'{r:.2f}' for r in dec)})"
                   f"  (uncompressed: prefill {row['full_prefill_s']:.2f} s, decode {row['full_decode_ms']:.1f} ms/token)",
                   flush=True)
             if args.out is not None:  # after every row: an interrupted run keeps what it measured
