@@ -36,8 +36,8 @@ def test_ragged_attention_equals_the_padded_masked_definition(batch, heads, grou
     tv = torch.randn(batch, heads, t, 8, generator=gen, dtype=torch.float64)
     valid = None if data.draw(st.booleans()) else torch.rand(batch, t, generator=gen) > 0.3  # None: no padding
     want = ragged.padded_attention(q, packed, tk, tv, valid, 0.35)
-    for dense_segments in (0, 64):  # per-entry gathers, dense products over segments
-        got = ragged.ragged_attention(q, packed, tk, tv, valid, 0.35, dense_segments)
+    for loop_segments in (0, 64):  # per-entry gathers, one product per segment
+        got = ragged.ragged_attention(q, packed, tk, tv, valid, 0.35, loop_segments)
         assert got.shape == (batch, heads * groups, sq, 8)
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)

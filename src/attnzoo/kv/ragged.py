@@ -9,11 +9,12 @@ bytes than entries. Here a layer holds two parts:
 - the tail: entries written since the last compression, dense `(B, Hkv, T, D)` and full precision
   (every head holds them all, so no padding), with their padding mask.
 
-`ragged_attention` attends over both with segment reductions (index_add / scatter_reduce: plain
-torch, any device, nothing padded to the fullest head); when every head holds as many entries (uniform
-budgets: snapkv, tova, expected_attention...) the packed entries are per-head views of one
-(segments, n, D) tensor and it uses batched products over them instead, with no gather at all (decoding
-with a press must not be slower than without). `padded_attention` is its definition written plainly:
+`ragged_attention` attends over both, in plain torch on any device and with nothing padded to the
+fullest head: when every head holds as many entries (uniform budgets: snapkv, tova,
+expected_attention...) by batched products over views of the packed entries as one (segments, n, D)
+tensor; else over few segments by one product per segment's slice, over many by per-entry gathers and
+segment reductions (index_add / scatter_reduce). Decoding with a press must not be slower than
+without, so no path does arithmetic on entries a segment does not hold. `padded_attention` is its definition written plainly:
 the packed entries scattered into a rectangular, masked cache, then one softmax.
 """
 from __future__ import annotations
@@ -27,10 +28,9 @@ from .base import require_cache_api
 from .quant import dequantize_into, pack_codes, quantize, unpack_codes
 
 SCALE_DTYPE = torch.float16  # scales and minimums of quantized entries are stored as KIVI stores them
-# Up to this many (row, KV head) segments, ragged attention uses dense products over all segments and
-# keeps each segment's block (segments x the arithmetic on small matrices, fewer and faster kernels than
-# per-entry gathers); beyond it, per-entry gathers.
-DENSE_SEGMENTS = 16
+# Up to this many (row, KV head) segments of unequal lengths, ragged attention loops over the segments
+# (one small product each: fewer and faster kernels than per-entry gathers); beyond it, per-entry gathers.
+LOOP_SEGMENTS = 16
 
 
 def segment_ids(lengths: torch.Tensor, total: int | None = None) -> torch.Tensor:
@@ -66,6 +66,7 @@ class Packed:
         self.n_segments, self.n_entries = len(lengths), keys.shape[0]
         self.dtype, self.bits, self.group = keys.dtype, bits, group
         self.offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).to(torch.int32)
+        self.bounds: list[int] = self.offsets.tolist()  # the offsets as slice bounds, read once
         # entries per segment when every segment holds as many (then the entries are a (segments, n, D) tensor)
         self.uniform: int | None = None
         if len(lengths) and bool((lengths == lengths[0]).all()):
@@ -191,7 +192,7 @@ def tail_bias(tail_valid: torch.Tensor | None, n_queries: int, heads: int, batch
 
 
 def ragged_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tensor, tail_values: torch.Tensor,
-                     tail_valid: torch.Tensor | None, scaling: float, dense_segments: int = DENSE_SEGMENTS
+                     tail_valid: torch.Tensor | None, scaling: float, loop_segments: int = LOOP_SEGMENTS
                      ) -> torch.Tensor:
     """(B, Hq, Sq, Dv) softmax attention of `query` (B, Hq, Sq, D) over the packed entries of each KV
     head and the tail (B, Hkv, T, D), the tail's last Sq entries causal to the queries (`tail_valid`
@@ -208,8 +209,10 @@ def ragged_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tenso
     tail_values = tail_values.reshape(segments, -1, tail_values.shape[-1])
     if packed.uniform is not None:
         out, total = _uniform_packed_attention(q, packed, logit_t, tail_values, scaling)
+    elif segments <= loop_segments:
+        out, total = _per_segment_packed_attention(q, packed, logit_t, tail_values, scaling)
     else:
-        out, total = _segmented_packed_attention(q, packed, logit_t, tail_values, scaling, segments <= dense_segments)
+        out, total = _gathered_packed_attention(q, packed, logit_t, tail_values, scaling)
     out = out / total.unsqueeze(-1).masked_fill(total.unsqueeze(-1) == 0, 1.0)
     return out.view(b, hq, sq, -1)
 
@@ -231,18 +234,31 @@ def _uniform_packed_attention(q, packed: Packed, logit_t, tail_values, scaling):
     return out, weight.sum(-1)
 
 
-def _segmented_packed_attention(q, packed: Packed, logit_t, tail_values, scaling, dense: bool):
-    """Unnormalised output and softmax denominators over segments of any lengths, by segment reductions
-    (`dense`: products of every entry with every segment's queries, then each entry's own segment)."""
+def _per_segment_packed_attention(q, packed: Packed, logit_t, tail_values, scaling):
+    """Unnormalised output and softmax denominators over few segments of any lengths: each segment's
+    entries are a contiguous slice, so one small product per segment, no arithmetic on other segments'."""
+    keys, values = packed.keys().to(q.dtype), packed.values().to(q.dtype)
+    outs, totals = [], []
+    for s, (start, end) in enumerate(zip(packed.bounds[:-1], packed.bounds[1:])):
+        logit_p = (q[s] @ keys[start:end].T) * scaling  # (G * Sq, n)
+        if packed.bias is not None:
+            logit_p = logit_p + packed.bias[start:end].to(logit_p.dtype)
+        logits = torch.cat([logit_p, logit_t[s]], dim=-1)
+        top = logits.amax(-1, keepdim=True) if logits.shape[-1] else logits.new_zeros(logits.shape[0], 1)
+        weight = torch.exp(logits - top.masked_fill(top == -math.inf, 0.0))
+        n = end - start
+        outs.append(torch.addmm(weight[:, n:] @ tail_values[s], weight[:, :n], values[start:end]))
+        totals.append(weight.sum(-1))
+    return torch.stack(outs), torch.stack(totals)
+
+
+def _gathered_packed_attention(q, packed: Packed, logit_t, tail_values, scaling):
+    """Unnormalised output and softmax denominators over many segments of any lengths, by per-entry
+    gathers and segment reductions."""
     segments, rows, d = q.shape
     seg = packed.segments()
     keys, values = packed.keys(seg).to(q.dtype), packed.values().to(q.dtype)
-    n = keys.shape[0]
-    if dense:  # every entry against every segment's queries, then each entry's own segment
-        logit_p = (keys @ q.reshape(segments * rows, d).T).view(n, segments, rows)
-        logit_p = logit_p.gather(1, seg.view(n, 1, 1).expand(n, 1, rows)).squeeze(1) * scaling
-    else:
-        logit_p = torch.bmm(q.index_select(0, seg), keys.unsqueeze(-1)).squeeze(-1) * scaling  # (N, G * Sq)
+    logit_p = torch.bmm(q.index_select(0, seg), keys.unsqueeze(-1)).squeeze(-1) * scaling  # (N, G * Sq)
     if packed.bias is not None:
         logit_p = logit_p + packed.bias.to(logit_p.dtype).unsqueeze(1)
     top = logit_t.amax(-1) if logit_t.shape[-1] else q.new_full((segments, rows), -math.inf)
@@ -250,16 +266,8 @@ def _segmented_packed_attention(q, packed: Packed, logit_t, tail_values, scaling
     top = top.masked_fill(top == -math.inf, 0.0)
     weight_p = torch.exp(logit_p - top.index_select(0, seg))
     weight_t = torch.exp(logit_t - top.unsqueeze(-1))
-    out = torch.bmm(weight_t, tail_values)
-    if dense:  # block-diagonal weights (segments, G * Sq, N): one product with the values
-        spread = weight_p.new_zeros(segments, n, rows)
-        spread[seg, torch.arange(n, device=seg.device)] = weight_p
-        spread = spread.transpose(1, 2)
-        total = weight_t.sum(-1) + spread.sum(-1)
-        out = out + (spread.reshape(segments * rows, n) @ values).view(segments, rows, -1)
-    else:
-        total = weight_t.sum(-1).index_add(0, seg, weight_p)
-        out = out.index_add(0, seg, weight_p.unsqueeze(-1) * values.unsqueeze(1))
+    total = weight_t.sum(-1).index_add(0, seg, weight_p)
+    out = torch.bmm(weight_t, tail_values).index_add(0, seg, weight_p.unsqueeze(-1) * values.unsqueeze(1))
     return out, total
 
 
