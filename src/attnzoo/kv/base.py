@@ -295,10 +295,27 @@ def methods() -> list[type[KVPress]]:
 # ---- applying a press to a model ---------------------------------------------------------------------
 
 
+class _Settled:
+    """An attribute of `_Slots` that first appends the deferred decoding tokens, when read or replaced."""
+
+    def __set_name__(self, owner, name):
+        self.name = "_" + name
+
+    def __get__(self, slots, owner=None):
+        slots._settle()
+        return getattr(slots, self.name)
+
+    def __set__(self, slots, value):
+        slots._settle()
+        setattr(slots, self.name, value)
+
+
 class _Slots:
     """Per-layer bookkeeping aligned with the cache slots. A decoding step that needs no Step (see
     `PressSession._plain_decode`) only records its token here; such tokens (attendable, bias 0) are
     appended when the bookkeeping is next read, so that step costs no tensor operation per layer."""
+
+    index, bias, extra = _Settled(), _Settled(), _Settled()
 
     def __init__(self, index: torch.Tensor, bias: torch.Tensor, extra: dict | None = None):
         self._index, self._bias, self._extra = index, bias, {} if extra is None else extra
@@ -319,36 +336,6 @@ class _Slots:
         self._index = torch.cat([self._index, torch.arange(first, first + n, device=dev).expand(batch, heads, -1)], -1)
         self._bias = torch.cat([self._bias, self._bias.new_zeros(batch, heads, n)], -1)
         self._extra = {k: torch.cat([t, t.new_zeros(batch, heads, n)], -1) for k, t in self._extra.items()}
-
-    @property
-    def index(self) -> torch.Tensor:
-        self._settle()
-        return self._index
-
-    @index.setter
-    def index(self, value: torch.Tensor) -> None:
-        self._settle()
-        self._index = value
-
-    @property
-    def bias(self) -> torch.Tensor:
-        self._settle()
-        return self._bias
-
-    @bias.setter
-    def bias(self, value: torch.Tensor) -> None:
-        self._settle()
-        self._bias = value
-
-    @property
-    def extra(self) -> dict:
-        self._settle()
-        return self._extra
-
-    @extra.setter
-    def extra(self, value: dict) -> None:
-        self._settle()
-        self._extra = value
 
 
 @dataclass
