@@ -1,9 +1,10 @@
 """The `triton` backend's kernels for decaying-state linear attention (gla, retention, lightning, linear
 and based, with and without their normaliser).
 
-- Without triton the backend is absent and every test here skips (CI); with triton but no CUDA, the
-  refusals, the fallback to the torch path, and the kernels themselves under Triton's CPU interpreter
-  (TRITON_INTERPRET=1, in a subprocess, small shapes, float32/bfloat16 against float64) run.
+- Without triton the backend is absent and every test here skips; with triton but no CUDA (CI, through the
+  `triton-interpreter` extra), the refusals, the fallback to the torch path, and the kernels themselves under
+  Triton's CPU interpreter (TRITON_INTERPRET=1, in a subprocess, small shapes, float32/bfloat16 against
+  float64) run.
 - On CUDA: FlashAttention's rule, forward and backward, against the float64 reference.
 """
 from __future__ import annotations
