@@ -4,9 +4,10 @@ model measured in the same run (SmolLM2 on real text).
     python benchmarks/kv_decode_latency.py                                   # CPU, 2048 tokens
     python benchmarks/kv_decode_latency.py --device cuda --lengths 2048,8192 --out $OUT/kvdec.json
 
-Each method prefills the prompt (timed, synchronised on CUDA), then decodes `--tokens` greedy tokens;
-the decode time is the median per token. Methods alternate with the uncompressed model in rounds
-(`--rounds`) so a busy machine slows both alike; the ratio is taken per round, its median reported.
+In each round (`--rounds`) the uncompressed model and the method prefill the prompt one after the
+other (timed, synchronised on CUDA), then decode `--tokens` greedy tokens in turns, one step each (the
+first to step alternating), so a busy machine slows both alike; the decode time is the median per
+token. Ratios are taken per round, their median reported.
 """
 from __future__ import annotations
 
@@ -43,24 +44,27 @@ def _clock(device) -> float:
 
 
 @torch.no_grad()
-def run_once(model, tok, ids, tokens: int, press=None, layout=None) -> tuple[float, float]:
-    """(prefill seconds, median decode seconds per token)."""
+def run_round(model, tok, ids, tokens: int, press, layout) -> tuple[float, float, float, float]:
+    """(uncompressed prefill s, press prefill s, uncompressed and press median decode s per token)."""
     DynamicCache = __import__("transformers").DynamicCache
     device = ids.device
-    cache = DynamicCache(config=model.config)
-    session = press(model, tok, layout=layout) if press is not None else contextlib.nullcontext()
-    with session:
-        start = _clock(device)
-        out = model(input_ids=ids, **with_cache(model, cache), logits_to_keep=1)
-        prefill = _clock(device) - start
-        token = out.logits[:, -1:].argmax(-1)
-        steps = []
-        for _ in range(tokens):
+    sessions = [contextlib.nullcontext(), press(model, tok, layout=layout)]
+    caches = [DynamicCache(config=model.config), DynamicCache(config=model.config)]
+    tokens_in, steps = [ids, ids], [[], []]
+
+    def step(which: int) -> float:
+        with sessions[which]:  # the press's hooks are on the model only for its own forwards
             start = _clock(device)
-            out = model(input_ids=token, **with_cache(model, cache), logits_to_keep=1)
-            token = out.logits[:, -1:].argmax(-1)
-            steps.append(_clock(device) - start)
-    return prefill, statistics.median(steps)
+            out = model(input_ids=tokens_in[which], **with_cache(model, caches[which]), logits_to_keep=1)
+            took = _clock(device) - start
+        tokens_in[which] = out.logits[:, -1:].argmax(-1)
+        return took
+
+    prefill = [step(0), step(1)]
+    for i in range(tokens):
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            steps[which].append(step(which))
+    return prefill[0], prefill[1], statistics.median(steps[0]), statistics.median(steps[1])
 
 
 def main():
@@ -85,13 +89,11 @@ def main():
                "rows": []}
     for length in lengths:
         ids = models.real_token_ids(tok, length, "heldout").to(device)
-        run_once(model, tok, ids[:, :256], 2)  # warm-up
         for name, (press, layout) in table.items():
-            run_once(model, tok, ids[:, :256], 2, press, layout)  # profiling presses profile here, untimed
+            run_round(model, tok, ids[:, :256], 2, press, layout)  # warm-up; profiling presses profile here, untimed
             pre, dec, base_pre, base_dec = [], [], [], []
             for _ in range(args.rounds):
-                bp, bd = run_once(model, tok, ids, args.tokens)
-                p, d = run_once(model, tok, ids, args.tokens, press, layout)
+                bp, p, bd, d = run_round(model, tok, ids, args.tokens, press, layout)
                 base_pre.append(bp), base_dec.append(bd), pre.append(p / bp), dec.append(d / bd)
             row = {"length": length, "method": name, "prefill_vs_full": statistics.median(pre),
                    "decode_vs_full": statistics.median(dec), "full_prefill_s": statistics.median(base_pre),
