@@ -3,8 +3,8 @@ speed against flash-linear-attention (fla), all in one run.
 
     PYTHONPATH=src python benchmarks/gpu_linear.py --out gpu_linear.json [--quick] [--no-sweep | --sweep-sub]
 
-(results/gpu_linear_h200.json: `--sweep-sub`, i.e. the TUNE defaults of backends/triton/linear.py, which came
-from the full sweep of an earlier run, plus a sweep of GLA's sub-chunk kernels; fla-core 0.6.0 from a wheel.)
+(results/gpu_linear_h200.json: `--no-sweep --no-torch`, i.e. the TUNE defaults of backends/triton/linear.py,
+which came from the full sweep of an earlier run and the changes its notes list; fla-core 0.6.0 from a wheel.)
 
 1. correctness (bf16, B2 H4 S1000 D128, gates typical / near 0 (strong decay) / near 1 (almost none)):
    forward o and gradients dq dk dv dg of our kernels, of the same computation by our torch chunk path in
