@@ -545,7 +545,7 @@ def based_crossover(rows):
 
 
 @section("feature_maps")
-def feature_maps(with_fla, sweep_based=False):
+def feature_maps(with_fla, sweep_based=False, only_correctness=False):
     rows = {"correctness": [], "timing": []}
     RESULT["feature_maps"] = rows
     b, h, s, _ = CSHAPE
@@ -582,6 +582,8 @@ def feature_maps(with_fla, sweep_based=False):
         rows["correctness"].append(row)
         save()
     TB.PARALLEL_MAX_LEN = PARALLEL_MAX_LEN
+    if only_correctness:
+        return rows
     if DEV != "cpu" and sweep_based:
         based_sweep(rows)
     based_crossover(rows)
@@ -676,7 +678,7 @@ def prune_fla_autotune():
 
 
 def main():
-    global OUT
+    global OUT, CSHAPE
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--quick", action="store_true")
@@ -688,6 +690,9 @@ def main():
     ap.add_argument("--feature-maps", action="store_true", help="also run the based / normalised linear section")
     ap.add_argument("--only-feature-maps", action="store_true", help="run that section only")
     ap.add_argument("--sweep-based", action="store_true", help="sweep the quadratic-form based kernels' settings")
+    ap.add_argument("--fa-shape", default=None,
+                    help="B,H,S,D: only FlashAttention's rule (all gate regimes, based, normalised linear) at this shape, "
+                         "e.g. 1,4,65536,128")
     args = ap.parse_args()
     OUT = args.out
     import triton
@@ -706,6 +711,13 @@ def main():
             RESULT["fla_error"] = f"{type(e).__name__}: {e}"
             with_fla = False
     save()
+    if args.fa_shape:
+        CSHAPE = tuple(int(x) for x in args.fa_shape.split(","))
+        RESULT["fa_shape"] = list(CSHAPE)
+        correctness(True)
+        feature_maps(with_fla, only_correctness=True)
+        save()
+        return
     if args.only_feature_maps:
         feature_maps(with_fla, sweep_based=args.sweep_based)
         save()
