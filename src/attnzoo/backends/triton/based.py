@@ -34,21 +34,26 @@ TUNE: dict[str, dict] = {
 if triton is not None:
     _RUNTIME = ["SQ", "SK", "HQ", "G"]
 
+    @triton.jit
+    def _query_tile(q, SQ, SK, HQ, G, D: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr):
+        """This program's query tile: (flat query head, its flat KV head, Sk - Sq, rows, dims, value dims, row mask,
+        the q tile)."""
+        im = tl.program_id(0)
+        ibh = tl.program_id(1).to(tl.int64)
+        ikv = ibh // HQ * (HQ // G) + (ibh % HQ) // G
+        om = im * BM + tl.arange(0, BM)
+        od = tl.arange(0, BD)
+        mm = om < SQ
+        qt = tl.load(q + ibh * SQ * D + om[:, None] * D + od[None, :], mask=mm[:, None] & (od < D)[None, :], other=0)
+        return ibh, ikv, SK - SQ, om, od, tl.arange(0, BDV), mm, qt
+
     @triton.jit(do_not_specialize=_RUNTIME)
     def _fwd_kernel(q, k, v, o, rz, SQ, SK, HQ, G, scale,
                     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, NORM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
         """o (and 1 / z, float32, 0 where z = 0) for one query tile of one query head."""
         im = tl.program_id(0)
-        ibh = tl.program_id(1).to(tl.int64)
-        ib = ibh // HQ
-        ikv = ib * (HQ // G) + (ibh % HQ) // G
-        off = SK - SQ
-        om = im * BM + tl.arange(0, BM)
-        od = tl.arange(0, BD)
-        odv = tl.arange(0, BDV)
-        mm = om < SQ
-        qt = tl.load(q + ibh * SQ * D + om[:, None] * D + od[None, :], mask=mm[:, None] & (od < D)[None, :], other=0)
+        ibh, ikv, off, om, od, odv, mm, qt = _query_tile(q, SQ, SK, HQ, G, D, BD, BDV, BM)
         kb = k + ikv * SK * D
         vb = v + ikv * SK * DV
         acc = tl.zeros([BM, BDV], dtype=tl.float32)
@@ -130,15 +135,7 @@ if triton is not None:
                    BM: tl.constexpr, BN: tl.constexpr, NORM: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
         """dq for one query tile of one query head."""
         im = tl.program_id(0)
-        ibh = tl.program_id(1).to(tl.int64)
-        ib = ibh // HQ
-        ikv = ib * (HQ // G) + (ibh % HQ) // G
-        off = SK - SQ
-        om = im * BM + tl.arange(0, BM)
-        od = tl.arange(0, BD)
-        odv = tl.arange(0, BDV)
-        mm = om < SQ
-        qt = tl.load(q + ibh * SQ * D + om[:, None] * D + od[None, :], mask=mm[:, None] & (od < D)[None, :], other=0)
+        ibh, ikv, off, om, od, odv, mm, qt = _query_tile(q, SQ, SK, HQ, G, D, BD, BDV, BM)
         dot_ = tl.load(do + ibh * SQ * DV + om[:, None] * DV + odv[None, :], mask=mm[:, None] & (odv < DV)[None, :],
                        other=0)
         if NORM:
