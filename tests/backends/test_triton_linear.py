@@ -75,7 +75,9 @@ def test_why_not_gives_reasons():
     assert "mode='recurrent'" in tlin.why_not(attn, _call(attn, q, k, v, inputs, mode="recurrent"), cuda_q)
     assert "mode='parallel'" in tlin.why_not(attn, _call(attn, q, k, v, inputs, mode="parallel"), cuda_q)
     packed = _call(attn, q, k, v, inputs, cu_seqlens=torch.tensor([0, 10, 40]))
-    assert "cu_seqlens" in tlin.why_not(attn, packed, cuda_q)
+    assert tlin.why_not(attn, packed, cuda_q) is None
+    cosine = az.get("cosine")
+    assert "cu_seqlens" in tlin.why_not(cosine, _call(cosine, q, k, v, {}, cu_seqlens=torch.tensor([0, 10, 40])), cuda_q)
     f64 = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)
     assert "float16/bfloat16/float32" in tlin.why_not(attn, call, f64)
     q2, k2, v2, _ = _inputs("linear")
@@ -233,6 +235,37 @@ INTERPRETED = textwrap.dedent(r"""
     assert len(launched) == 8, launched
     tb.based_fwd = fwd
 
+    # packed sequences (cu_seqlens): lengths grouped and padded (here [40, 38, 37] as one batch, 9 alone), each
+    # sequence with its own initial and final state; outputs, states and gradients against the torch path
+    torch.manual_seed(4)
+    cu = torch.tensor([0, 40, 49, 87, 124])
+    assert tl_._groups([40, 9, 38, 37]) == [[0, 2, 3], [1]]
+    for name, params in (("gla", {}), ("retention", {}), ("linear", {}), ("linear", {"normalize": False}),
+                         ("based", {}), ("lightning", {})):
+        attn = az.get(name, **params)
+        hq, hkv, s, d, dv = 4, 2, 124, (6 if name == "based" else 16), 12
+        q, k, v = torch.randn(1, hq, s, d), torch.randn(1, hkv, s, d), torch.randn(1, hkv, s, dv)
+        inputs = {"g": F.logsigmoid(torch.randn(1, hkv, s, d))} if name == "gla" else {}
+        for final in (True, False):   # with states: the chunk kernels; based without: its quadratic form
+            h0 = torch.randn(*attn.state_shape(4, hkv, d, dv)).abs() if final else None
+            ours = [t.clone().requires_grad_() for t in (q, k, v, *inputs.values())]
+            ref = [t.detach().double().requires_grad_() for t in ours]
+            call = attn.prepare(*ours[:3], True, None, dict(zip(inputs, ours[3:])))
+            call.options = {"mode": "chunk", "initial_state": h0, "output_final_state": final, "cu_seqlens": cu}
+            got = tl_.run(attn, *ours[:3], call)
+            want = attn(*ref[:3], causal=True, backend="torch", cu_seqlens=cu, output_final_state=final,
+                        initial_state=None if h0 is None else h0.double(), **dict(zip(inputs, ref[3:])))
+            (o, st), (ro, rst) = (got, want) if final else ((got, None), (want, None))
+            do = torch.randn_like(ro)
+            (o.double() * do).sum().backward()
+            (ro * do).sum().backward()
+            tag = f"{name}{'' if params.get('normalize', True) else '.unnormalised'}.packed{'.state' if final else ''}"
+            note(tag + ".o", o, ro)
+            if final:
+                note(tag + ".final", st, rst)
+            for n_, a, r in zip(("dq", "dk", "dv", "dg"), ours, ref):
+                note(f"{tag}.{n_}", a.grad, r.grad)
+
     # gradients of the op (no gate, scalar gate, per-dimension gate; ordinary and near-0 gates) vs float64;
     # seeded apart from the cases above, so that adding a case there leaves these inputs as they are
     torch.manual_seed(1)
@@ -382,3 +415,21 @@ def test_cross_pattern_state_in_and_out_on_cuda(name):
     ro, rst = attn(q.double(), k.double(), v.double(), causal=True, backend="torch", initial_state=h0.double(),
                    output_final_state=True, **{n: t.double() for n, t in inputs.items()})
     assert (o.double() - ro).norm() / ro.norm() < 1e-5 and (st.double() - rst).norm() / rst.norm() < 1e-5
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["gla", "linear_norm", "based"])
+def test_packed_sequences_on_cuda(name):
+    attn = _variant(name)
+    d = 16 if name == "based" else 32
+    q, k, v, inputs = _inputs(name, b=1, hq=4, hkv=2, s=700, d=d, dv=48, dtype=torch.float32, device="cuda")
+    cu = torch.tensor([0, 300, 317, 610, 700], device="cuda")
+    for final in (False, True):
+        h0 = torch.rand(*attn.state_shape(4, 2, d, 48), device="cuda") if final else None
+        got = attn(q, k, v, causal=True, backend="triton", cu_seqlens=cu, initial_state=h0, output_final_state=final,
+                   **inputs)
+        want = attn(q.double(), k.double(), v.double(), causal=True, backend="torch", cu_seqlens=cu,
+                    initial_state=None if h0 is None else h0.double(), output_final_state=final,
+                    **{n: t.double() for n, t in inputs.items()})
+        for a, r in zip(got if final else (got,), want if final else (want,)):
+            assert (a.double() - r).norm() / r.norm() < 1e-5

@@ -1045,8 +1045,8 @@ def why_not(variant, call, q) -> str | None:
     mode = opts.get("mode") or variant.default_mode
     if mode != "chunk":
         return f"the triton kernels are the chunk form; mode={mode!r} runs on the torch backend"
-    if opts.get("cu_seqlens") is not None:
-        return "packed sequences (cu_seqlens) are not implemented in the triton kernels"
+    if opts.get("cu_seqlens") is not None and variant.name == "cosine":
+        return "cosine's packed sequences (cu_seqlens) run on the torch backend (its state counts the tokens seen)"
     if q.dtype not in DTYPES:
         return f"the triton kernels take float16/bfloat16/float32, got {q.dtype}"
     return None
@@ -1130,12 +1130,76 @@ def _quadratic(variant, call, h0) -> bool:
             and call.shapes.sk <= based.PARALLEL_MAX_LEN)
 
 
+def _groups(lengths: list[int], slack: float = 1.25) -> list[list[int]]:
+    """Packed sequences grouped so that padding a group to its longest costs at most `slack` times its tokens:
+    lists of sequence indices, longest first (so one long sequence and many short ones never pad to the long one)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        if groups:
+            g = groups[-1]
+            if (len(g) + 1) * lengths[g[0]] <= slack * (sum(lengths[j] for j in g) + lengths[i]):
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+def _run_packed(variant, q, k, v, call, segments, h0):
+    """Packed sequences (B = 1, cu_seqlens): each group of `_groups` padded to its longest sequence and run as one
+    batch, each sequence with its own initial and final state. Padded positions hold zero keys (after the feature
+    map), values and log gates, so they change no state; their outputs are dropped."""
+    final = bool(call.options.get("output_final_state"))
+    lengths = [b - a for a, b in segments]
+    per_token = variant.per_token_inputs()
+    outs, positions, states, order = [], [], [], []
+    for group in _groups(lengths):
+        n, L = len(group), lengths[group[0]]
+        starts = torch.tensor([segments[i][0] for i in group], device=q.device)
+        t = torch.arange(L, device=q.device)
+        valid = t[None, :] < torch.tensor([lengths[i] for i in group], device=q.device)[:, None]      # (n, L)
+        idx = torch.where(valid, starts[:, None] + t[None, :], starts[:, None])
+
+        def gather(x):  # (1, H, S, ...) -> (n, H, L, ...), zeros where padded
+            xb = x[0][:, idx].transpose(0, 1)
+            return xb * valid.view(n, 1, L, *([1] * (xb.dim() - 3)))
+
+        qb, kb, vb = gather(q), gather(k), gather(v)
+        cb = variant.prepare(qb, kb, vb, True, call.scale,
+                             {name: gather(x) if name in per_token else x for name, x in call.inputs.items()})
+        cb.options = {"mode": "chunk", "initial_state": None, "output_final_state": final, "cu_seqlens": None}
+        h0b = None if h0 is None else h0[group]
+        if _quadratic(variant, cb, h0b):
+            from .based import based_parallel
+
+            res = based_parallel(qb, kb, vb, cb.scale, bool(variant.config["normalize"]))
+        else:
+            op = _operands(variant, qb, kb, vb, cb, h0b)
+            keep = valid[:, None, :, None]
+            g = None if op.g is None else op.g * (keep if op.g.dim() == 4 else valid[:, None])
+            res = _run_kernels(cb, op._replace(k=op.k * keep, v=op.v * keep, g=g))
+        ob, st = res if final else (res, None)
+        outs.append(ob.transpose(0, 1)[:, valid])                     # (HQ, tokens of the group, Dv)
+        positions.append(idx[valid])
+        states.append(st)
+        order.extend(group)
+    o = torch.cat(outs, 1)[:, torch.argsort(torch.cat(positions))].unsqueeze(0)
+    if not final:
+        return o
+    return o, torch.cat(states)[torch.argsort(torch.tensor(order, device=q.device))]
+
+
 def run(variant, q, k, v, call):
     s = call.shapes
-    h0 = (getattr(call, "options", None) or {}).get("initial_state")
-    if h0 is not None:  # the torch path's checks and messages (outside the fallback)
-        h0 = variant._check_state(h0, s.batch, s, q)
-    if _quadratic(variant, call, h0):
+    opts = getattr(call, "options", None) or {}
+    # the torch path's checks and messages (outside the fallback)
+    segments = variant._segments(opts["cu_seqlens"], s) if opts.get("cu_seqlens") is not None else None
+    h0 = opts.get("initial_state")
+    if h0 is not None:
+        h0 = variant._check_state(h0, s.batch if segments is None else len(segments), s, q)
+    if segments is not None:
+        def kernels():
+            return _run_packed(variant, q, k, v, call, segments, h0)
+    elif _quadratic(variant, call, h0):
         from .based import based_parallel
 
         def kernels():
