@@ -45,7 +45,6 @@ from typing import NamedTuple
 
 import torch
 
-
 try:  # the glue below imports without triton; the kernels need it
     import triton
     import triton.language as tl
@@ -1067,8 +1066,8 @@ class Operands(NamedTuple):
 
 
 def _operands(variant, q, k, v, call, h0=None) -> Operands:
-    """Feature maps in float32, then the inputs' dtype; fixed decays as per-head log gates; cosine's values scaled
-    by position and q/k L2-normalised."""
+    """Based's Taylor features in float32, then the inputs' dtype; linear's elementwise feature maps in the inputs'
+    dtype; fixed decays as per-head log gates; cosine's values scaled by position and q/k L2-normalised."""
     s = call.shapes
     if variant.name == "gla":
         return Operands(q, k, v, call.inputs["g"], call.scale, False, h0, None)
@@ -1225,5 +1224,5 @@ def backend():
                        "linear, based, cosine): forward and backward, on CUDA")
 
 
-__all__ = ["chunk_decay", "chunk_normalised", "chunk_decay_fwd", "chunk_decay_bwd", "why_not", "run", "serves", "backend",
-           "CHUNK", "HIGH_PRECISION", "TUNE"]
+__all__ = ["chunk_decay", "chunk_normalised", "chunk_decay_fwd", "chunk_decay_bwd", "why_not", "run", "serves",
+           "backend", "CHUNK", "HIGH_PRECISION", "TUNE"]
