@@ -16,6 +16,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 from harness import run_under_triton_interpreter
 
 triton = pytest.importorskip("triton")
@@ -150,6 +152,17 @@ def test_based_quadratic_kernel_failures_fall_back_with_one_warning(monkeypatch)
     with pytest.warns(RuntimeWarning, match="falling back to the torch chunk path"):
         o = tlin.run(attn, q, k, v, call)
     assert torch.equal(o, attn(q, k, v, causal=True, backend="torch"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(hst.lists(hst.integers(1, 300), min_size=1, max_size=12))
+def test_packed_groups_partition_and_bound_the_padding(lengths):
+    groups = tlin._groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        longest = max(lengths[i] for i in g)
+        assert lengths[g[0]] == longest
+        assert len(g) == 1 or len(g) * longest <= 1.25 * sum(lengths[i] for i in g)
 
 
 def test_bad_initial_state_is_an_error_not_a_fallback(monkeypatch):
