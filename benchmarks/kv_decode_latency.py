@@ -3,6 +3,8 @@ model measured in the same run (SmolLM2 on real text).
 
     python benchmarks/kv_decode_latency.py                                   # CPU, 2048 tokens
     python benchmarks/kv_decode_latency.py --device cuda --lengths 2048,8192 --out $OUT/kvdec.json
+    python benchmarks/kv_decode_latency.py --export-shape .gl/smollm2_shape        # then, where the model file is absent:
+    python benchmarks/kv_decode_latency.py --device cuda --random-weights .gl/smollm2_shape --lengths 2048,8192
 
 In each round (`--rounds`) the uncompressed model and the method prefill the prompt one after the
 other (timed, synchronised on CUDA), then decode `--tokens` greedy tokens in turns, one step each (the
@@ -76,15 +78,35 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     ap.add_argument("--methods", default="", help="comma-separated substrings of the method names to run (default all)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file")
+    ap.add_argument("--export-shape", type=Path, default=None, metavar="DIR",
+                    help="write SmolLM2's config and tokenizer (3.4 MB) to DIR and exit")
+    ap.add_argument("--random-weights", type=Path, default=None, metavar="DIR",
+                    help="time a model of the exact configuration in DIR (from --export-shape) with random weights, "
+                         "for a machine without the 98 MB model file: per-token latency does not depend on the weights "
+                         "(the prompts stay real text; nothing about answers is measured)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model, tok = models.load_causal_lm()
+    if args.export_shape is not None:
+        model, tok = models.load_causal_lm()
+        model.config.save_pretrained(args.export_shape)
+        tok.save_pretrained(args.export_shape)
+        return
+    if args.random_weights is not None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.random_weights),
+                                                 dtype=torch.float32, attn_implementation="sdpa").eval()
+        tok = AutoTokenizer.from_pretrained(args.random_weights)
+    else:
+        model, tok = models.load_causal_lm()
     model.to(device)
     lengths = [int(x) for x in args.lengths.split(",")]
     wanted = [w.strip() for w in args.methods.split(",") if w.strip()]
     table = {k: v for k, v in methods().items() if not wanted or any(w in k for w in wanted)}
     results = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+               "weights": "random, SmolLM2's configuration" if args.random_weights is not None else "SmolLM2-135M-Instruct",
                "torch": torch.__version__, "threads": args.threads, "tokens": args.tokens, "rounds": args.rounds,
                "rows": []}
     for length in lengths:
