@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear import DTYPES, TRITON_ERROR, _interpreting, _np2, _tl_dtype, _warn_once, tl, triton
+from .linear import _interpreting, _np2, _tl_dtype, _warn_once, tl, triton
 
 # Sk up to which `based` without state in or out runs these kernels rather than the chunk kernels
 PARALLEL_MAX_LEN = 32768
@@ -239,4 +239,4 @@ def based_parallel(q, k, v, scale: float, normalize: bool = True, fallback=None)
                                 fallback)
 
 
-__all__ = ["based_parallel", "based_fwd", "based_bwd", "PARALLEL_MAX_LEN", "TUNE", "DTYPES", "TRITON_ERROR"]
+__all__ = ["based_parallel", "based_fwd", "based_bwd", "PARALLEL_MAX_LEN", "TUNE"]
