@@ -14,8 +14,9 @@ fullest head: when every head holds as many entries (uniform budgets: snapkv, to
 expected_attention...) by batched products over views of the packed entries as one (segments, n, D)
 tensor; else over few segments by one product per segment's slice, over many by per-entry gathers and
 segment reductions (index_add / scatter_reduce). Decoding with a press must not be slower than
-without, so no path does arithmetic on entries a segment does not hold. `padded_attention` is its definition written plainly:
-the packed entries scattered into a rectangular, masked cache, then one softmax.
+without, so no path does arithmetic on entries a segment does not hold. `padded_attention` is its
+definition written plainly: the packed entries scattered into a rectangular, masked cache, then one
+softmax.
 """
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ def _dequantize_uniform_keys(codes: torch.Tensor, scale: torch.Tensor, lo: torch
     scale, lo = scale.view(segments, per_segment, 1, d), lo.view(segments, per_segment, 1, d)
     if whole:
         dequantize_into(out[:, :whole * group].view(segments, whole, group, d),
-                        codes[:, :whole * group].view(segments, whole, group, -1), scale[:, :whole], lo[:, :whole], bits)
+                        codes[:, :whole * group].view(segments, whole, group, -1), scale[:, :whole], lo[:, :whole],
+                        bits)
     if whole < per_segment:  # the last, partial group
         dequantize_into(out[:, whole * group:], codes[:, whole * group:], scale[:, -1], lo[:, -1], bits)
     return out.view(segments * n, d)
@@ -217,19 +219,25 @@ def ragged_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tenso
     return out.view(b, hq, sq, -1)
 
 
+def _shifted_exp(logits: torch.Tensor) -> torch.Tensor:
+    """exp(logits - each row's maximum): unnormalised softmax weights, zeros in rows that see nothing (-inf)."""
+    if not logits.shape[-1]:
+        return logits
+    top = logits.amax(-1, keepdim=True)
+    return torch.exp(logits - top.masked_fill(top == -math.inf, 0.0))
+
+
 def _uniform_packed_attention(q, packed: Packed, logit_t, tail_values, scaling):
     """Unnormalised output and softmax denominators when every segment holds `packed.uniform` entries:
     batched products over the (segments, n, D) views of the packed entries, then the tail's."""
-    segments, rows, d = q.shape
+    segments, _, d = q.shape
     n = packed.uniform
     keys, values = packed.keys().to(q.dtype), packed.values().to(q.dtype)
     keys, values = keys.view(segments, n, d), values.view(segments, n, values.shape[-1])
     logit_p = torch.bmm(q, keys.transpose(1, 2)) * scaling  # (segments, G * Sq, n)
     if packed.bias is not None:
         logit_p = logit_p + packed.bias.to(logit_p.dtype).view(segments, 1, n)
-    logits = torch.cat([logit_p, logit_t], dim=-1)  # (segments, G * Sq, n + T): a few query rows each
-    top = logits.amax(-1, keepdim=True) if logits.shape[-1] else logits.new_zeros(segments, rows, 1)
-    weight = torch.exp(logits - top.masked_fill(top == -math.inf, 0.0))
+    weight = _shifted_exp(torch.cat([logit_p, logit_t], dim=-1))  # (segments, G * Sq, n + T)
     out = torch.baddbmm(torch.bmm(weight[..., n:], tail_values), weight[..., :n], values)
     return out, weight.sum(-1)
 
@@ -243,9 +251,7 @@ def _per_segment_packed_attention(q, packed: Packed, logit_t, tail_values, scali
         logit_p = (q[s] @ keys[start:end].T) * scaling  # (G * Sq, n)
         if packed.bias is not None:
             logit_p = logit_p + packed.bias[start:end].to(logit_p.dtype)
-        logits = torch.cat([logit_p, logit_t[s]], dim=-1)
-        top = logits.amax(-1, keepdim=True) if logits.shape[-1] else logits.new_zeros(logits.shape[0], 1)
-        weight = torch.exp(logits - top.masked_fill(top == -math.inf, 0.0))
+        weight = _shifted_exp(torch.cat([logit_p, logit_t[s]], dim=-1))
         n = end - start
         outs.append(torch.addmm(weight[:, n:] @ tail_values[s], weight[:, :n], values[start:end]))
         totals.append(weight.sum(-1))
