@@ -20,7 +20,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.shape[-1] % per:
         raise ValueError(f"{bits}-bit codes pack {per} per byte: the last axis ({codes.shape[-1]}) must be a multiple "
                          f"of {per}")
-    planes = codes.view(*codes.shape[:-1], per, -1)
+    planes = codes.view(*codes.shape[:-1], per, codes.shape[-1] // per)  # (not -1: zero rows are allowed)
     out = planes[..., 0, :].clone()
     for i in range(1, per):
         out |= planes[..., i, :] << (bits * i)
