@@ -76,6 +76,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=16, help="decoded tokens per run")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="the model's dtype (auto: bfloat16 on CUDA, as models are served there; float32 on CPU)")
     ap.add_argument("--methods", default="", help="comma-separated substrings of the method names to run (default all)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file")
     ap.add_argument("--export-shape", type=Path, default=None, metavar="DIR",
@@ -101,13 +103,15 @@ def main():
         tok = AutoTokenizer.from_pretrained(args.random_weights)
     else:
         model, tok = models.load_causal_lm()
-    model.to(device)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model.to(device=device, dtype=dtype)
     lengths = [int(x) for x in args.lengths.split(",")]
     wanted = [w.strip() for w in args.methods.split(",") if w.strip()]
     table = {k: v for k, v in methods().items() if not wanted or any(w in k for w in wanted)}
     results = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
                "weights": "random, SmolLM2's configuration" if args.random_weights is not None else "SmolLM2-135M-Instruct",
-               "torch": torch.__version__, "threads": args.threads, "tokens": args.tokens, "rounds": args.rounds,
+               "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "threads": args.threads, "tokens": args.tokens, "rounds": args.rounds,
                "rows": []}
     for length in lengths:
         ids = models.real_token_ids(tok, length, "heldout").to(device)

@@ -14,7 +14,8 @@ fullest head: when every head holds as many entries (uniform budgets: snapkv, to
 expected_attention...) by batched products over views of the packed entries as one (segments, n, D)
 tensor; else over few segments by one product per segment's slice, over many by per-entry gathers and
 segment reductions (index_add / scatter_reduce). Decoding with a press must not be slower than
-without, so no path does arithmetic on entries a segment does not hold. `padded_attention` is its
+without, so no path does arithmetic on entries a segment does not hold; on CUDA a decoding step (one
+query per row) is one Triton kernel launch per layer (`backends/triton/kv_decode.py`). `padded_attention` is its
 definition written plainly: the packed entries scattered into a rectangular, masked cache, then one
 softmax.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -73,6 +75,7 @@ class Packed:
         if len(lengths) and bool((lengths == lengths[0]).all()):
             self.uniform = int(lengths[0])
         self.bias = bias
+        self.derived: dict = {}  # values derived once from the (immutable) entries, e.g. a kernel's launch arguments
         if bits is None:
             self._keys, self._values = keys, values
         else:
@@ -199,6 +202,19 @@ def ragged_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tenso
     """(B, Hq, Sq, Dv) softmax attention of `query` (B, Hq, Sq, D) over the packed entries of each KV
     head and the tail (B, Hkv, T, D), the tail's last Sq entries causal to the queries (`tail_valid`
     (B, T): padding; None: none). Rows with nothing to attend to give zeros."""
+    b, hq, sq, d = query.shape
+    if sq == 1 and (query.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+        from ..backends.triton import kv_decode  # one kernel launch per layer (decoding is bound by host work)
+
+        out = kv_decode.try_decode(query, packed, tail_keys, tail_values, tail_valid, scaling)
+        if out is not None:
+            return out
+    return _torch_ragged_attention(query, packed, tail_keys, tail_values, tail_valid, scaling, loop_segments)
+
+
+def _torch_ragged_attention(query, packed: Packed, tail_keys, tail_values, tail_valid, scaling: float,
+                            loop_segments: int = LOOP_SEGMENTS) -> torch.Tensor:
+    """`ragged_attention` in plain torch, on any device."""
     b, hq, sq, d = query.shape
     hkv = tail_keys.shape[1]
     groups = hq // hkv
