@@ -67,8 +67,9 @@ def default_attention(module, query, key, value, attention_mask, scaling) -> tor
 
 def _dispatch(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     hooks = list(getattr(module, "_attnzoo_hooks", ()))
-    # the layer's own sliding window, which transformers passes per call (None on full-attention layers)
-    module._attnzoo_sliding_window = kwargs.get("sliding_window")
+    # the layer's own sliding window, which transformers passes per call (None on full-attention layers);
+    # written to the instance dict: nn.Module.__setattr__ costs microseconds on every layer of every step
+    module.__dict__["_attnzoo_sliding_window"] = kwargs.get("sliding_window")
 
     def run(i, q, k, v, mask):
         if i < 0:

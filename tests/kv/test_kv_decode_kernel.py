@@ -159,3 +159,4 @@ def test_decoding_with_the_kernel_equals_the_torch_path_on_cuda(press, monkeypat
     slow = greedy_logits(model, x, steps=4, press=make(), layout="ragged")
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+

@@ -364,6 +364,10 @@ class PressSession:
         self.active = False
         self.cache = None
         self._handles: list = []
+        # Whether forwards after the prefill need a Step (presses that compress while decoding, read-sparse
+        # presses); the others attend to a ragged cache directly, or to a rectangular one as the model does
+        # (`_plain_decode`). Set on entering (the press is fixed; every layer of every step asks).
+        self._steps_after_prefill = True
         self._reset()
 
     def _reset(self):
@@ -384,6 +388,11 @@ class PressSession:
         self.n_layers = len(layers)
         if self.press.active:
             self.press.prepare(self.model, self.tokenizer)
+        from .ragged import ragged_attention
+
+        self._ragged_attention = ragged_attention
+        decodes = "decode" in self.press.stages and type(self.press).keep is not KVPress.keep
+        self._steps_after_prefill = self.press.active and (decodes or self.press.kind == "read")
         self._handles = [
             hf.hook(self.model, {i: self._layer_hook(i) for i in layers}),
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -486,10 +495,9 @@ class PressSession:
                     cache_layer.tail_valid = torch.cat([before.to(key.device), fwd.valid.to(key.device)], dim=1)
                 if cache_layer.packed is not None:
                     if not self._steps_after_prefill:
-                        from .ragged import ragged_attention
-
                         scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
-                        return ragged_attention(query, cache_layer.packed, key, value, cache_layer.tail_valid, scale)
+                        return self._ragged_attention(query, cache_layer.packed, key, value, cache_layer.tail_valid,
+                                                      scale)
                     key, value = self._padded_view(cache_layer, key, value)
             with torch.no_grad():
                 step = self._step(layer, module, fwd, query, key, value, scaling)
@@ -512,13 +520,6 @@ class PressSession:
             return out
 
         return run
-
-    @property
-    def _steps_after_prefill(self) -> bool:
-        """Whether later forwards need a Step (presses that compress while decoding, read-sparse presses); the
-        others attend to a ragged cache directly, or to a rectangular one as the model does (`_plain_decode`)."""
-        decodes = "decode" in self.press.stages and type(self.press).keep is not KVPress.keep
-        return self.press.active and (decodes or self.press.kind == "read")
 
     def _plain_decode(self, layer: int, fwd: "_Forward") -> bool:
         """Whether this forward's attention at `layer` is the model's own, unmasked: one real query per row

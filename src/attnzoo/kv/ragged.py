@@ -204,12 +204,19 @@ def ragged_attention(query: torch.Tensor, packed: Packed, tail_keys: torch.Tenso
     (B, T): padding; None: none). Rows with nothing to attend to give zeros."""
     b, hq, sq, d = query.shape
     if sq == 1 and (query.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
-        from ..backends.triton import kv_decode  # one kernel launch per layer (decoding is bound by host work)
-
-        out = kv_decode.try_decode(query, packed, tail_keys, tail_values, tail_valid, scaling)
+        out = _decoding_kernel().try_decode(query, packed, tail_keys, tail_values, tail_valid, scaling)
         if out is not None:
             return out
     return _torch_ragged_attention(query, packed, tail_keys, tail_values, tail_valid, scaling, loop_segments)
+
+
+@functools.lru_cache(maxsize=1)
+def _decoding_kernel():
+    """The Triton decoding kernel's module (one launch per layer: a decoding step is bound by host work),
+    imported on first use."""
+    from ..backends.triton import kv_decode
+
+    return kv_decode
 
 
 def _torch_ragged_attention(query, packed: Packed, tail_keys, tail_values, tail_valid, scaling: float,

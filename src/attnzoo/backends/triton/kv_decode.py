@@ -204,18 +204,18 @@ def decode(query: torch.Tensor, packed, tail_keys: torch.Tensor, tail_values: to
     pointers, constants = _fixed_arguments(packed, query, hkv, dv)
     parts = max(1, -(-(held_max(packed) + t) // split))
     out = torch.empty(b, hq, 1, dv, dtype=query.dtype, device=query.device)
-    part_m = part_l = part_o = out
-    if parts > 1:
-        bg, bdv = constants["BG"], constants["BDV"]
-        n = b * hkv * parts * bg
-        part_o = torch.empty(n * (bdv + 2), dtype=torch.float32, device=query.device)
-        part_m, part_l, part_o = part_o[:n], part_o[n:2 * n], part_o[2 * n:]
-    _decode_kernel[(b * hkv, parts)](query.contiguous(), out, part_m, part_l, part_o, *pointers,
-                                     tail_keys.contiguous(), tail_values.contiguous(), t, split, float(scaling),
-                                     PARTIAL=parts > 1, **constants)
-    if parts > 1:
-        _combine_kernel[(b * hkv,)](out, part_m, part_l, part_o, parts, G=constants["G"], BG=constants["BG"],
-                                    DV=dv, BDV=constants["BDV"], num_warps=4)
+    query, tail_keys, tail_values = query.contiguous(), tail_keys.contiguous(), tail_values.contiguous()
+    if parts == 1:
+        _decode_kernel[(b * hkv, 1)](query, out, out, out, out, *pointers, tail_keys, tail_values, t, split,
+                                     float(scaling), PARTIAL=False, **constants)
+        return out
+    n = b * hkv * parts * constants["BG"]
+    part_o = torch.empty(n * (constants["BDV"] + 2), dtype=torch.float32, device=query.device)
+    part_m, part_l, part_o = part_o[:n], part_o[n:2 * n], part_o[2 * n:]
+    _decode_kernel[(b * hkv, parts)](query, out, part_m, part_l, part_o, *pointers, tail_keys, tail_values, t, split,
+                                     float(scaling), PARTIAL=True, **constants)
+    _combine_kernel[(b * hkv,)](out, part_m, part_l, part_o, parts, G=constants["G"], BG=constants["BG"], DV=dv,
+                                BDV=constants["BDV"], num_warps=4)
     return out
 
 
