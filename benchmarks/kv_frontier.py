@@ -4,6 +4,8 @@ quantization alone, against the uncompressed model in the same run (issue 23's f
 
     python benchmarks/kv_frontier.py --out results/kv_frontier            # 2k tokens, CPU
     python benchmarks/kv_frontier.py --passkey 2 --others 0 --out /tmp/x   # a quick look
+    python benchmarks/kv_frontier.py --presses kvpress --compare kvpress --others 0 --out results/kv_vs_kvpress
+        # in an environment with kvpress and a transformers it admits (kvpress 0.5.5: transformers<5.3)
 
 Every press here compresses after each layer's attention, so the uncompressed prefill is computed
 once per sample and replayed for each press (`evaluate(share_prefill=True)`): same caches and answers.
@@ -51,7 +53,18 @@ def core_presses() -> list:
             kv.compose(kv.get("razor", ratio=0.78))]
 
 
-PRESS_SETS = {"main": presses, "retrieval": retrieval_presses, "core": core_presses}
+SHARED_WITH_KVPRESS = ("snapkv", "tova", "streaming_llm", "expected_attention")
+
+
+def kvpress_presses() -> list:
+    """attnzoo's versions of the methods kvpress has, at the issue's ratio 0.75 (rectangular, as kvpress
+    stores them), and attnzoo's best rows at or below their bytes; `--compare kvpress` adds kvpress's own."""
+    q4 = kv.get("kv_quant", bits=4)
+    return [kv.get(name, ratio=0.75) for name in SHARED_WITH_KVPRESS] + [
+        kv.compose(kv.get("razor", ratio=0.78)), kv.get("razor", ratio=0.78) + q4, kv.compose(q4)]
+
+
+PRESS_SETS = {"main": presses, "retrieval": retrieval_presses, "core": core_presses, "kvpress": kvpress_presses}
 
 
 def markdown(summary: list[dict]) -> str:
@@ -80,6 +93,9 @@ def main():
     ap.add_argument("--depths", default="", help="only passkey samples at these depths (e.g. 0.5,0.7,0.9)")
     ap.add_argument("--settings", default=",".join(evaluate.SETTINGS))
     ap.add_argument("--out", type=Path, default=Path("results/kv_frontier"))
+    ap.add_argument("--compare", choices=["kvpress"], default=None,
+                    help="also run kvpress's versions of the shared methods at 0.75 on the same samples (needs kvpress "
+                         "and a transformers it admits: kvpress 0.5.5 pins transformers<5.3)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -92,12 +108,25 @@ def main():
         keep = {float(x) for x in args.depths.split(",")}
         samples = [s for s in samples if s.task != "passkey" or s.depth in keep]
     press_list = PRESS_SETS[args.presses]()
+    compared = {}
+    if args.compare == "kvpress":
+        from importlib.metadata import version
+
+        import transformers
+        from attnzoo.kv.compare import kvpress_presses as theirs
+
+        adapters, note = theirs(list(SHARED_WITH_KVPRESS), [0.75])
+        if not adapters:
+            raise SystemExit(f"--compare kvpress: {note}")
+        compared = {"kvpress": version("kvpress"), "transformers": transformers.__version__, "note": note}
+        press_list += adapters
     settings = tuple(x for x in args.settings.split(",") if x)
     args.out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     for i, sample in enumerate(samples):
         evaluate.evaluate(lm, tok, press_list, [sample], settings, records=records, share_prefill=True)
         results = {"model": "smollm2", "length": args.length, "presses": [repr(p) for p in press_list],
+                   "compare": compared,
                    "samples_done": i + 1, "records": records,
                    "samples": [{"task": s.task, "length": s.length, "depth": s.depth, "seed": s.seed,
                                 "answers": list(s.answers)} for s in samples],

@@ -166,3 +166,18 @@ def test_model_sliding_window_is_mapped_exactly(kind):
     plain = model.generate(ids[:, :20], max_new_tokens=12, do_sample=False)
     with hf.use(model, "full"):
         assert torch.equal(model.generate(ids[:, :20], max_new_tokens=12, do_sample=False), plain)
+
+
+def test_dispatch_takes_transformers_attention_signature():
+    """Wrappers of transformers' attention functions (kvpress's attention patch) call them with `dropout`
+    positionally and `scaling` by name: attnzoo's registered function must take the same signature."""
+    from transformers import LlamaConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    module = LlamaAttention(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2), 0)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 5, 16, generator=gen) for h in (4, 2, 2))
+    want, _ = sdpa_attention_forward(module, q, k, v, None, 0.0, scaling=0.3)
+    got, _ = hf._dispatch(module, q, k, v, None, 0.0, scaling=0.3)
+    torch.testing.assert_close(got, want)

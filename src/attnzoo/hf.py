@@ -65,7 +65,9 @@ def default_attention(module, query, key, value, attention_mask, scaling) -> tor
     return out.transpose(1, 2)
 
 
-def _dispatch(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    # transformers' own attention functions' signature: wrappers such as kvpress's attention patch pass
+    # `dropout` positionally and `scaling` by name
     hooks = list(getattr(module, "_attnzoo_hooks", ()))
     # the layer's own sliding window, which transformers passes per call (None on full-attention layers);
     # written to the instance dict: nn.Module.__setattr__ costs microseconds on every layer of every step
