@@ -1,8 +1,8 @@
 """The Triton decoding kernel over a ragged cache (`backends/triton/kv_decode.py`) equals its definition:
 under Triton's CPU interpreter against float64 (full precision and int8/int4/int2 entries, uniform and
 unequal budgets, an empty segment, additive biases, an empty tail, GQA, head dims that are no power of
-two, segments split into parts); on CUDA by FlashAttention's rule and inside a decoding model; a failing kernel falls back to the
-torch path with one warning."""
+two, segments split into parts); on CUDA by FlashAttention's rule and inside a decoding model; a
+failing kernel falls back to the torch path with one warning."""
 from __future__ import annotations
 
 import pytest

@@ -9,9 +9,9 @@ values per entry, codes packed `8 // bits` per byte in planes, see `kv.quant.pac
 tail (T_s, U_s). One program per segment (per part of `SPLIT` positions of a longer one, a second small
 kernel combining the parts as flash-decoding does) walks its entries and then its tail with an online
 softmax, dequantizing codes in registers: nothing is unpacked or padded in memory, and the step is one
-launch per layer (two with split segments). On a GPU a decoding step of a small model is bound by host work per operation, not by the GPU,
-so the torch path's dozen small operations per layer (gathers, dequantization planes, products,
-softmax) are what made decoding with a press slower than without.
+launch per layer (two with split segments). On a GPU a decoding step of a small model is bound by host
+work per operation, not by the GPU, so the torch path's dozen small operations per layer (gathers,
+dequantization planes, products, softmax) are what made decoding with a press slower than without.
 
 If the kernel fails to compile or launch, `ragged_attention` takes the torch path with a one-time warning.
 """
@@ -132,7 +132,8 @@ if triton is not None:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             mine, theirs = tl.exp(m - m_safe), tl.exp(pm - m_safe)
             lsum = lsum * mine + tl.load(part_l + at * BG + og) * theirs
-            acc = acc * mine[:, None] + tl.load(part_o + at * BG * BDV + og[:, None] * BDV + odv[None, :]) * theirs[:, None]
+            part = tl.load(part_o + at * BG * BDV + og[:, None] * BDV + odv[None, :])
+            acc = acc * mine[:, None] + part * theirs[:, None]
             m = m_new
         out = acc / tl.where(lsum == 0, 1.0, lsum)[:, None]
         tl.store(o + seg * G * DV + og[:, None] * DV + odv[None, :], out.to(o.dtype.element_ty),
