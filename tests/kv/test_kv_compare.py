@@ -9,6 +9,7 @@ import sys
 import types
 
 import pytest
+import torch
 from kv_tiny import tiny_qwen3
 from typer.testing import CliRunner
 
@@ -100,3 +101,28 @@ def test_the_comparison_runs_with_and_without_kvpress(folder, tmp_path, monkeypa
 def test_compositions_on_the_command_line_are_checked():
     bad = CliRunner().invoke(app, ["kv", "--methods", "razor+nope+int4"])
     assert bad.exit_code == 2 and "unknown" in bad.output
+
+
+def test_kvpress_forwards_after_compression_continue_the_positions(monkeypatch):
+    """As kvpress's own pipeline does: after the stand-in halves the cache, the next forwards get positions
+    after the tokens seen, not after the compressed cache's length (RoPE would misplace every query)."""
+    from kv_tiny import tiny_llama
+    from transformers import DynamicCache
+
+    from attnzoo.kv.base import with_cache
+
+    _fake_kvpress(monkeypatch)
+    model = tiny_llama()
+    (adapter,), _ = compare.kvpress_presses(["snapkv"], [0.5])
+    seen = []
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), adapter(model) as session:
+        handle = model.register_forward_pre_hook(lambda m, a, k: seen.append(k["position_ids"]), with_kwargs=True)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, **with_cache(model, cache))
+        assert cache.layers[0].keys.shape[2] == 100  # compressed
+        for step in range(2):
+            model(input_ids=ids[:, :1], **with_cache(model, cache))
+        handle.remove()
+    assert [p.tolist() for p in seen[1:]] == [[[200]], [[201]]]
+    assert session.stats()["tokens"] == 202 * 3 * 2  # tokens seen x layers x KV heads

@@ -9,6 +9,8 @@ import importlib
 import importlib.metadata as metadata
 import importlib.util
 
+import torch
+
 from .base import cache_bytes
 
 # attnzoo name -> kvpress class, for the methods both have
@@ -94,7 +96,10 @@ class KVPressAdapter:
 
 
 class KVPressSession:
-    """kvpress's context manager, plus a forward pre-hook that notes the cache and the tokens seen."""
+    """kvpress's context manager, plus a forward pre-hook that notes the cache and the tokens seen and,
+    as kvpress's own pipeline does, gives forwards after the compression the positions that follow the
+    tokens seen: left to the model, positions would restart from the compressed cache's length and RoPE
+    would put the new queries hundreds of tokens away from where the kept keys were rotated."""
 
     replays_prefill = False  # kvpress compresses inside its own hooks: its prefill always runs
 
@@ -117,7 +122,11 @@ class KVPressSession:
         if cache is not None and cache is not self.cache:
             self.cache, self.tokens = cache, 0
         ids = kwargs.get("input_ids", args[0] if args else None)
-        self.tokens += int(ids.shape[-1]) if ids is not None else 0
+        length = int(ids.shape[-1]) if ids is not None else 0
+        if length and kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = torch.arange(self.tokens, self.tokens + length, device=ids.device).unsqueeze(0)
+        self.tokens += length
+        return args, kwargs
 
     def stats(self) -> dict:
         layers = [l for l in self.cache.layers if getattr(l, "is_initialized", False)] if self.cache else []
