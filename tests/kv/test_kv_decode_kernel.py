@@ -112,9 +112,14 @@ def test_kernel_under_the_triton_interpreter():
     assert "float32.2" in out and "float16.None" in out
 
 
-def test_why_not_names_what_the_kernel_does_not_serve():
+def test_why_not_names_what_the_kernel_does_not_serve(monkeypatch):
     if kv_decode.TRITON_ERROR is None:
         assert "CUDA" in kv_decode.why_not(torch.zeros(1, 4, 1, 16), None)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # as if on CUDA
+        assert kv_decode.why_not(torch.zeros(1, 4, 1, 16), None) is None
+        assert "no backward" in kv_decode.why_not(torch.zeros(1, 4, 1, 16, requires_grad=True), None)
+        with torch.no_grad():
+            assert kv_decode.why_not(torch.zeros(1, 4, 1, 16, requires_grad=True), None) is None
     if torch.cuda.is_available():
         assert "one query per row" in kv_decode.why_not(torch.zeros(1, 4, 2, 16, device="cuda"), None)
         assert "padding" in kv_decode.why_not(torch.zeros(1, 4, 1, 16, device="cuda"), torch.ones(1, 3, dtype=bool))

@@ -15,9 +15,9 @@ expected_attention...) by batched products over views of the packed entries as o
 tensor; else over few segments by one product per segment's slice, over many by per-entry gathers and
 segment reductions (index_add / scatter_reduce). Decoding with a press must not be slower than
 without, so no path does arithmetic on entries a segment does not hold; on CUDA a decoding step (one
-query per row) is one Triton kernel launch per layer (`backends/triton/kv_decode.py`). `padded_attention` is its
-definition written plainly: the packed entries scattered into a rectangular, masked cache, then one
-softmax.
+query per row) is one Triton kernel launch per layer (`backends/triton/kv_decode.py`).
+`padded_attention` is its definition written plainly: the packed entries scattered into a
+rectangular, masked cache, then one softmax.
 """
 from __future__ import annotations
 

@@ -152,6 +152,8 @@ def why_not(query: torch.Tensor, tail_valid) -> str | None:
         return "padding in the tail is served by the torch path"
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"float16, bfloat16 or float32 queries are served, got {query.dtype}"
+    if query.requires_grad and torch.is_grad_enabled():
+        return "the kernel has no backward: calls that need gradients take the torch path"
     if _WARNED:
         return "the kernel failed earlier in this process"
     return None
