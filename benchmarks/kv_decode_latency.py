@@ -111,8 +111,8 @@ def main():
     table = {k: v for k, v in methods().items() if not wanted or any(w in k for w in wanted)}
     results = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
                "weights": "random, SmolLM2's configuration" if args.random_weights is not None else "SmolLM2-135M-Instruct",
-               "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "threads": args.threads, "tokens": args.tokens, "rounds": args.rounds,
-               "rows": []}
+               "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__, "threads": args.threads,
+               "tokens": args.tokens, "rounds": args.rounds, "rows": []}
     for length in lengths:
         ids = models.real_token_ids(tok, length, "heldout").to(device)
         for name, (press, layout) in table.items():

@@ -43,13 +43,18 @@ def segment_ids(lengths: torch.Tensor, total: int | None = None) -> torch.Tensor
                                    output_size=int(lengths.sum()) if total is None else total)
 
 
+def first_key_groups(lengths: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segments,) the first key-quantization group of each segment and (segments,) its number of groups:
+    runs of `group` consecutive entries of a segment, never spanning two segments."""
+    per_segment = (lengths + group - 1) // group
+    return torch.cumsum(per_segment, 0) - per_segment, per_segment
+
+
 def key_groups(lengths: torch.Tensor, group: int, total: int | None = None, seg: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) quantization group of each packed key (runs of `group` consecutive entries of a segment,
-    never spanning two segments), and the number of groups (a 0-d tensor). `seg`: the entries'
-    segments, when already computed."""
-    per_segment = (lengths + group - 1) // group
-    first = torch.cumsum(per_segment, 0) - per_segment
+    """(N,) quantization group of each packed key (see `first_key_groups`), and the number of groups (a
+    0-d tensor). `seg`: the entries' segments, when already computed."""
+    first, per_segment = first_key_groups(lengths, group)
     seg = segment_ids(lengths, total) if seg is None else seg
     start = torch.cumsum(lengths, 0) - lengths
     position = torch.arange(len(seg), device=lengths.device) - start[seg]

@@ -160,10 +160,11 @@ def why_not(query: torch.Tensor, tail_valid) -> str | None:
 
 
 def group_first(packed) -> torch.Tensor:
-    """(segments,) the first key-quantization group of each segment (groups never span two segments)."""
+    """(segments,) int32, the first key-quantization group of each segment (`ragged.first_key_groups`)."""
     if "group_first" not in packed.derived:
-        per_segment = (packed.lengths + packed.group - 1) // packed.group
-        packed.derived["group_first"] = (torch.cumsum(per_segment, 0) - per_segment).to(torch.int32)
+        from ...kv.ragged import first_key_groups
+
+        packed.derived["group_first"] = first_key_groups(packed.lengths, packed.group)[0].to(torch.int32)
     return packed.derived["group_first"]
 
 
