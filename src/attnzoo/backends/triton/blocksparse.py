@@ -2,7 +2,7 @@
 documents, prefix-LM, block-RAG, dilated and per-head windows, neighborhoods, ...) on CUDA, forward and backward.
 
 The variant's block structure (`core/blocks.py`, what the torch and flex backends use) is turned into a `Layout`
-for BLOCK_M x BLOCK_N tiles (128 queries x 64 keys):
+for BLOCK_M x BLOCK_N tiles (128 queries x 64 keys; built in `tables.py`):
 
 - per (batch', head', query block): the key blocks whose tile the mask leaves full (no mask work), and the key
   blocks of partial tiles, each with a tile id;
@@ -26,14 +26,14 @@ If a kernel fails to compile or launch, the call falls back to flex (CUDA) or to
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ...core.variant import Call, SoftmaxVariant
-from ..reuse import InputsKey
+from .tables import (BLOCK_M, BLOCK_N, BWD_BLOCK_M, BWD_BLOCK_N, Layout, build_layout, layout_for,  # noqa: F401
+                     stats, tile_lists)
 
 try:
     import triton
@@ -44,159 +44,11 @@ except ImportError as _err:  # pragma: no cover - exercised where triton is abse
     triton = tl = None
     TRITON_ERROR = f"triton is not importable ({_err})"
 
-BLOCK_M = 128  # queries a tile (forward and dQ)
-BLOCK_N = 64   # keys a tile (a multiple of 32: one int32 word per 32 keys of a mask row)
-# dK/dV walk the transposed lists of their own layout, 64 queries x 128 keys, so that every product of that
-# kernel has 128 rows (the key block), as FlashAttention-2's backward; its tables are built at the first backward.
-BWD_BLOCK_M = 64
-BWD_BLOCK_N = 128
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MASK_CHUNK = 2048  # partial tiles whose mask is evaluated at once (2048 x 128 x 64 bools = 16 MiB)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# ---- layout: the block structure as kernel tables ------------------------------------------------------------------
-
-
-@dataclass
-class Layout:
-    """Tile lists of one call's mask for BLOCK_M x BLOCK_N tiles; index rows by (batch', head', block).
-
-    `b_step` / `h_step` are the row strides of batch and query head (0 where the mask is the same for all)."""
-
-    block_m: int
-    block_n: int
-    full_num: torch.Tensor   # int32 (R,): full tiles of each query-block row
-    full_idx: torch.Tensor   # int32 (R, nk): their key blocks, ascending
-    part_num: torch.Tensor
-    part_idx: torch.Tensor   # int32 (R, nk): key blocks of partial tiles
-    part_tile: torch.Tensor  # int32 (R, nk): their tile ids (rows of `bits`)
-    bits: torch.Tensor       # int32 (tiles, block_m, block_n / 32): bit c of word w = key 32 w + c allowed
-    t_full_num: torch.Tensor  # the same, transposed: rows are (batch', head', key block), entries query blocks
-    t_full_idx: torch.Tensor
-    t_part_num: torch.Tensor
-    t_part_idx: torch.Tensor
-    t_part_tile: torch.Tensor
-    b_step: int
-    h_step: int
-    t_b_step: int
-    t_h_step: int
-
-    def dense(self, sq: int, sk: int, batch: int, heads: int) -> torch.Tensor:
-        """The mask the tables encode, bool (batch, heads, Sq, Sk): for tests (the layout is the kernel's input)."""
-        nq, nk = -(-sq // self.block_m), -(-sk // self.block_n)
-        out = torch.zeros(batch, heads, nq * self.block_m, nk * self.block_n, dtype=torch.bool)
-        bits = (self.bits.cpu().unsqueeze(-1) >> torch.arange(32)) & 1  # (tiles, block_m, words, 32)
-        bits = bits.bool().reshape(self.bits.shape[0], self.block_m, self.block_n)
-        for b in range(batch):
-            for h in range(heads):
-                for i in range(nq):
-                    r = b * self.b_step + h * self.h_step + i
-                    rows = slice(i * self.block_m, (i + 1) * self.block_m)
-                    for j in self.full_idx[r, : int(self.full_num[r])].tolist():
-                        out[b, h, rows, j * self.block_n:(j + 1) * self.block_n] = True
-                    for j, t in zip(self.part_idx[r, : int(self.part_num[r])].tolist(),
-                                    self.part_tile[r, : int(self.part_num[r])].tolist()):
-                        out[b, h, rows, j * self.block_n:(j + 1) * self.block_n] = bits[t]
-        return out[:, :, :sq, :sk]
-
-
-def _lists(flags: torch.Tensor):
-    """bool (R, n) -> (count int32 (R,), indices of the set flags first, ascending, int32 (R, n); entries past the
-    count are unused): a prefix sum and one scatter, linear in R n (a sort took milliseconds at 128k tokens)."""
-    r, n = flags.shape
-    num = flags.sum(-1, dtype=torch.int32)
-    slot = torch.where(flags, flags.cumsum(-1) - 1, n)                 # unset flags go to a dump column
-    idx = torch.zeros(r, n + 1, dtype=torch.int32, device=flags.device)
-    idx.scatter_(1, slot, torch.arange(n, dtype=torch.int32, device=flags.device).expand(r, n))
-    return num.contiguous(), idx[:, :n].contiguous()
-
-
-def _pack_bits(m: torch.Tensor) -> torch.Tensor:
-    """bool (..., n) with n a multiple of 32 -> int32 (..., n / 32), bit c of word w = element 32 w + c."""
-    words = m.view(*m.shape[:-1], -1, 32).to(torch.int64)
-    w = (words << torch.arange(32, device=m.device)).sum(-1)
-    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
-
-
-def tile_lists(full: torch.Tensor, part: torch.Tensor, forward: bool = True, transposed: bool = True) -> tuple:
-    """Full and partial tiles, bool (B', H', nq, nk) -> the Layout's lists, forward (rows: query blocks) then
-    transposed (rows: key blocks); partial tiles are numbered in row-major order (the order of `part.nonzero()`).
-    Lists not asked for are empty tensors (the forward reads only the first five, dK/dV only the last five)."""
-    nq, nk = part.shape[-2:]
-    tile_id = (part.flatten().cumsum(0) - 1).view(part.shape).to(torch.int32)
-    none = (torch.empty(0, 1, dtype=torch.int32, device=part.device),) * 5
-    fwd = t = none
-    if forward:
-        full_num, full_idx = _lists(full.reshape(-1, nk))
-        part_num, part_idx = _lists(part.reshape(-1, nk))
-        part_tile = torch.gather(tile_id.reshape(-1, nk), 1, part_idx.long()).contiguous()
-        fwd = (full_num, full_idx, part_num, part_idx, part_tile)
-    if transposed:
-        t_full_num, t_full_idx = _lists(full.transpose(-1, -2).reshape(-1, nq))
-        t_part_num, t_part_idx = _lists(part.transpose(-1, -2).reshape(-1, nq))
-        t_part_tile = torch.gather(tile_id.transpose(-1, -2).reshape(-1, nq), 1, t_part_idx.long()).contiguous()
-        t = (t_full_num, t_full_idx, t_part_num, t_part_idx, t_part_tile)
-    return fwd + t
-
-
-def build_layout(variant: SoftmaxVariant, call: Call, block_m: int = BLOCK_M, block_n: int = BLOCK_N) -> Layout:
-    s = call.shapes
-    struct = variant.block_structure(call, block_m, block_n)
-    bp, hp, nq, nk = struct.any.shape
-    any_ = struct.any
-    full = struct.full & any_
-    if s.sk % block_n:  # the kernel loads whole key tiles: a ragged last tile is masked by its bits
-        full = full.clone()
-        full[..., -1] = False
-    part = any_ & ~full
-    lists = tile_lists(full, part)
-    return Layout(block_m, block_n, *lists[:5], _tile_bits(variant, call, part, block_m, block_n), *lists[5:],
-                  hp * nq if bp > 1 else 0, nq if hp > 1 else 0, hp * nk if bp > 1 else 0, nk if hp > 1 else 0)
-
-
-def _tile_bits(variant, call: Call, part: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
-    """The variant's mask (with causality and the sequence ends) on every partial tile, packed to bits."""
-    s = call.shapes
-    dev = part.device
-    coords = part.nonzero()  # (tiles, 4): b', h', i, j in tile-id order (the one device sync of a build)
-    out = torch.empty(coords.shape[0], block_m, block_n // 32, dtype=torch.int32, device=dev)
-    rows = torch.arange(block_m, device=dev).view(1, -1, 1)
-    cols = torch.arange(block_n, device=dev).view(1, 1, -1)
-    for c0 in range(0, coords.shape[0], MASK_CHUNK):
-        b, h, i, j = (x.view(-1, 1, 1) for x in coords[c0:c0 + MASK_CHUNK].unbind(1))
-        q_idx, kv_idx = i * block_m + rows, j * block_n + cols
-        inside = (q_idx < s.sq) & (kv_idx < s.sk)
-        # clamped, so variants that index per-call inputs by position stay inside them
-        m = variant.full_mask(call, b, h, q_idx.clamp(max=s.sq - 1) + s.offset, kv_idx.clamp(max=s.sk - 1))
-        m = inside if m is None else m & inside
-        out[c0:c0 + MASK_CHUNK] = _pack_bits(m.expand(inside.shape[0], block_m, block_n))
-    return out
-
-
-_lock = threading.Lock()
-_layouts: dict = {}
-stats = {"layouts_built": 0}
-
-
-def layout_for(variant: SoftmaxVariant, call: Call, block_m: int | None = None, block_n: int | None = None) -> Layout:
-    """The call's layout (forward tiles by default), rebuilt only when the configuration, shapes or inputs changed."""
-    s = call.shapes
-    block_m, block_n = block_m or BLOCK_M, block_n or BLOCK_N
-    key = (variant.key, s, call.causal, call.device, block_m, block_n)
-    given = InputsKey(variant, call.inputs)
-    with _lock:
-        hit = _layouts.get(key)
-        if hit is not None and hit[0] == given:
-            return hit[1]
-    layout = build_layout(variant, call, block_m, block_n)
-    with _lock:
-        _layouts[key] = (given, layout)
-        stats["layouts_built"] += 1
-    return layout
 
 
 # ---- kernels ----------------------------------------------------------------------------------------------------------
