@@ -199,7 +199,7 @@ def host_overhead(device) -> dict:
     attn = az.get("sliding_window", window=64)
     q, k, v = (torch.randn(1, 2, 256, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
     call = attn.prepare(q, k, v, True, None, {})
-    lay = bs.layout_for(attn, call)
+    lay = bs.layout_for(attn, call, bs.BLOCK_M, bs.BLOCK_N)
     compiled = torch.compile(flex_attention, dynamic=False)
     bm = create_block_mask(lambda b, h, qi, ki: (ki <= qi) & (qi - ki <= 64), None, None, 256, 256, device=device)
     fns = {"attnzoo_call": lambda: attn(q, k, v, causal=True, backend="triton"),
@@ -220,6 +220,64 @@ def host_overhead(device) -> dict:
     return out
 
 
+# forward (and dQ) tile, K/V through tensor descriptors, warp specialisation: the forward kernel's options
+SWEEP = [("128x64", False, False), ("128x64", True, False), ("128x128", False, False), ("128x128", True, False),
+         ("128x64", True, True), ("128x128", True, True)]
+
+
+def sweep(shapes, names, device) -> list[dict]:
+    """Our kernels alone (tables cached) under each of SWEEP's options, forward and forward+backward, on causal
+    attention (sliding_window with window = S, the same pairs as cuDNN's causal row) and the named rows."""
+    from attnzoo.backends.triton import blocksparse as bs
+
+    rows = []
+    for b, h, s, d in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(b, h, s, d, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+                   for _ in range(3))
+        do = torch.randn_like(q)
+        long = s >= 32768
+        cudnn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            cf, cfb = bench_ms(cudnn, long), bench_ms(fwd_bwd(cudnn, (q, k, v), do), long)
+        pairs_c = s * (s + 1) / 2
+        base = (useful_tflops(pairs_c, b * h, d, d, cf, "fwd"), useful_tflops(pairs_c, b * h, d, d, cfb, "fwd+bwd"))
+        rows.append({"shape": [b, h, s, d], "variant": "cudnn causal", "fwd_tflops": base[0], "fwdbwd_tflops": base[1]})
+        print(json.dumps(rows[-1]), flush=True)
+        cases = [("causal", "sliding_window", {"window": s}, {}, True)]
+        cases += [(r, n, p, i, c) for r, n, p, i, c, _ in variants(s, b, device) if r in names]
+        first = {}
+        for tile, tma, ws in SWEEP:
+            bs.BLOCK_M, bs.BLOCK_N = (int(x) for x in tile.split("x"))
+            bs.OPTIONS.update(tma=tma, warp_specialize=ws)
+            for row_name, name, params, inputs, causal in cases:
+                row = {"shape": [b, h, s, d], "variant": row_name, "tile": tile, "tma": tma, "warp_specialize": ws}
+                try:
+                    attn = az.get(name, **params)
+                    call = attn.prepare(q, k, v, causal, None, inputs)
+                    lay = bs.layout_for(attn, call, bs.BLOCK_M, bs.BLOCK_N)
+                    pairs = layout_pairs(lay, s, b, h)
+                    fwd = lambda: bs.forward(q, k, v, lay, call.scale)[0]  # noqa: E731
+                    out = fwd()
+                    ref = first.setdefault(row_name, out)
+                    row["max_diff_vs_first_option"] = (out.float() - ref.float()).abs().max().item()
+                    ours = lambda: attn(q, k, v, causal=causal, backend="triton", **inputs)  # noqa: E731
+                    tf, tfb = bench_ms(fwd, long), bench_ms(fwd_bwd(ours, (q, k, v), do), long)
+                    row.update(fwd_ms=tf, fwdbwd_ms=tfb, fwd_tflops=useful_tflops(pairs, b * h, d, d, tf, "fwd"),
+                               fwdbwd_tflops=useful_tflops(pairs, b * h, d, d, tfb, "fwd+bwd"))
+                    row["fwd_vs_cudnn_causal"] = row["fwd_tflops"] / base[0]
+                    row["fwdbwd_vs_cudnn_causal"] = row["fwdbwd_tflops"] / base[1]
+                except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
+                    row["error"] = f"{type(e).__name__}: {e}"[:400]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del q, k, v, do
+        torch.cuda.empty_cache()
+    bs.BLOCK_M, bs.BLOCK_N = 128, 64
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_structured.json"))
@@ -230,6 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-host", action="store_true", help="skip the per-call host time measurement")
     ap.add_argument("--tile", default=None, help="forward/dQ tile of the triton tables, e.g. 128x128 (default: "
                                                  "the module's BLOCK_M x BLOCK_N)")
+    ap.add_argument("--sweep", action="store_true", help="only the forward options' sweep (SWEEP) over --shapes "
+                                                           "and --variants, kernels alone")
     args = ap.parse_args(argv)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -241,6 +301,14 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     device = torch.device("cuda")
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
+    if args.sweep:
+        names = args.variants.split(",") if args.variants else ["sliding_window", "document", "prefix_lm"]
+        rows = sweep(shapes, names, device)
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"), "sweep": rows,
+                       "total_s": time.perf_counter() - t_start}, f, indent=1)
+        return 0
     torch._dynamo.config.recompile_limit = 1000
     compiled = torch.compile(flex_attention, dynamic=False)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -297,7 +365,7 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 row["first_call_s"] = time.perf_counter() - t0
                 call = attn.prepare(q, k, v, causal, None, inputs)
-                lay = bs.layout_for(attn, call)
+                lay = bs.layout_for(attn, call, bs.BLOCK_M, bs.BLOCK_N)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 bs.build_layout(attn, call, bs.BLOCK_M, bs.BLOCK_N)

@@ -32,18 +32,27 @@ from dataclasses import dataclass
 import torch
 
 from ...core.variant import Call, SoftmaxVariant
-from .tables import (BLOCK_M, BLOCK_N, BWD_BLOCK_M, BWD_BLOCK_N, Layout, build_layout, layout_for,  # noqa: F401
-                     stats, tile_lists)
+from .tables import Layout, build_layout, layout_for, stats, tile_lists  # noqa: F401 - re-exported
 
 try:
     import triton
     import triton.language as tl
 
     TRITON_ERROR: str | None = None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # a triton without host-side tensor descriptors: the forward reads through pointers
+        TensorDescriptor = None
 except ImportError as _err:  # pragma: no cover - exercised where triton is absent
-    triton = tl = None
+    triton = tl = TensorDescriptor = None
     TRITON_ERROR = f"triton is not importable ({_err})"
 
+BLOCK_M = 128  # queries a tile (forward and dQ)
+BLOCK_N = 64   # keys a tile (a multiple of 32: one int32 word per 32 keys of a mask row)
+# dK/dV walk the transposed lists of their own layout, 64 queries x 128 keys, so that every product of that
+# kernel has 128 rows (the key block), as FlashAttention-2's backward; its tables are built at the first backward.
+BWD_BLOCK_M = 64
+BWD_BLOCK_N = 128
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -66,10 +75,11 @@ if triton is not None:
         return [triton.Config({}, num_warps=w, num_stages=st) for w, st in ((8, 2), (4, 2), (8, 3))]
 
     def _autotune(kind: str):
+        keys = _KEYS + ["TMA", "WS"] if kind == "fwd" else _KEYS + ["TMA"]
         try:
-            return triton.autotune(_configs(kind), key=_KEYS, cache_results=True)
+            return triton.autotune(_configs(kind), key=keys, cache_results=True)
         except TypeError:  # a triton without the on-disk autotune cache
-            return triton.autotune(_configs(kind), key=_KEYS)
+            return triton.autotune(_configs(kind), key=keys)
 
     @triton.jit
     def _tile_allowed(BITS, tile, BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr):
@@ -94,14 +104,42 @@ if triton is not None:
         return (bits & 1) != 0
 
     @triton.jit
-    def _online_step(acc, m_i, l_i, s, v, PREC: tl.constexpr):
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-        p = tl.exp2(s - m_use[:, None])
+    def _online_step(acc, m_i, l_i, s, v, qk_scale, MASKED: tl.constexpr, PREC: tl.constexpr):
+        """One key tile of the online softmax in base 2. `s` holds the unscaled scores (-inf where masked), so
+        that the scale folds into the exponent's multiply-add; `m_i` is in scaled units."""
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        if MASKED:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+        else:  # a full tile gives every row a finite maximum
+            m_use = m_new
+        p = tl.exp2(s * qk_scale - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         return acc, m_new, l_i
+
+    @triton.jit
+    def _kv_tile(k_base, v_base, desc_k, desc_v, b, hk, jn, sk, s_ks, s_vs,
+                 D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
+                 TMA: tl.constexpr, EDGE: tl.constexpr):
+        """K transposed (BD, BN) and V (BN, BDV) of key block `jn`: through the tensor-memory accelerator (whose
+        reads past Sk give zeros) or through pointers (masked past Sk where EDGE)."""
+        if TMA:
+            k = desc_k.load([b, hk, jn * BN, 0]).reshape(BN, BD).T
+            v = desc_v.load([b, hk, jn * BN, 0]).reshape(BN, BDV)
+        else:
+            kn = jn * BN + tl.arange(0, BN)
+            offs_d = tl.arange(0, BD)
+            offs_dv = tl.arange(0, BDV)
+            if EDGE:
+                k = tl.load(k_base + kn[None, :] * s_ks + offs_d[:, None], mask=(offs_d[:, None] < D) & (kn[None, :] < sk),
+                            other=0.0)
+                v = tl.load(v_base + kn[:, None] * s_vs + offs_dv[None, :],
+                            mask=(offs_dv[None, :] < DV) & (kn[:, None] < sk), other=0.0)
+            else:
+                k = tl.load(k_base + kn[None, :] * s_ks + offs_d[:, None], mask=offs_d[:, None] < D, other=0.0)
+                v = tl.load(v_base + kn[:, None] * s_vs + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
+        return k, v
 
     @triton.jit
     def _query_program(Q, K, V, sq, hq, group, row_b, row_h, s_qb, s_qh, s_qs, s_kb, s_kh, s_vb, s_vh,
@@ -122,34 +160,29 @@ if triton is not None:
 
     @_autotune("fwd")
     @triton.jit(do_not_specialize=_RUNTIME[:3] + _RUNTIME[4:])
-    def _fwd(Q, K, V, O, LSE, FN, FI, PN, PI, PT, BITS,
+    def _fwd(Q, K, V, O, LSE, FN, FI, PN, PI, PT, BITS, desc_k, desc_v,
              sq, sk, hq, group, qk_scale, row_b, row_h, nmax,
              s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
              D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr):
+             BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr,
+             TMA: tl.constexpr, WS: tl.constexpr):
         bh, b, h, r, offs_m, q, k_base, v_base = _query_program(
             Q, K, V, sq, hq, group, row_b, row_h, s_qb, s_qh, s_qs, s_kb, s_kh, s_vb, s_vh, D, BD, BM)
-        offs_n = tl.arange(0, BN)
-        offs_d = tl.arange(0, BD)
+        hk = h // group
         offs_dv = tl.arange(0, BDV)
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, BDV], tl.float32)
-        for j in range(tl.load(FN + r)):
-            kn = tl.load(FI + r * nmax + j) * BN + offs_n
-            k = tl.load(k_base + kn[None, :] * s_ks + offs_d[:, None], mask=offs_d[:, None] < D, other=0.0)
-            v = tl.load(v_base + kn[:, None] * s_vs + offs_dv[None, :], mask=offs_dv[None, :] < DV, other=0.0)
-            s = tl.dot(q, k, input_precision=PREC) * qk_scale
-            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, PREC)
-        for j in range(tl.load(PN + r)):
-            kn = tl.load(PI + r * nmax + j) * BN + offs_n
-            k = tl.load(k_base + kn[None, :] * s_ks + offs_d[:, None], mask=(offs_d[:, None] < D) & (kn[None, :] < sk),
-                        other=0.0)
-            v = tl.load(v_base + kn[:, None] * s_vs + offs_dv[None, :], mask=(offs_dv[None, :] < DV) & (kn[:, None] < sk),
-                        other=0.0)
-            s = tl.dot(q, k, input_precision=PREC) * qk_scale
-            s = tl.where(_tile_allowed(BITS, tl.load(PT + r * nmax + j), BM, BN, W), s, float("-inf"))
-            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, PREC)
+        for j in tl.range(tl.load(FN + r), warp_specialize=WS):
+            k, v = _kv_tile(k_base, v_base, desc_k, desc_v, b, hk, tl.load(FI + r * nmax + j), sk, s_ks, s_vs,
+                            D, DV, BD, BDV, BN, TMA, False)
+            acc, m_i, l_i = _online_step(acc, m_i, l_i, tl.dot(q, k, input_precision=PREC), v, qk_scale, False, PREC)
+        for j in tl.range(tl.load(PN + r), warp_specialize=WS):
+            k, v = _kv_tile(k_base, v_base, desc_k, desc_v, b, hk, tl.load(PI + r * nmax + j), sk, s_ks, s_vs,
+                            D, DV, BD, BDV, BN, TMA, True)
+            s = tl.where(_tile_allowed(BITS, tl.load(PT + r * nmax + j), BM, BN, W),
+                         tl.dot(q, k, input_precision=PREC), float("-inf"))
+            acc, m_i, l_i = _online_step(acc, m_i, l_i, s, v, qk_scale, True, PREC)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -161,15 +194,15 @@ if triton is not None:
 
     @_autotune("bwd")
     @triton.jit(do_not_specialize=_RUNTIME[:3] + _RUNTIME[4:])
-    def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, FN, FI, PN, PI, PT, BITS,
+    def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, FN, FI, PN, PI, PT, BITS, desc_k, desc_v,
                 sq, sk, hq, group, qk_scale, scale, row_b, row_h, nmax,
                 s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
                 D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
         """dQ of one query block; DO and DQ share Q's / O's strides (s_o* for DO)."""
         bh, b, h, r, offs_m, q, k_base, v_base = _query_program(
             Q, K, V, sq, hq, group, row_b, row_h, s_qb, s_qh, s_qs, s_kb, s_kh, s_vb, s_vh, D, BD, BM)
-        offs_n = tl.arange(0, BN)
+        hk = h // group
         offs_d = tl.arange(0, BD)
         offs_dv = tl.arange(0, BDV)
         rows = offs_m[:, None] < sq
@@ -179,24 +212,20 @@ if triton is not None:
         delta = tl.load(DELTA + bh.to(tl.int64) * sq + offs_m, mask=offs_m < sq, other=0.0)
         dq = tl.zeros([BM, BD], tl.float32)
         for j in range(tl.load(FN + r)):
-            kn = tl.load(FI + r * nmax + j) * BN + offs_n
-            kt = tl.load(k_base + kn[None, :] * s_ks + offs_d[:, None], mask=offs_d[:, None] < D, other=0.0)
-            vt = tl.load(v_base + kn[None, :] * s_vs + offs_dv[:, None], mask=offs_dv[:, None] < DV, other=0.0)
+            kt, v = _kv_tile(k_base, v_base, desc_k, desc_v, b, hk, tl.load(FI + r * nmax + j), sk, s_ks, s_vs,
+                             D, DV, BD, BDV, BN, TMA, False)
             p = tl.exp2(tl.dot(q, kt, input_precision=PREC) * qk_scale - lse[:, None])
-            ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PREC)
         for j in range(tl.load(PN + r)):
-            kn = tl.load(PI + r * nmax + j) * BN + offs_n
-            kt = tl.load(k_base + kn[None, :] * s_ks + offs_d[:, None], mask=(offs_d[:, None] < D) & (kn[None, :] < sk),
-                         other=0.0)
-            vt = tl.load(v_base + kn[None, :] * s_vs + offs_dv[:, None],
-                         mask=(offs_dv[:, None] < DV) & (kn[None, :] < sk), other=0.0)
+            kt, v = _kv_tile(k_base, v_base, desc_k, desc_v, b, hk, tl.load(PI + r * nmax + j), sk, s_ks, s_vs,
+                             D, DV, BD, BDV, BN, TMA, True)
             # masked before exp2: a masked score may exceed the row's log-sum-exp by any amount
             st = tl.where(_tile_allowed(BITS, tl.load(PT + r * nmax + j), BM, BN, W),
                           tl.dot(q, kt, input_precision=PREC) * qk_scale, float("-inf"))
             p = tl.exp2(st - lse[:, None])
-            ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PREC)
         tl.store(DQ + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=rows & (offs_d[None, :] < D))
 
@@ -218,35 +247,39 @@ if triton is not None:
                  mask=offs_m < sq)
 
     @triton.jit
-    def _dkdv_tile(k, v, dk, dv, Q, DO, LSE, DELTA, q_base, do_base, lh, i, sq,
+    def _dkdv_tile(k, v, dk, dv, LSE, DELTA, q_base, do_base, desc_q, desc_do, b, h, lh, i, sq,
                    s_qs, s_os, qk_scale, allowed, MASKED: tl.constexpr,
                    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
-                   PREC: tl.constexpr):
+                   PREC: tl.constexpr, TMA: tl.constexpr):
         offs_m = i * BM + tl.arange(0, BM)
-        offs_d = tl.arange(0, BD)
-        offs_dv = tl.arange(0, BDV)
-        qt = tl.load(q_base + offs_m[None, :] * s_qs + offs_d[:, None], mask=(offs_m[None, :] < sq) & (offs_d[:, None] < D),
-                     other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * s_os + offs_dv[None, :],
-                     mask=(offs_m[:, None] < sq) & (offs_dv[None, :] < DV), other=0.0)
+        if TMA:  # rows past Sq read as zeros
+            qt = desc_q.load([b, h, i * BM, 0]).reshape(BM, BD).T
+            do = desc_do.load([b, h, i * BM, 0]).reshape(BM, BDV)
+        else:
+            offs_d = tl.arange(0, BD)
+            offs_dv = tl.arange(0, BDV)
+            qt = tl.load(q_base + offs_m[None, :] * s_qs + offs_d[:, None],
+                         mask=(offs_m[None, :] < sq) & (offs_d[:, None] < D), other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * s_os + offs_dv[None, :],
+                         mask=(offs_m[:, None] < sq) & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + lh + offs_m, mask=offs_m < sq, other=float("inf"))
         delta = tl.load(DELTA + lh + offs_m, mask=offs_m < sq, other=0.0)
         st = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (BN, BM)
         if MASKED:  # before exp2: a masked score may exceed the row's log-sum-exp by any amount
             st = tl.where(allowed, st, float("-inf"))
         pt = tl.exp2(st - lse[None, :])
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
         dst = pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC)
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
         return dk, dv
 
     @_autotune("bwd")
     @triton.jit(do_not_specialize=_RUNTIME)
-    def _bwd_dkdv(Q, K, V, DO, DK, DV_, LSE, DELTA, FN, FI, PN, PI, PT, BITS,
+    def _bwd_dkdv(Q, K, V, DO, DK, DV_, LSE, DELTA, FN, FI, PN, PI, PT, BITS, desc_q, desc_do,
                   sq, sk, hq, hkv, group, qk_scale, scale, row_b, row_h, nmax,
                   s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
         """dK, dV of one key block of one KV head, summed over its group's query heads (DK/DV_ share K/V strides)."""
         j = tl.program_id(0)
         bhk = tl.program_id(1)
@@ -270,13 +303,13 @@ if triton is not None:
             lh = (b * hq + h).to(tl.int64) * sq
             for t in range(tl.load(FN + r)):
                 i = tl.load(FI + r * nmax + t)
-                dk, dv = _dkdv_tile(k, v, dk, dv, Q, DO, LSE, DELTA, q_base, do_base, lh, i, sq, s_qs, s_os, qk_scale,
-                                    None, False, D, DV, BD, BDV, BM, PREC)
+                dk, dv = _dkdv_tile(k, v, dk, dv, LSE, DELTA, q_base, do_base, desc_q, desc_do, b, h, lh, i, sq, s_qs,
+                                    s_os, qk_scale, None, False, D, DV, BD, BDV, BM, PREC, TMA)
             for t in range(tl.load(PN + r)):
                 i = tl.load(PI + r * nmax + t)
                 allowed = _tile_allowed_t(BITS, tl.load(PT + r * nmax + t), BM, BN, W)
-                dk, dv = _dkdv_tile(k, v, dk, dv, Q, DO, LSE, DELTA, q_base, do_base, lh, i, sq, s_qs, s_os, qk_scale,
-                                    allowed, True, D, DV, BD, BDV, BM, PREC)
+                dk, dv = _dkdv_tile(k, v, dk, dv, LSE, DELTA, q_base, do_base, desc_q, desc_do, b, h, lh, i, sq, s_qs,
+                                    s_os, qk_scale, allowed, True, D, DV, BD, BDV, BM, PREC, TMA)
         tl.store(DK + b.to(tl.int64) * s_kb + hk * s_kh + offs_n[:, None] * s_ks + offs_d[None, :],
                  (dk * scale).to(DK.dtype.element_ty), mask=cols & (offs_d[None, :] < D))
         tl.store(DV_ + b.to(tl.int64) * s_vb + hk * s_vh + offs_n[:, None] * s_vs + offs_dv[None, :],
@@ -303,6 +336,23 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# How the kernels read the tiles they walk (K, V in the forward and dQ; Q, dO in dK/dV): "tma" through tensor
+# descriptors (Hopper's copy engine) where the shapes allow it (head dims powers of two, 16-byte aligned strides),
+# else through pointers; "warp_specialize" splits each forward program into producer and consumer warps (Triton 3.6
+# fails to compile it for these loops on Hopper). Set by benchmarks/gpu_structured.py's sweep.
+OPTIONS = {"tma": True, "warp_specialize": False}
+
+
+def _descriptors(x, y, rows: int, sizes: dict):
+    """Tensor descriptors of x's and y's (rows x head dim) boxes, or None where the kernels read through pointers."""
+    if not (OPTIONS["tma"] and TensorDescriptor is not None and sizes["D"] == sizes["BD"]
+            and sizes["DV"] == sizes["BDV"]):
+        return None
+    if any(t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:3]) for t in (x, y)):
+        return None
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]]) for t in (x, y))
+
+
 def forward(q, k, v, lay: Layout, scale: float):
     """(out (B, Hq, Sq, Dv) in q's dtype, base-2 log-sum-exp float32 (B, Hq, Sq)); the kernels read q, k, v through
     their strides, the last dim contiguous (copied here when it is not)."""
@@ -312,9 +362,12 @@ def forward(q, k, v, lay: Layout, scale: float):
     o = torch.empty(b, hq, sq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(sq, lay.block_m), b * hq)
+    sizes = _sizes(q, k, v, lay)
+    desc = _descriptors(k, v, lay.block_n, sizes)
     _fwd[grid](q, k, v, o, lse, lay.full_num, lay.full_idx, lay.part_num, lay.part_idx, lay.part_tile, lay.bits,
-               sq, sk, hq, hq // hkv, scale * LOG2E, lay.b_step, lay.h_step, lay.full_idx.shape[1],
-               *_strides(q, k, v, o), **_sizes(q, k, v, lay))
+               *(desc or (k, v)), sq, sk, hq, hq // hkv, scale * LOG2E, lay.b_step, lay.h_step,
+               lay.full_idx.shape[1], *_strides(q, k, v, o), **sizes, TMA=desc is not None,
+               WS=OPTIONS["warp_specialize"])
     return o, lse
 
 
@@ -340,14 +393,18 @@ def backward(q, k, v, o, lse, do, lay: Layout, lay_kv: Layout, scale: float, gra
     sizes = _sizes(q, k, v, lay)
     _bwd_delta[(triton.cdiv(sq, 64), b * hq)](o, do, delta, sq, hq, *o.stride()[:3], *do.stride()[:3],
                                               DV=sizes["DV"], BDV=sizes["BDV"], BM=64)
+    desc = _descriptors(k, v, lay.block_n, sizes)
     _bwd_dq[(triton.cdiv(sq, lay.block_m), b * hq)](
         q, k, v, do, dq, lse, delta, lay.full_num, lay.full_idx, lay.part_num, lay.part_idx, lay.part_tile, lay.bits,
-        sq, sk, hq, hq // hkv, scale * LOG2E, scale, lay.b_step, lay.h_step, lay.full_idx.shape[1],
-        *_strides(q, k, v, do), **sizes)
+        *(desc or (k, v)), sq, sk, hq, hq // hkv, scale * LOG2E, scale, lay.b_step, lay.h_step, lay.full_idx.shape[1],
+        *_strides(q, k, v, do), **sizes, TMA=desc is not None)
+    sizes = _sizes(q, k, v, lay_kv)
+    desc = _descriptors(q, do, lay_kv.block_m, sizes)
     _bwd_dkdv[(triton.cdiv(sk, lay_kv.block_n), b * hkv)](
         q, k, v, do, dk, dv, lse, delta, lay_kv.t_full_num, lay_kv.t_full_idx, lay_kv.t_part_num, lay_kv.t_part_idx,
-        lay_kv.t_part_tile, lay_kv.bits, sq, sk, hq, hkv, hq // hkv, scale * LOG2E, scale, lay_kv.t_b_step,
-        lay_kv.t_h_step, lay_kv.t_full_idx.shape[1], *_strides(q, k, v, do), **_sizes(q, k, v, lay_kv))
+        lay_kv.t_part_tile, lay_kv.bits, *(desc or (q, do)), sq, sk, hq, hkv, hq // hkv, scale * LOG2E, scale,
+        lay_kv.t_b_step, lay_kv.t_h_step, lay_kv.t_full_idx.shape[1], *_strides(q, k, v, do), **sizes,
+        TMA=desc is not None)
     return dq, dk, dv
 
 
@@ -434,7 +491,7 @@ def _fallback(variant, q, k, v, call):
 
 def run(variant, q, k, v, call: Call):
     try:
-        lay = layout_for(variant, call)
+        lay = layout_for(variant, call, BLOCK_M, BLOCK_N)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return BlockSparse.apply(q, k, v, lay, call.scale, _MaskTables(variant, call))
         return forward(q, k, v, lay, call.scale)[0]

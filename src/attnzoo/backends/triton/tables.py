@@ -12,12 +12,6 @@ import torch
 from ...core.variant import Call, SoftmaxVariant
 from ..reuse import InputsKey
 
-BLOCK_M = 128  # queries a tile (forward and dQ)
-BLOCK_N = 64   # keys a tile (a multiple of 32: one int32 word per 32 keys of a mask row)
-# dK/dV walk the transposed lists of their own layout, 64 queries x 128 keys, so that every product of that
-# kernel has 128 rows (the key block), as FlashAttention-2's backward; its tables are built at the first backward.
-BWD_BLOCK_M = 64
-BWD_BLOCK_N = 128
 MASK_CHUNK = 2048  # partial tiles whose mask is evaluated at once (2048 x 128 x 64 bools = 16 MiB)
 
 
@@ -26,7 +20,7 @@ MASK_CHUNK = 2048  # partial tiles whose mask is evaluated at once (2048 x 128 x
 
 @dataclass
 class Layout:
-    """Tile lists of one call's mask for BLOCK_M x BLOCK_N tiles; index rows by (batch', head', block).
+    """Tile lists of one call's mask for block_m x block_n tiles; index rows by (batch', head', block).
 
     `b_step` / `h_step` are the row strides of batch and query head (0 where the mask is the same for all)."""
 
@@ -106,7 +100,7 @@ def tile_lists(full: torch.Tensor, part: torch.Tensor, forward: bool = True, tra
     return fwd + t
 
 
-def build_layout(variant: SoftmaxVariant, call: Call, block_m: int = BLOCK_M, block_n: int = BLOCK_N) -> Layout:
+def build_layout(variant: SoftmaxVariant, call: Call, block_m: int, block_n: int) -> Layout:
     s = call.shapes
     struct = variant.block_structure(call, block_m, block_n)
     bp, hp, nq, nk = struct.any.shape
@@ -145,10 +139,9 @@ _layouts: dict = {}
 stats = {"layouts_built": 0}
 
 
-def layout_for(variant: SoftmaxVariant, call: Call, block_m: int | None = None, block_n: int | None = None) -> Layout:
-    """The call's layout (forward tiles by default), rebuilt only when the configuration, shapes or inputs changed."""
+def layout_for(variant: SoftmaxVariant, call: Call, block_m: int, block_n: int) -> Layout:
+    """The call's layout for block_m x block_n tiles, rebuilt only when the configuration, shapes or inputs changed."""
     s = call.shapes
-    block_m, block_n = block_m or BLOCK_M, block_n or BLOCK_N
     key = (variant.key, s, call.causal, call.device, block_m, block_n)
     given = InputsKey(variant, call.inputs)
     with _lock:
@@ -162,5 +155,4 @@ def layout_for(variant: SoftmaxVariant, call: Call, block_m: int | None = None, 
     return layout
 
 
-__all__ = ["BLOCK_M", "BLOCK_N", "BWD_BLOCK_M", "BWD_BLOCK_N", "Layout", "build_layout", "layout_for", "stats",
-           "tile_lists"]
+__all__ = ["Layout", "build_layout", "layout_for", "stats", "tile_lists"]
