@@ -61,42 +61,45 @@ class Layout:
         return out[:, :, :sq, :sk]
 
 
-def _lists(flags: torch.Tensor):
-    """bool (R, n) -> (count int32 (R,), indices of the set flags first, ascending, int32 (R, n); entries past the
-    count are unused): a prefix sum and one scatter, linear in R n (a sort took milliseconds at 128k tokens)."""
-    r, n = flags.shape
-    num = flags.sum(-1, dtype=torch.int32)
-    slot = torch.where(flags, flags.cumsum(-1) - 1, n)                 # unset flags go to a dump column
-    idx = torch.zeros(r, n + 1, dtype=torch.int32, device=flags.device)
-    idx.scatter_(1, slot, torch.arange(n, dtype=torch.int32, device=flags.device).expand(r, n))
-    return num.contiguous(), idx[:, :n].contiguous()
+def _lists(flags: torch.Tensor, tile_id: torch.Tensor) -> tuple:
+    """Stacked flags bool (2, ..., n) of full and partial tiles, and the tiles' ids (..., n) -> (full_num, full_idx,
+    part_num, part_idx, part_tile) over rows (...): counts int32, then the indices of the set flags, ascending,
+    int32 (..., n), entries past the count 0, and the partial tiles' ids there (past the count: the id at index 0).
+    One prefix sum and one scatter for both kinds, linear in the flags (a sort took milliseconds at 128k tokens)."""
+    n = flags.shape[-1]
+    rank = flags.cumsum(-1)                                       # 1-based rank of a set flag in its row
+    num = rank[..., -1].to(torch.int32)
+    idx = torch.zeros(*flags.shape[:-1], n + 1, dtype=torch.long, device=flags.device)
+    # a set flag goes to column rank (the lists start at column 1), an unset one to column 0, a dump
+    idx.scatter_(-1, torch.where(flags, rank, 0), torch.arange(n, device=flags.device).expand(flags.shape))
+    idx = idx[..., 1:]
+    part_tile = torch.gather(tile_id, -1, idx[1])
+    idx = idx.to(torch.int32)
+    return num[0], idx[0], num[1], idx[1], part_tile
 
 
-def _pack_bits(m: torch.Tensor) -> torch.Tensor:
-    """bool (..., n) with n a multiple of 32 -> int32 (..., n / 32), bit c of word w = element 32 w + c."""
-    words = m.view(*m.shape[:-1], -1, 32).to(torch.int64)
-    w = (words << torch.arange(32, device=m.device)).sum(-1)
-    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+def _flat_rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (rows, n), a view where the layout allows one (contiguous results of `_lists`)."""
+    return t.reshape(-1, t.shape[-1])
 
 
 def tile_lists(full: torch.Tensor, part: torch.Tensor, forward: bool = True, transposed: bool = True) -> tuple:
     """Full and partial tiles, bool (B', H', nq, nk) -> the Layout's lists, forward (rows: query blocks) then
     transposed (rows: key blocks); partial tiles are numbered in row-major order (the order of `part.nonzero()`).
     Lists not asked for are empty tensors (the forward reads only the first five, dK/dV only the last five)."""
-    nq, nk = part.shape[-2:]
-    tile_id = (part.flatten().cumsum(0) - 1).view(part.shape).to(torch.int32)
+    tile_id = (part.flatten().cumsum(0, dtype=torch.int32) - 1).view(part.shape)
+    flags = torch.stack([full, part])
     none = (torch.empty(0, 1, dtype=torch.int32, device=part.device),) * 5
     fwd = t = none
     if forward:
-        full_num, full_idx = _lists(full.reshape(-1, nk))
-        part_num, part_idx = _lists(part.reshape(-1, nk))
-        part_tile = torch.gather(tile_id.reshape(-1, nk), 1, part_idx.long()).contiguous()
-        fwd = (full_num, full_idx, part_num, part_idx, part_tile)
+        full_num, full_idx, part_num, part_idx, part_tile = _lists(flags, tile_id)
+        fwd = (full_num.flatten(), _flat_rows(full_idx), part_num.flatten(), _flat_rows(part_idx),
+               _flat_rows(part_tile))
     if transposed:
-        t_full_num, t_full_idx = _lists(full.transpose(-1, -2).reshape(-1, nq))
-        t_part_num, t_part_idx = _lists(part.transpose(-1, -2).reshape(-1, nq))
-        t_part_tile = torch.gather(tile_id.transpose(-1, -2).reshape(-1, nq), 1, t_part_idx.long()).contiguous()
-        t = (t_full_num, t_full_idx, t_part_num, t_part_idx, t_part_tile)
+        t_full_num, t_full_idx, t_part_num, t_part_idx, t_part_tile = _lists(flags.transpose(-1, -2),
+                                                                             tile_id.transpose(-1, -2))
+        t = (t_full_num.flatten(), _flat_rows(t_full_idx), t_part_num.flatten(), _flat_rows(t_part_idx),
+             _flat_rows(t_part_tile))
     return fwd + t
 
 
@@ -107,12 +110,25 @@ def build_layout(variant: SoftmaxVariant, call: Call, block_m: int, block_n: int
     any_ = struct.any
     full = struct.full & any_
     if s.sk % block_n:  # the kernel loads whole key tiles: a ragged last tile is masked by its bits
-        full = full.clone()
         full[..., -1] = False
-    part = any_ & ~full
+    part = any_ ^ full
     lists = tile_lists(full, part)
     return Layout(block_m, block_n, *lists[:5], _tile_bits(variant, call, part, block_m, block_n), *lists[5:],
                   hp * nq if bp > 1 else 0, nq if hp > 1 else 0, hp * nk if bp > 1 else 0, nk if hp > 1 else 0)
+
+
+_BIT_WEIGHTS: dict = {}
+
+
+def _pack_bits(m: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """bool (..., n) with n a multiple of 32 -> int32 (..., n / 32), bit c of word w = element 32 w + c (into `out`
+    when given). One multiply and one sum: the int32 weights 2^c, 2^31 as -2^31, never overflow a word's sum."""
+    key = (m.device.type, m.device.index)
+    weights = _BIT_WEIGHTS.get(key)
+    if weights is None:
+        weights = _BIT_WEIGHTS[key] = torch.tensor([1 << c for c in range(31)] + [-(1 << 31)], dtype=torch.int32,
+                                                   device=m.device)
+    return torch.sum(m.reshape(*m.shape[:-1], -1, 32) * weights, -1, dtype=torch.int32, out=out)
 
 
 def _tile_bits(variant, call: Call, part: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
@@ -120,17 +136,29 @@ def _tile_bits(variant, call: Call, part: torch.Tensor, block_m: int, block_n: i
     s = call.shapes
     dev = part.device
     coords = part.nonzero()  # (tiles, 4): b', h', i, j in tile-id order (the one device sync of a build)
-    out = torch.empty(coords.shape[0], block_m, block_n // 32, dtype=torch.int32, device=dev)
-    rows = torch.arange(block_m, device=dev).view(1, -1, 1)
+    tiles = coords.shape[0]
+    out = torch.empty(tiles, block_m, block_n // 32, dtype=torch.int32, device=dev) if tiles > MASK_CHUNK else None
+    rows = torch.arange(s.offset, s.offset + block_m, device=dev).view(1, -1, 1)  # query positions of tile row 0
     cols = torch.arange(block_n, device=dev).view(1, 1, -1)
-    for c0 in range(0, coords.shape[0], MASK_CHUNK):
-        b, h, i, j = (x.view(-1, 1, 1) for x in coords[c0:c0 + MASK_CHUNK].unbind(1))
-        q_idx, kv_idx = i * block_m + rows, j * block_n + cols
-        inside = (q_idx < s.sq) & (kv_idx < s.sk)
-        # clamped, so variants that index per-call inputs by position stay inside them
-        m = variant.full_mask(call, b, h, q_idx.clamp(max=s.sq - 1) + s.offset, kv_idx.clamp(max=s.sk - 1))
-        m = inside if m is None else m & inside
-        out[c0:c0 + MASK_CHUNK] = _pack_bits(m.expand(inside.shape[0], block_m, block_n))
+    for c0 in range(0, max(tiles, 1), MASK_CHUNK):
+        b, h, i, j = coords[c0:c0 + MASK_CHUNK].view(-1, 4, 1, 1).unbind(1)
+        q_pos, kv_pos = torch.add(rows, i, alpha=block_m), torch.add(cols, j, alpha=block_n)
+        # past the ends: clamped, so variants that index per-call inputs by position stay inside them, then masked
+        inside = None
+        if s.sq % block_m:
+            inside = q_pos < s.sk
+            q_pos = q_pos.clamp(max=s.sk - 1)
+        if s.sk % block_n:
+            inside = kv_pos < s.sk if inside is None else inside & (kv_pos < s.sk)
+            kv_pos = kv_pos.clamp(max=s.sk - 1)
+        m = variant.full_mask(call, b, h, q_pos, kv_pos)
+        m = inside if m is None else m if inside is None else m & inside
+        if m is None:
+            m = torch.ones(1, 1, 1, dtype=torch.bool, device=dev)
+        shape = (i.shape[0], block_m, block_n)
+        bits = _pack_bits(m.expand(shape), None if out is None else out[c0:c0 + MASK_CHUNK])
+        if out is None:
+            return bits
     return out
 
 
