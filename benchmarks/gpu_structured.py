@@ -221,8 +221,9 @@ def host_overhead(device) -> dict:
 
 
 # forward (and dQ) tile, K/V through tensor descriptors, warp specialisation: the forward kernel's options
+# (warp specialisation failed to compile on the H200 with Triton 3.6 in every case: one such row stays as evidence)
 SWEEP = [("128x64", False, False), ("128x64", True, False), ("128x128", False, False), ("128x128", True, False),
-         ("128x64", True, True), ("128x128", True, True)]
+         ("128x64", True, True)]
 
 
 def sweep(shapes, names, device) -> list[dict]:
@@ -275,6 +276,7 @@ def sweep(shapes, names, device) -> list[dict]:
         del q, k, v, do
         torch.cuda.empty_cache()
     bs.BLOCK_M, bs.BLOCK_N = 128, 64
+    bs.OPTIONS.update(tma=True, warp_specialize=False)
     return rows
 
 
@@ -368,8 +370,10 @@ def main(argv=None) -> int:
                 lay = bs.layout_for(attn, call, bs.BLOCK_M, bs.BLOCK_N)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                bs.build_layout(attn, call, bs.BLOCK_M, bs.BLOCK_N)
-                bs.build_layout(attn, call, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N)
+                lattice = bs._lattice(attn, call)  # a dilated window runs as bands on its residue classes
+                for variant_, call_ in ([(band, sub) for _, _, band, sub in lattice[1]] if lattice else [(attn, call)]):
+                    bs.build_layout(variant_, call_, bs.BLOCK_M, bs.BLOCK_N)
+                    bs.build_layout(variant_, call_, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N)
                 torch.cuda.synchronize()
                 row["triton_build_ms"] = (time.perf_counter() - t0) * 1e3  # both layouts, as when the ids change
                 pairs = layout_pairs(lay, s, b, h)

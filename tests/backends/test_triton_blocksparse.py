@@ -155,11 +155,19 @@ INTERPRETED = textwrap.dedent(r"""
         ("document", az.get("document"), True, 2, 2, 1, 75, 75, 16, 16, {"document_ids": ids(2, 75, (20, 50))}),
         ("dilated", az.get("dilated_window", window=6, dilation=3, offsets="cyclic"), False, 1, 3, 1, 50, 50, 16, 16, {}),
         ("prefix", az.get("prefix_lm", prefix=33), False, 1, 1, 1, 64, 64, 32, 32, {}),
+        # one lattice for all heads: the residue classes run as bands on strided views (lengths not multiples of 3)
+        ("lattice", az.get("dilated_window", window=6, dilation=3), True, 2, 4, 2, 50, 50, 16, 16, {}),
+        ("lattice.cross", az.get("dilated_window", window=4, dilation=3, right=2, offsets=[1, 1]), False, 1, 2, 1,
+         37, 71, 16, 32, {}),
     ]
+    for tag, attn, causal, b, hq, hkv, sq, sk, d, dv, inputs in cases:
+        lattice = bs._lattice(attn, attn.prepare(torch.zeros(b, hq, sq, d), torch.zeros(b, hkv, sk, d),
+                                                 torch.zeros(b, hkv, sk, dv), causal, None, inputs))
+        assert (lattice is not None) == tag.startswith("lattice"), tag
     # float16, not bfloat16: the interpreter's dot multiplies numpy arrays, and numpy has no bfloat16
     for dtype in (torch.float32, torch.float16):
         for tag, attn, causal, b, hq, hkv, sq, sk, d, dv, inputs in cases:
-            if dtype == torch.float16 and tag != "document":
+            if dtype == torch.float16 and tag not in ("document", "lattice"):
                 continue
             check(f"{str(dtype)[6:]}.{tag}", attn, causal, b, hq, hkv, sq, sk, d, dv, inputs, dtype)
     # the forward reads K/V through tensor descriptors where head dims are powers of two (16 and 32 above; 24 is
@@ -207,6 +215,7 @@ GPU_CASES = [
     ("sliding_window", {"window": 100}, {}), ("sink_window", {"sinks": 4, "window": 100}, {}),
     ("prefix_lm", {"prefix": 150}, {}), ("document", {}, "docs"), ("block_rag", {}, "blocks"),
     ("dilated_window", {"window": 32, "dilation": 4, "offsets": "cyclic"}, {}),
+    ("dilated_window", {"window": 32, "dilation": 3}, {}),  # one lattice: bands on the residue classes
     ("neighborhood", {"grid": (20, 25), "kernel_size": 7}, {}), ("neighborhood", {"grid": (500,), "kernel_size": 63}, {}),
 ]
 
@@ -281,3 +290,36 @@ def test_layout_fuzz(case, b, sq, sk, causal, tiles):
     lay = bs.build_layout(attn, attn.prepare(q, k, v, causal, None, given_), *tiles)
     want = attn.dense_mask(sq, sk, causal=causal, heads=hq, kv_heads=hkv, batch=b, **given_).expand(b, hq, sq, sk)
     assert torch.equal(lay.dense(sq, sk, b, hq), want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sq=st.integers(1, 70), sk=st.integers(1, 70), causal=st.booleans(), window=st.integers(0, 6),
+       right=st.sampled_from([None, 0, 2]), dilation=st.integers(2, 4), offset=st.integers(0, 3),
+       tiles=st.sampled_from([(16, 32), (32, 64)]))
+def test_dilated_lattice_classes_encode_the_dense_mask(sq, sk, causal, window, right, dilation, offset, tiles):
+    """A dilated window on one lattice runs as bands on strided residue classes: the classes' tables, put back at
+    their rows and columns, give exactly the variant's mask (and each key class serves exactly one query class)."""
+    assume(not (causal and sq > sk) and offset < dilation)
+    attn = az.get("dilated_window", window=window, dilation=dilation, right=right, offsets=[offset] * 2)
+    q, k, v = qkv(1, 2, 1, sq, sk, 8)
+    call = attn.prepare(q, k, v, causal, None, {})
+    lattice = bs._lattice(attn, call)
+    if sq < dilation or sk < dilation:
+        assert lattice is None
+        return
+    d, parts = lattice
+    assert d == dilation and sorted(r for _, r, _, _ in parts) == list(range(d))
+    got = torch.zeros(1, 2, sq, sk, dtype=torch.bool)
+    for a, r, band, sub in parts:
+        sub_mask = bs.build_layout(band, sub, *tiles).dense(sub.shapes.sq, sub.shapes.sk, 1, 2)
+        got[:, :, a::d, r::d] = sub_mask
+    want = attn.dense_mask(sq, sk, causal=causal, heads=2, kv_heads=1, batch=1).expand(1, 2, sq, sk)
+    assert torch.equal(got, want)
+
+
+def test_per_head_lattices_take_the_general_tables():
+    q, k, v = qkv(1, 3, 1, 40, 40, 8)
+    cyclic = az.get("dilated_window", window=4, dilation=3, offsets="cyclic")
+    assert bs._lattice(cyclic, cyclic.prepare(q, k, v, True, None, {})) is None
+    plain = az.get("dilated_window", window=4, dilation=1)
+    assert bs._lattice(plain, plain.prepare(q, k, v, True, None, {})) is None

@@ -21,6 +21,11 @@ softmax in base 2 over the full then the partial tiles; saves the log-sum-exp), 
 `_bwd_dq` (the forward's walk, dQ = dS K), `_bwd_dkdv` (one program per key block and KV head, walking every query
 head of its group over the transposed lists of a second layout of 64 x 128 tiles, so its products have 128 rows:
 GQA without repeating K/V). Rows with no allowed key give zeros and zero gradients.
+K/V (forward, dQ) and Q/dO (dK/dV) tiles come through tensor descriptors (Hopper's copy engine) where head dims
+are powers of two, else through pointers (`OPTIONS`).
+A dilated window whose heads share one lattice runs as `dilation` bands, one launch each on strided views of the
+queries and keys of one residue class (`LatticeSparse`): its tiles hold only allowed lattice points, where the
+whole sequence's tiles are 1/dilation allowed.
 If a kernel fails to compile or launch, the call falls back to flex (CUDA) or torch with a one-time warning.
 """
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.checks import Shapes
 from ...core.variant import Call, SoftmaxVariant
 from .tables import Layout, build_layout, layout_for, stats, tile_lists  # noqa: F401 - re-exported
 
@@ -353,13 +359,14 @@ def _descriptors(x, y, rows: int, sizes: dict):
     return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]]) for t in (x, y))
 
 
-def forward(q, k, v, lay: Layout, scale: float):
+def forward(q, k, v, lay: Layout, scale: float, out: torch.Tensor | None = None):
     """(out (B, Hq, Sq, Dv) in q's dtype, base-2 log-sum-exp float32 (B, Hq, Sq)); the kernels read q, k, v through
-    their strides, the last dim contiguous (copied here when it is not)."""
+    their strides, the last dim contiguous (copied here when it is not), and write `out` (a view, e.g. a slice of a
+    longer output, with its last dim contiguous) when it is given."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    o = torch.empty(b, hq, sq, v.shape[-1], dtype=q.dtype, device=q.device)
+    o = torch.empty(b, hq, sq, v.shape[-1], dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(sq, lay.block_m), b * hq)
     sizes = _sizes(q, k, v, lay)
@@ -382,12 +389,19 @@ def _with_grad_buffer(t: torch.Tensor, dtype: torch.dtype):
     return t, g
 
 
-def backward(q, k, v, o, lse, do, lay: Layout, lay_kv: Layout, scale: float, grad_dtype: torch.dtype | None = None):
+def backward(q, k, v, o, lse, do, lay: Layout, lay_kv: Layout, scale: float, grad_dtype: torch.dtype | None = None,
+             grads: tuple | None = None):
     """(dq, dk, dv): dQ over `lay` (the forward's tiles), dK/dV over `lay_kv`'s transposed lists; in `grad_dtype`
-    (default: the inputs'), e.g. float32 for partial gradients that a caller sums before rounding once."""
+    (default: the inputs'), e.g. float32 for partial gradients that a caller sums before rounding once. `grads`:
+    views to write them into instead, with q's, k's and v's strides."""
     b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    (q, dq), (k, dk), (v, dv) = (_with_grad_buffer(x, grad_dtype or x.dtype) for x in (q, k, v))
+    if grads is None:
+        (q, dq), (k, dk), (v, dv) = (_with_grad_buffer(x, grad_dtype or x.dtype) for x in (q, k, v))
+    else:
+        dq, dk, dv = grads
+        if any(g.stride() != t.stride() for g, t in zip(grads, (q, k, v))):
+            raise ValueError("grads must have the strides of q, k and v: the kernels write each with its input's")
     do = do if do.dtype == q.dtype and do.stride(-1) == 1 else do.to(q.dtype).contiguous()  # strides passed
     delta = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     sizes = _sizes(q, k, v, lay)
@@ -432,6 +446,70 @@ class BlockSparse(torch.autograd.Function):
                 leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
                 dq, dk, dv = torch.autograd.grad(ctx.tables.fallback(*leaves), leaves, do)
         return dq, dk, dv, None, None, None
+
+
+# ---- dilated masks as independent lattice classes ------------------------------------------------------------------
+
+_lattices: dict = {}
+
+
+def _lattice(variant, call: Call):
+    """(d, [(a, r, band, sub-call), ...]) when the variant runs as `dilation` bands on strided subsequences (query
+    indices a, a + d, ... against key indices r, r + d, ...; `DilatedWindow.lattice`), else None. Every key class
+    then belongs to exactly one query class, so each gradient element is written once."""
+    lattice = getattr(variant, "lattice", None)
+    if lattice is None:
+        return None
+    key = (variant.key, call.shapes, call.causal, call.device)
+    if key not in _lattices:
+        got = lattice(call)
+        s = call.shapes
+        if got is None or s.sq < got[0] or s.sk < got[0]:
+            _lattices[key] = None
+        else:
+            d, classes = got
+            _lattices[key] = d, [(a, r, band, Call(Shapes(s.batch, s.q_heads, s.kv_heads, len(range(a, s.sq, d)),
+                                                          len(range(r, s.sk, d)), s.d, s.dv),
+                                                   call.scale, False, {}, call.device)) for a, r, band in classes]
+    return _lattices[key]
+
+
+def _lattice_forward(q, k, v, d: int, parts, scale: float):
+    """(output, [log-sum-exp of each class]): one launch per class, writing its rows of one output."""
+    o = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    lses = [forward(q[:, :, a::d], k[:, :, r::d], v[:, :, r::d], layout_for(band, sub, BLOCK_M, BLOCK_N), scale,
+                    out=o[:, :, a::d])[1] for a, r, band, sub in parts]
+    return o, lses
+
+
+class LatticeSparse(torch.autograd.Function):
+    """A dilated mask's classes under autograd: `apply(q, k, v, d, parts, scale, variant, call)`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, d, parts, scale, variant, call):
+        o, lses = _lattice_forward(q, k, v, d, parts, scale)
+        ctx.save_for_backward(q, k, v, o, *lses)
+        ctx.d, ctx.parts, ctx.scale, ctx.variant, ctx.call = d, parts, scale, variant, call
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, *lses = ctx.saved_tensors
+        d = ctx.d
+        try:
+            (q, dq), (k, dk), (v, dv) = (_with_grad_buffer(x, x.dtype) for x in (q, k, v))
+            do = do if do.dtype == q.dtype and do.stride(-1) == 1 else do.to(q.dtype).contiguous()
+            for (a, r, band, sub), lse in zip(ctx.parts, lses):
+                backward(q[:, :, a::d], k[:, :, r::d], v[:, :, r::d], o[:, :, a::d], lse, do[:, :, a::d],
+                         layout_for(band, sub, BLOCK_M, BLOCK_N), layout_for(band, sub, BWD_BLOCK_M, BWD_BLOCK_N),
+                         ctx.scale, grads=(dq[:, :, a::d], dk[:, :, r::d], dv[:, :, r::d]))
+        except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
+            _warn_once("backward", err)
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(True) for t in ctx.saved_tensors[:3]]
+                dq, dk, dv = torch.autograd.grad(_fallback(ctx.variant, *leaves, ctx.call), leaves, do)
+        return dq, dk, dv, None, None, None, None, None
 
 
 @dataclass
@@ -491,6 +569,12 @@ def _fallback(variant, q, k, v, call):
 
 def run(variant, q, k, v, call: Call):
     try:
+        lattice = _lattice(variant, call)
+        if lattice is not None:
+            q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+                return LatticeSparse.apply(q, k, v, *lattice, call.scale, variant, call)
+            return _lattice_forward(q, k, v, *lattice, call.scale)[0]
         lay = layout_for(variant, call, BLOCK_M, BLOCK_N)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return BlockSparse.apply(q, k, v, lay, call.scale, _MaskTables(variant, call))
@@ -500,5 +584,5 @@ def run(variant, q, k, v, call: Call):
         return _fallback(variant, q, k, v, call)
 
 
-__all__ = ["BLOCK_M", "BLOCK_N", "BlockSparse", "Layout", "backward", "build_layout", "forward", "layout_for", "run",
-           "serves", "stats", "tile_lists", "why_not"]
+__all__ = ["BLOCK_M", "BLOCK_N", "BlockSparse", "LatticeSparse", "Layout", "backward", "build_layout", "forward",
+           "layout_for", "run", "serves", "stats", "tile_lists", "why_not"]

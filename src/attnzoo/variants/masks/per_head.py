@@ -233,6 +233,46 @@ class DilatedWindow(_PerHead):
         base = _rows(q_pos) - self.head_rows(call)
         return [(base + i * self.config["dilation"], base + i * self.config["dilation"] + 1) for i in steps]
 
+    def lattice(self, call):
+        """The mask as `dilation` independent bands, one per residue class of the query positions, or None (one
+        class, or heads on different lattices). Queries at positions = rho (mod d) see only keys at positions =
+        rho - offset (mod d), so class a of the query indices (a, a + d, ...) with its key class r (r, r + d, ...)
+        is a band on the two subsequences, `LatticeBand(lo, hi)`: query i sees key j iff lo <= j - i <= hi.
+        Kernels that run each class on its subsequences compute only allowed pairs' tiles (the whole lattice's
+        tiles are 1/d allowed). Returns (d, [(a, r, band), ...]) over the classes that hold queries."""
+        d, s = self.config["dilation"], call.shapes
+        offsets = set(self.head_values(s))
+        if d == 1 or len(offsets) != 1:
+            return None
+        off = offsets.pop()
+        hi_steps = 0 if call.causal else self._right()  # causality (key <= query) is t <= off < d: no step right
+        classes = []
+        for a in range(min(d, s.sq)):
+            r = (a + s.offset - off) % d
+            # query i of class a sits at a + d i + offset, key j of class r at r + d j: t = key - query + off
+            # = d (j - i + e), and the mask is -window <= j - i + e <= right
+            e = (r - a - s.offset + off) // d
+            classes.append((a, r, LatticeBand(lo=-self.config["window"] - e, hi=hi_steps - e)))
+        return d, classes
+
+
+class LatticeBand(SoftmaxVariant):
+    """One residue class of a dilated window (`DilatedWindow.lattice`), as kernels run it on the class's query and
+    key subsequences: query i sees key j iff lo <= j - i <= hi. Internal: not registered."""
+
+    name = "lattice_band"
+    family = "masks"
+    has_mask = True
+    params = (Param("lo", 0, "smallest j - i allowed", (int,)), Param("hi", 0, "largest j - i allowed", (int,)))
+
+    def mask(self, call, b, h, q_pos, kv_pos):
+        rel = kv_pos - (q_pos - call.shapes.offset)
+        return (rel >= self.config["lo"]) & (rel <= self.config["hi"])
+
+    def kv_intervals(self, call, q_pos):
+        i = _rows(q_pos) - call.shapes.offset
+        return [(i + self.config["lo"], i + self.config["hi"] + 1)]
+
 
 @register
 class ShiftedCrossChunk(_PerHead):
