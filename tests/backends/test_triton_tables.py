@@ -75,6 +75,7 @@ def plain_layout(attn, call, given: dict, block_m: int, block_n: int) -> dict:
 SELF_AND_CROSS = [(True, 301, 301), (False, 301, 301), (True, 131, 301), (False, 131, 301), (True, 256, 256)]
 CASES = [
     ("sliding_window", {"window": 70}, lambda b, sq, sk: {}, (4, 2), SELF_AND_CROSS),
+    ("sliding_window", {"window": 512}, lambda b, sq, sk: {}, (2, 2), [(False, 256, 256)]),  # no partial tile
     ("sink_window", {"sinks": 3, "window": 60}, lambda b, sq, sk: {}, (2, 1), SELF_AND_CROSS),
     ("prefix_lm", {"prefix": 77}, lambda b, sq, sk: {}, (2, 2), [(False, 301, 301), (False, 131, 301)]),
     ("document", {}, lambda b, sq, sk: {"document_ids": _ids(b, sk, (23, 160, 161))}, (2, 1), SELF_AND_CROSS),

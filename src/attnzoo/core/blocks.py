@@ -40,40 +40,64 @@ def n_blocks(n: int, block: int) -> int:
     return -(-n // block)
 
 
-def _reduce_rows(t: torch.Tensor, sq: int, q_block: int, how: str) -> torch.Tensor:
-    """Reduce (..., Sq, nk) over the rows of each query block -> (..., nq, nk)."""
+def _reduce_rows(t: torch.Tensor, sq: int, q_block: int, how: str, dims: tuple = ()) -> torch.Tensor:
+    """Reduce (..., Sq, nk) over the rows of each query block (and over `dims`, counted from the left, with "any")
+    -> (..., nq, nk)."""
     nq = n_blocks(sq, q_block)
     pad = nq * q_block - sq
-    if pad:
-        fill = how == "all"  # padding rows must not change the reduction
-        t = torch.cat([t, t.new_full((*t.shape[:-2], pad, t.shape[-1]), fill)], dim=-2)
+    if pad:  # padding rows must not change the reduction
+        t = torch.nn.functional.pad(t, (0, 0, 0, pad), value=how == "all")
     t = t.view(*t.shape[:-2], nq, q_block, t.shape[-1])
-    return t.all(dim=-2) if how == "all" else t.any(dim=-2)
+    return t.all(dim=-2) if how == "all" else t.any(dim=(*dims, -2))
+
+
+def _key_blocks(nk: int, sk: int, kv_block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """First key and end (exclusive, at most Sk) of every key block."""
+    k0 = torch.arange(0, nk * kv_block, kv_block, device=device)
+    k1 = torch.arange(kv_block, (nk + 1) * kv_block, kv_block, device=device)
+    return k0, (k1.clamp(max=sk) if sk % kv_block else k1)
 
 
 def from_intervals(
-    intervals: list[tuple[torch.Tensor, torch.Tensor]], sq: int, sk: int, q_block: int, kv_block: int
+    intervals: list[tuple[torch.Tensor, torch.Tensor]], sq: int, sk: int, q_block: int, kv_block: int,
+    end: torch.Tensor | None = None, max_elements: int = 1 << 25,
 ) -> BlockStructure:
-    """Rows allowed on a union of half-open key intervals [lo, hi), each of shape (B', H', Sq).
+    """Rows allowed on a union of half-open key intervals [lo, hi), each of shape (B', H', Sq); `end` (broadcast
+    to (B', H', Sq)), when given, cuts every interval at it (causality: the query's position + 1).
 
     `any` is exact. `full` holds when a single interval covers the tile (for a union of touching
     intervals a tile is then only marked partial, which costs mask work but never correctness).
+    All intervals are compared at once, in a number of torch ops that does not grow with theirs (a few ops per
+    interval made a neighborhood mask's build cost thousands of launches); rows are taken so many at a time that
+    a comparison holds at most about `max_elements` entries.
     """
     nk = n_blocks(sk, kv_block)
-    k0 = torch.arange(nk, device=intervals[0][0].device) * kv_block
-    k1 = torch.clamp(k0 + kv_block, max=sk)
-    any_rows = None
-    full_rows = None
-    for lo, hi in intervals:
-        lo = lo.clamp(0, sk).unsqueeze(-1)
-        hi = hi.clamp(0, sk).unsqueeze(-1)
-        a = (lo < k1) & (hi > k0) & (hi > lo)
-        f = (lo <= k0) & (hi >= k1)
-        any_rows = a if any_rows is None else any_rows | a
-        full_rows = f if full_rows is None else full_rows | f
-    return BlockStructure(
-        q_block, kv_block, sq, sk, _reduce_rows(any_rows, sq, q_block, "any"), _reduce_rows(full_rows, sq, q_block, "all")
-    )
+    k0, k1 = _key_blocks(nk, sk, kv_block, intervals[0][0].device)
+    if len(intervals) == 1:
+        lo, hi = intervals[0]
+    else:
+        lo = torch.stack(torch.broadcast_tensors(*(iv[0] for iv in intervals)))
+        hi = torch.stack(torch.broadcast_tensors(*(iv[1] for iv in intervals)))
+    if end is not None:
+        hi = torch.minimum(hi, end)
+    lo, hi = torch.broadcast_tensors(lo, hi)
+    dims = () if len(intervals) == 1 else (0,)
+    rows = max(q_block, max_elements // max(1, lo.numel() // sq * nk) // q_block * q_block)
+    any_blocks, full_blocks = [], []
+    for r0 in range(0, sq, rows):
+        r1 = min(r0 + rows, sq)
+        lo_, hi_ = (lo[..., r0:r1], hi[..., r0:r1]) if rows < sq else (lo, hi)
+        lo_, hi_ = lo_.unsqueeze(-1), hi_.unsqueeze(-1)
+        # keys [k0, k1) meet [lo, hi) when max(lo, k0) < min(hi, k1); positions outside [0, Sk) need no clamp
+        touched = torch.maximum(lo_, k0) < torch.minimum(hi_, k1)
+        covered = (lo_ <= k0) & (hi_ >= k1)
+        any_blocks.append(_reduce_rows(touched, r1 - r0, q_block, "any", dims))
+        full_blocks.append(_reduce_rows(covered.any(0) if dims else covered, r1 - r0, q_block, "all"))
+    return BlockStructure(q_block, kv_block, sq, sk, _cat_rows(any_blocks), _cat_rows(full_blocks))
+
+
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -2)
 
 
 def from_mask_rows(mask_rows, sq: int, sk: int, q_block: int, kv_block: int) -> BlockStructure:
@@ -102,17 +126,20 @@ def from_lattice(lo: torch.Tensor, hi: torch.Tensor, residue: torch.Tensor, step
     lies before the overlap's end; with step > 1 no tile is full. Rows are processed `rows_at_once` at a time.
     """
     nk = n_blocks(sk, kv_block)
-    k0 = torch.arange(nk, device=lo.device) * kv_block
-    k1 = torch.clamp(k0 + kv_block, max=sk)
+    k0, k1 = _key_blocks(nk, sk, kv_block, lo.device)
     lo, hi, residue = torch.broadcast_tensors(lo, hi, residue)
     rows_at_once -= rows_at_once % q_block
     any_blocks, full_blocks = [], []
     for r0 in range(0, sq, rows_at_once):
         r1 = min(r0 + rows_at_once, sq)
-        lo_, hi_ = (t[..., r0:r1].clamp(0, sk).unsqueeze(-1) for t in (lo, hi))
+        # positions outside [0, Sk) need no clamp: the first lattice key then lies past the overlap either way
+        lo_, hi_, res_ = (t[..., r0:r1].unsqueeze(-1) if rows_at_once < sq else t.unsqueeze(-1)
+                          for t in (lo, hi, residue))
         start = torch.maximum(lo_, k0)
-        first = start + (residue[..., r0:r1].unsqueeze(-1) - start) % step
+        first = start + (res_ - start) % step
         any_blocks.append(_reduce_rows(first < torch.minimum(hi_, k1), r1 - r0, q_block, "any"))
-        full = (lo_ <= k0) & (hi_ >= k1) if step == 1 else torch.zeros_like(first, dtype=torch.bool)
-        full_blocks.append(_reduce_rows(full, r1 - r0, q_block, "all"))
-    return BlockStructure(q_block, kv_block, sq, sk, torch.cat(any_blocks, -2), torch.cat(full_blocks, -2))
+        if step == 1:
+            full_blocks.append(_reduce_rows((lo_ <= k0) & (hi_ >= k1), r1 - r0, q_block, "all"))
+    full = _cat_rows(full_blocks) if full_blocks else torch.zeros(1, dtype=torch.bool, device=lo.device).expand(
+        *lo.shape[:-1], n_blocks(sq, q_block), nk)
+    return BlockStructure(q_block, kv_block, sq, sk, _cat_rows(any_blocks), full)

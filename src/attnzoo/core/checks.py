@@ -33,7 +33,7 @@ class Shapes:
     def query_positions(self, start: int = 0, stop: int | None = None, device=None) -> torch.Tensor:
         """Positions in the key sequence of queries [start, stop): query i sits at i + Sk - Sq. The one
         place the bottom-right alignment of every pattern is written."""
-        return torch.arange(start, self.sq if stop is None else stop, device=device) + self.offset
+        return torch.arange(start + self.offset, (self.sq if stop is None else stop) + self.offset, device=device)
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Shapes:

@@ -128,7 +128,7 @@ def _pack_bits(m: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
     if weights is None:
         weights = _BIT_WEIGHTS[key] = torch.tensor([1 << c for c in range(31)] + [-(1 << 31)], dtype=torch.int32,
                                                    device=m.device)
-    return torch.sum(m.reshape(*m.shape[:-1], -1, 32) * weights, -1, dtype=torch.int32, out=out)
+    return torch.sum(m.reshape(*m.shape[:-1], m.shape[-1] // 32, 32) * weights, -1, dtype=torch.int32, out=out)
 
 
 def _tile_bits(variant, call: Call, part: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:

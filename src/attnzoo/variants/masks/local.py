@@ -55,7 +55,7 @@ class _Window(SoftmaxVariant):
         return (kv_pos >= q_pos - window) & (kv_pos <= q_pos + right)
 
     def window_interval(self, q_pos, window, right):
-        return q_pos - window, q_pos + right + 1
+        return q_pos - window, q_pos + (right + 1)
 
 
 @register
