@@ -1,8 +1,6 @@
 """Masks of tokens on a 1-3D grid (images, video): neighborhoods, Swin windows, halos, HiLo."""
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 
 import torch
@@ -44,34 +42,34 @@ def _grid_coords(pos, grid) -> list:
     return out[::-1]
 
 
-def _grid_flat(coords, grid):
-    pos = coords[0]
-    for c, size in zip(coords[1:], grid[1:]):
-        pos = pos * size + c
-    return pos
-
-
 def _grid_intervals(first: list, count: list, grid, step: list) -> list | None:
     """Key intervals of a box of grid tokens: along dimension i the coordinates first[i] + step[i] * j for j in
     range(count[i]), kept where inside [0, grid[i]). Rows of the box along the last dimension are contiguous when
-    its step is 1, so a box costs one interval per row; otherwise one per token. None past MAX_INTERVALS."""
+    its step is 1, so a box costs one interval per row; otherwise one per token. None past MAX_INTERVALS.
+    All rows of the box at once (each dimension of the box on a leading axis), in row-major order of the box."""
     contiguous = step[-1] == 1
     lead = len(grid) - 1 if contiguous else len(grid)
-    if math.prod(count[:lead]) > MAX_INTERVALS:
+    n = math.prod(count[:lead])
+    if n > MAX_INTERVALS:
         return None
-    out = []
-    for offsets in itertools.product(*(range(n) for n in count[:lead])):
-        coords = [first[i] + step[i] * j for i, j in enumerate(offsets)]
-        inside = functools.reduce(torch.logical_and, [(c >= 0) & (c < size) for c, size in zip(coords, grid)],
-                                  torch.ones_like(first[0], dtype=torch.bool))
-        if contiguous:
-            lo = _grid_flat(coords + [first[-1].clamp(min=0)], grid)
-            hi = _grid_flat(coords + [(first[-1] + count[-1]).clamp(max=grid[-1]) - 1], grid) + 1
-        else:
-            lo = _grid_flat(coords, grid)
-            hi = lo + 1
-        out.append((torch.where(inside, lo, 0), torch.where(inside, hi, 0)))
-    return out
+    rows, inside = None, None  # flat position of the box's row start (last dimension excluded when contiguous)
+    for i in range(lead):
+        j = torch.arange(0, count[i] * step[i], step[i], device=first[i].device)
+        c = first[i] + j.view(*(-1 if a == i else 1 for a in range(lead)), *(1,) * first[i].dim())
+        ok = (c >= 0) & (c < grid[i])
+        inside = ok if inside is None else inside & ok
+        rows = c if rows is None else rows * grid[i] + c
+    if contiguous:
+        lo, hi = first[-1].clamp(min=0), (first[-1] + count[-1]).clamp(max=grid[-1])
+        if rows is not None:
+            rows = rows * grid[-1]
+            lo, hi = rows + lo, rows + hi
+    else:
+        lo, hi = rows, rows + 1
+    if inside is not None:  # rows of the box outside the grid: empty intervals
+        lo, hi = lo * inside, hi * inside
+    shape = first[0].shape
+    return list(zip(lo.reshape(n, *shape).unbind(0), hi.reshape(n, *shape).unbind(0)))
 
 
 class _Grid(SoftmaxVariant):
@@ -111,6 +109,8 @@ def _check_grid(variant: str, grid, shapes) -> None:
 def _natten_window(q, length: int, kernel: int, dilation: int, causal: bool):
     """NATTEN's window along one axis for query coordinate q: its dilation group, and the first in-group index
     of its window, which spans [first, first + kernel) in the group's own coordinates (index // dilation)."""
+    if dilation == 1:  # one group, coordinates as they are: the same window in two ops (tables evaluate it per tile)
+        return 0, (q - (kernel - 1) if causal else (q - kernel // 2).clamp(0, length - 1 - 2 * (kernel // 2)))
     group = q % dilation
     qi = q // dilation
     if causal:
@@ -159,8 +159,11 @@ class Neighborhood(_Grid):
         for q, k, (size, kernel, dilation, causal) in zip(_grid_coords(q_pos, grid), _grid_coords(kv_pos, grid),
                                                           self._axes()):
             group, first = _natten_window(q, size, kernel, dilation, causal)
-            ki = k // dilation
-            axis = (k % dilation == group) & (ki >= first) & (ki < first + kernel)
+            if dilation == 1:
+                axis = (k >= first) & (k < first + kernel)
+            else:
+                ki = k // dilation
+                axis = (k % dilation == group) & (ki >= first) & (ki < first + kernel)
             m = axis if m is None else m & axis
         return m
 
@@ -169,7 +172,7 @@ class Neighborhood(_Grid):
         firsts, counts, steps = [], [], []
         for q, (size, kernel, dilation, causal) in zip(_grid_coords(_rows(q_pos), grid), self._axes()):
             group, first = _natten_window(q, size, kernel, dilation, causal)
-            firsts.append(group + dilation * first)  # back to grid coordinates
+            firsts.append(first if dilation == 1 else group + dilation * first)  # back to grid coordinates
             counts.append(kernel)
             steps.append(dilation)
         return _grid_intervals(firsts, counts, grid, steps)
