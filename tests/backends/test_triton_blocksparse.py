@@ -159,11 +159,13 @@ INTERPRETED = textwrap.dedent(r"""
         ("lattice", az.get("dilated_window", window=6, dilation=3), True, 2, 4, 2, 50, 50, 16, 16, {}),
         ("lattice.cross", az.get("dilated_window", window=4, dilation=3, right=2, offsets=[1, 1]), False, 1, 2, 1,
          37, 71, 16, 32, {}),
+        # lengths that 3 divides: all classes in one launch, as a class dimension of (B, 3, H, S / 3, D) views
+        ("lattice.folded", az.get("dilated_window", window=5, dilation=3), True, 2, 4, 2, 48, 48, 16, 16, {}),
     ]
     for tag, attn, causal, b, hq, hkv, sq, sk, d, dv, inputs in cases:
         lattice = bs._lattice(attn, attn.prepare(torch.zeros(b, hq, sq, d), torch.zeros(b, hkv, sk, d),
                                                  torch.zeros(b, hkv, sk, dv), causal, None, inputs))
-        assert (lattice is not None) == tag.startswith("lattice"), tag
+        assert (lattice is not None) == tag.startswith("lattice") and (tag != "lattice.folded" or lattice[1]), tag
     # float16, not bfloat16: the interpreter's dot multiplies numpy arrays, and numpy has no bfloat16
     for dtype in (torch.float32, torch.float16):
         for tag, attn, causal, b, hq, hkv, sq, sk, d, dv, inputs in cases:
@@ -216,6 +218,7 @@ GPU_CASES = [
     ("prefix_lm", {"prefix": 150}, {}), ("document", {}, "docs"), ("block_rag", {}, "blocks"),
     ("dilated_window", {"window": 32, "dilation": 4, "offsets": "cyclic"}, {}),
     ("dilated_window", {"window": 32, "dilation": 3}, {}),  # one lattice: bands on the residue classes
+    ("dilated_window", {"window": 32, "dilation": 4}, {}),  # 4 divides the length: the classes in one launch
     ("neighborhood", {"grid": (20, 25), "kernel_size": 7}, {}), ("neighborhood", {"grid": (500,), "kernel_size": 63}, {}),
 ]
 
@@ -299,16 +302,17 @@ def test_layout_fuzz(case, b, sq, sk, causal, tiles):
 def test_dilated_lattice_classes_encode_the_dense_mask(sq, sk, causal, window, right, dilation, offset, tiles):
     """A dilated window on one lattice runs as bands on strided residue classes: the classes' tables, put back at
     their rows and columns, give exactly the variant's mask (and each key class serves exactly one query class)."""
-    assume(not (causal and sq > sk) and offset < dilation)
-    attn = az.get("dilated_window", window=window, dilation=dilation, right=right, offsets=[offset] * 2)
+    sq = min(sq, sk) if causal else sq
+    attn = az.get("dilated_window", window=window, dilation=dilation, right=right, offsets=[offset % dilation] * 2)
     q, k, v = qkv(1, 2, 1, sq, sk, 8)
     call = attn.prepare(q, k, v, causal, None, {})
     lattice = bs._lattice(attn, call)
     if sq < dilation or sk < dilation:
         assert lattice is None
         return
-    d, parts = lattice
+    d, folded, parts = lattice
     assert d == dilation and sorted(r for _, r, _, _ in parts) == list(range(d))
+    assert folded == (all(a == r for a, r, _, _ in parts) and sq % d == 0 and sk % d == 0)
     got = torch.zeros(1, 2, sq, sk, dtype=torch.bool)
     for a, r, band, sub in parts:
         sub_mask = bs.build_layout(band, sub, *tiles).dense(sub.shapes.sq, sub.shapes.sk, 1, 2)

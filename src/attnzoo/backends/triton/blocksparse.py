@@ -71,7 +71,7 @@ def _interpreting() -> bool:
 if triton is not None:
     _KEYS = ["BD", "BDV", "BM", "BN"]
     # sizes that change between calls: not specialised on (no recompilation, and no autotuning, per length)
-    _RUNTIME = ["sq", "sk", "hq", "hkv", "group", "row_b", "row_h", "nmax"]
+    _RUNTIME = ["sq", "sk", "hq", "hkv", "group", "row_b", "row_h", "nmax", "nc"]
 
     def _configs(kind: str):
         if _interpreting():
@@ -125,14 +125,14 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _kv_tile(k_base, v_base, desc_k, desc_v, b, hk, jn, sk, s_ks, s_vs,
+    def _kv_tile(k_base, v_base, desc_k, desc_v, b, c, hk, jn, sk, s_ks, s_vs,
                  D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                  TMA: tl.constexpr, EDGE: tl.constexpr):
         """K transposed (BD, BN) and V (BN, BDV) of key block `jn`: through the tensor-memory accelerator (whose
         reads past Sk give zeros) or through pointers (masked past Sk where EDGE)."""
         if TMA:
-            k = desc_k.load([b, hk, jn * BN, 0]).reshape(BN, BD).T
-            v = desc_v.load([b, hk, jn * BN, 0]).reshape(BN, BDV)
+            k = desc_k.load([b, c, hk, jn * BN, 0]).reshape(BN, BD).T
+            v = desc_v.load([b, c, hk, jn * BN, 0]).reshape(BN, BDV)
         else:
             kn = jn * BN + tl.arange(0, BN)
             offs_d = tl.arange(0, BD)
@@ -148,43 +148,54 @@ if triton is not None:
         return k, v
 
     @triton.jit
-    def _query_program(Q, K, V, sq, hq, group, row_b, row_h, s_qb, s_qh, s_qs, s_kb, s_kh, s_vb, s_vh,
-                       D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
-        """A (query block, batch x query head) program: its ids, table row, queries and K/V head bases.
+    def _split(bh, heads, nc):
+        """Program axis 1 = (batch, class, head): the ids. Classes are the residue classes of a dilated mask
+        (strided views sharing one table), nc = 1 otherwise."""
+        bc = bh // heads
+        return bc // nc, bc % nc, bh % heads
+
+    @triton.jit
+    def _at(b, c, h, s_b, s_c, s_h):
+        return b.to(tl.int64) * s_b + c.to(tl.int64) * s_c + h * s_h
+
+    @triton.jit
+    def _query_program(Q, K, V, sq, hq, nc, group, row_b, row_h, s_qb, s_qc, s_qh, s_qs, s_kb, s_kc, s_kh, s_vb, s_vc,
+                       s_vh, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+        """A (query block, batch x class x query head) program: its ids, table row, queries and K/V head bases.
         Query blocks run last to first: under causality the longest rows start first."""
         i = tl.num_programs(0) - 1 - tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // hq
-        h = bh % hq
+        b, c, h = _split(bh, hq, nc)
         hk = h // group
         offs_m = i * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, BD)
-        q = tl.load(Q + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :],
+        q = tl.load(Q + _at(b, c, h, s_qb, s_qc, s_qh) + offs_m[:, None] * s_qs + offs_d[None, :],
                     mask=(offs_m[:, None] < sq) & (offs_d[None, :] < D), other=0.0)
-        return (bh, b, h, b * row_b + h * row_h + i, offs_m, q, K + b.to(tl.int64) * s_kb + hk * s_kh,
-                V + b.to(tl.int64) * s_vb + hk * s_vh)
+        return (bh, b, c, h, b * row_b + h * row_h + i, offs_m, q, K + _at(b, c, hk, s_kb, s_kc, s_kh),
+                V + _at(b, c, hk, s_vb, s_vc, s_vh))
 
     @_autotune("fwd")
     @triton.jit(do_not_specialize=_RUNTIME[:3] + _RUNTIME[4:])
     def _fwd(Q, K, V, O, LSE, FN, FI, PN, PI, PT, BITS, desc_k, desc_v,
-             sq, sk, hq, group, qk_scale, row_b, row_h, nmax,
-             s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
+             sq, sk, hq, group, qk_scale, row_b, row_h, nmax, nc,
+             s_qb, s_qc, s_qh, s_qs, s_kb, s_kc, s_kh, s_ks, s_vb, s_vc, s_vh, s_vs, s_ob, s_oc, s_oh, s_os,
              D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr,
              TMA: tl.constexpr, WS: tl.constexpr):
-        bh, b, h, r, offs_m, q, k_base, v_base = _query_program(
-            Q, K, V, sq, hq, group, row_b, row_h, s_qb, s_qh, s_qs, s_kb, s_kh, s_vb, s_vh, D, BD, BM)
+        bh, b, c, h, r, offs_m, q, k_base, v_base = _query_program(
+            Q, K, V, sq, hq, nc, group, row_b, row_h, s_qb, s_qc, s_qh, s_qs, s_kb, s_kc, s_kh, s_vb, s_vc, s_vh,
+            D, BD, BM)
         hk = h // group
         offs_dv = tl.arange(0, BDV)
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, BDV], tl.float32)
         for j in tl.range(tl.load(FN + r), warp_specialize=WS):
-            k, v = _kv_tile(k_base, v_base, desc_k, desc_v, b, hk, tl.load(FI + r * nmax + j), sk, s_ks, s_vs,
+            k, v = _kv_tile(k_base, v_base, desc_k, desc_v, b, c, hk, tl.load(FI + r * nmax + j), sk, s_ks, s_vs,
                             D, DV, BD, BDV, BN, TMA, False)
             acc, m_i, l_i = _online_step(acc, m_i, l_i, tl.dot(q, k, input_precision=PREC), v, qk_scale, False, PREC)
         for j in tl.range(tl.load(PN + r), warp_specialize=WS):
-            k, v = _kv_tile(k_base, v_base, desc_k, desc_v, b, hk, tl.load(PI + r * nmax + j), sk, s_ks, s_vs,
+            k, v = _kv_tile(k_base, v_base, desc_k, desc_v, b, c, hk, tl.load(PI + r * nmax + j), sk, s_ks, s_vs,
                             D, DV, BD, BDV, BN, TMA, True)
             s = tl.where(_tile_allowed(BITS, tl.load(PT + r * nmax + j), BM, BN, W),
                          tl.dot(q, k, input_precision=PREC), float("-inf"))
@@ -194,37 +205,38 @@ if triton is not None:
         m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
         # base-2 log-sum-exp of the scaled scores; +inf on empty rows makes every backward weight 0
         lse = tl.where(empty, float("inf"), m_use + tl.log2(tl.where(empty, 1.0, l_i)))
-        tl.store(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_dv[None, :],
+        tl.store(O + _at(b, c, h, s_ob, s_oc, s_oh) + offs_m[:, None] * s_os + offs_dv[None, :],
                  out.to(O.dtype.element_ty), mask=(offs_m[:, None] < sq) & (offs_dv[None, :] < DV))
         tl.store(LSE + bh.to(tl.int64) * sq + offs_m, lse, mask=offs_m < sq)
 
     @_autotune("bwd")
     @triton.jit(do_not_specialize=_RUNTIME[:3] + _RUNTIME[4:])
     def _bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, FN, FI, PN, PI, PT, BITS, desc_k, desc_v,
-                sq, sk, hq, group, qk_scale, scale, row_b, row_h, nmax,
-                s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
+                sq, sk, hq, group, qk_scale, scale, row_b, row_h, nmax, nc,
+                s_qb, s_qc, s_qh, s_qs, s_kb, s_kc, s_kh, s_ks, s_vb, s_vc, s_vh, s_vs, s_ob, s_oc, s_oh, s_os,
                 D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
         """dQ of one query block; DO and DQ share Q's / O's strides (s_o* for DO)."""
-        bh, b, h, r, offs_m, q, k_base, v_base = _query_program(
-            Q, K, V, sq, hq, group, row_b, row_h, s_qb, s_qh, s_qs, s_kb, s_kh, s_vb, s_vh, D, BD, BM)
+        bh, b, c, h, r, offs_m, q, k_base, v_base = _query_program(
+            Q, K, V, sq, hq, nc, group, row_b, row_h, s_qb, s_qc, s_qh, s_qs, s_kb, s_kc, s_kh, s_vb, s_vc, s_vh,
+            D, BD, BM)
         hk = h // group
         offs_d = tl.arange(0, BD)
         offs_dv = tl.arange(0, BDV)
         rows = offs_m[:, None] < sq
-        do = tl.load(DO + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_dv[None, :],
+        do = tl.load(DO + _at(b, c, h, s_ob, s_oc, s_oh) + offs_m[:, None] * s_os + offs_dv[None, :],
                      mask=rows & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + bh.to(tl.int64) * sq + offs_m, mask=offs_m < sq, other=float("inf"))
         delta = tl.load(DELTA + bh.to(tl.int64) * sq + offs_m, mask=offs_m < sq, other=0.0)
         dq = tl.zeros([BM, BD], tl.float32)
         for j in range(tl.load(FN + r)):
-            kt, v = _kv_tile(k_base, v_base, desc_k, desc_v, b, hk, tl.load(FI + r * nmax + j), sk, s_ks, s_vs,
+            kt, v = _kv_tile(k_base, v_base, desc_k, desc_v, b, c, hk, tl.load(FI + r * nmax + j), sk, s_ks, s_vs,
                              D, DV, BD, BDV, BN, TMA, False)
             p = tl.exp2(tl.dot(q, kt, input_precision=PREC) * qk_scale - lse[:, None])
             ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
             dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PREC)
         for j in range(tl.load(PN + r)):
-            kt, v = _kv_tile(k_base, v_base, desc_k, desc_v, b, hk, tl.load(PI + r * nmax + j), sk, s_ks, s_vs,
+            kt, v = _kv_tile(k_base, v_base, desc_k, desc_v, b, c, hk, tl.load(PI + r * nmax + j), sk, s_ks, s_vs,
                              D, DV, BD, BDV, BN, TMA, True)
             # masked before exp2: a masked score may exceed the row's log-sum-exp by any amount
             st = tl.where(_tile_allowed(BITS, tl.load(PT + r * nmax + j), BM, BN, W),
@@ -232,35 +244,34 @@ if triton is not None:
             p = tl.exp2(st - lse[:, None])
             ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
             dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PREC)
-        tl.store(DQ + b.to(tl.int64) * s_qb + h * s_qh + offs_m[:, None] * s_qs + offs_d[None, :],
+        tl.store(DQ + _at(b, c, h, s_qb, s_qc, s_qh) + offs_m[:, None] * s_qs + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=rows & (offs_d[None, :] < D))
 
-    @triton.jit(do_not_specialize=["sq", "hq"])
-    def _bwd_delta(O, DO, DELTA, sq, hq, s_ob, s_oh, s_os, s_db, s_dh, s_ds,
+    @triton.jit(do_not_specialize=["sq", "hq", "nc"])
+    def _bwd_delta(O, DO, DELTA, sq, hq, nc, s_ob, s_oc, s_oh, s_os, s_db, s_dc, s_dh, s_ds,
                    DV: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr):
         """delta = rowsum(O * dO) in float32 (FlashAttention's preprocessing), no float32 copies of O or dO."""
         bh = tl.program_id(1)
-        b = bh // hq
-        h = bh % hq
+        b, c, h = _split(bh, hq, nc)
         offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
         offs_dv = tl.arange(0, BDV)
         inside = (offs_m[:, None] < sq) & (offs_dv[None, :] < DV)
-        o = tl.load(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_dv[None, :], mask=inside,
+        o = tl.load(O + _at(b, c, h, s_ob, s_oc, s_oh) + offs_m[:, None] * s_os + offs_dv[None, :], mask=inside,
                     other=0.0)
-        do = tl.load(DO + b.to(tl.int64) * s_db + h * s_dh + offs_m[:, None] * s_ds + offs_dv[None, :], mask=inside,
+        do = tl.load(DO + _at(b, c, h, s_db, s_dc, s_dh) + offs_m[:, None] * s_ds + offs_dv[None, :], mask=inside,
                      other=0.0)
         tl.store(DELTA + bh.to(tl.int64) * sq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
                  mask=offs_m < sq)
 
     @triton.jit
-    def _dkdv_tile(k, v, dk, dv, LSE, DELTA, q_base, do_base, desc_q, desc_do, b, h, lh, i, sq,
+    def _dkdv_tile(k, v, dk, dv, LSE, DELTA, q_base, do_base, desc_q, desc_do, b, c, h, lh, i, sq,
                    s_qs, s_os, qk_scale, allowed, MASKED: tl.constexpr,
                    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
                    PREC: tl.constexpr, TMA: tl.constexpr):
         offs_m = i * BM + tl.arange(0, BM)
         if TMA:  # rows past Sq read as zeros
-            qt = desc_q.load([b, h, i * BM, 0]).reshape(BM, BD).T
-            do = desc_do.load([b, h, i * BM, 0]).reshape(BM, BDV)
+            qt = desc_q.load([b, c, h, i * BM, 0]).reshape(BM, BD).T
+            do = desc_do.load([b, c, h, i * BM, 0]).reshape(BM, BDV)
         else:
             offs_d = tl.arange(0, BD)
             offs_dv = tl.arange(0, BDV)
@@ -282,43 +293,41 @@ if triton is not None:
     @_autotune("bwd")
     @triton.jit(do_not_specialize=_RUNTIME)
     def _bwd_dkdv(Q, K, V, DO, DK, DV_, LSE, DELTA, FN, FI, PN, PI, PT, BITS, desc_q, desc_do,
-                  sq, sk, hq, hkv, group, qk_scale, scale, row_b, row_h, nmax,
-                  s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os,
+                  sq, sk, hq, hkv, group, qk_scale, scale, row_b, row_h, nmax, nc,
+                  s_qb, s_qc, s_qh, s_qs, s_kb, s_kc, s_kh, s_ks, s_vb, s_vc, s_vh, s_vs, s_ob, s_oc, s_oh, s_os,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
         """dK, dV of one key block of one KV head, summed over its group's query heads (DK/DV_ share K/V strides)."""
         j = tl.program_id(0)
-        bhk = tl.program_id(1)
-        b = bhk // hkv
-        hk = bhk % hkv
+        b, c, hk = _split(tl.program_id(1), hkv, nc)
         offs_n = j * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, BD)
         offs_dv = tl.arange(0, BDV)
         cols = offs_n[:, None] < sk
-        k = tl.load(K + b.to(tl.int64) * s_kb + hk * s_kh + offs_n[:, None] * s_ks + offs_d[None, :],
+        k = tl.load(K + _at(b, c, hk, s_kb, s_kc, s_kh) + offs_n[:, None] * s_ks + offs_d[None, :],
                     mask=cols & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V + b.to(tl.int64) * s_vb + hk * s_vh + offs_n[:, None] * s_vs + offs_dv[None, :],
+        v = tl.load(V + _at(b, c, hk, s_vb, s_vc, s_vh) + offs_n[:, None] * s_vs + offs_dv[None, :],
                     mask=cols & (offs_dv[None, :] < DV), other=0.0)
         dk = tl.zeros([BN, BD], tl.float32)
         dv = tl.zeros([BN, BDV], tl.float32)
         for g in range(group):
             h = hk * group + g
             r = b * row_b + h * row_h + j
-            q_base = Q + b.to(tl.int64) * s_qb + h * s_qh
-            do_base = DO + b.to(tl.int64) * s_ob + h * s_oh
-            lh = (b * hq + h).to(tl.int64) * sq
+            q_base = Q + _at(b, c, h, s_qb, s_qc, s_qh)
+            do_base = DO + _at(b, c, h, s_ob, s_oc, s_oh)
+            lh = ((b * nc + c) * hq + h).to(tl.int64) * sq
             for t in range(tl.load(FN + r)):
                 i = tl.load(FI + r * nmax + t)
-                dk, dv = _dkdv_tile(k, v, dk, dv, LSE, DELTA, q_base, do_base, desc_q, desc_do, b, h, lh, i, sq, s_qs,
-                                    s_os, qk_scale, None, False, D, DV, BD, BDV, BM, PREC, TMA)
+                dk, dv = _dkdv_tile(k, v, dk, dv, LSE, DELTA, q_base, do_base, desc_q, desc_do, b, c, h, lh, i, sq,
+                                    s_qs, s_os, qk_scale, None, False, D, DV, BD, BDV, BM, PREC, TMA)
             for t in range(tl.load(PN + r)):
                 i = tl.load(PI + r * nmax + t)
                 allowed = _tile_allowed_t(BITS, tl.load(PT + r * nmax + t), BM, BN, W)
-                dk, dv = _dkdv_tile(k, v, dk, dv, LSE, DELTA, q_base, do_base, desc_q, desc_do, b, h, lh, i, sq, s_qs,
-                                    s_os, qk_scale, allowed, True, D, DV, BD, BDV, BM, PREC, TMA)
-        tl.store(DK + b.to(tl.int64) * s_kb + hk * s_kh + offs_n[:, None] * s_ks + offs_d[None, :],
+                dk, dv = _dkdv_tile(k, v, dk, dv, LSE, DELTA, q_base, do_base, desc_q, desc_do, b, c, h, lh, i, sq,
+                                    s_qs, s_os, qk_scale, allowed, True, D, DV, BD, BDV, BM, PREC, TMA)
+        tl.store(DK + _at(b, c, hk, s_kb, s_kc, s_kh) + offs_n[:, None] * s_ks + offs_d[None, :],
                  (dk * scale).to(DK.dtype.element_ty), mask=cols & (offs_d[None, :] < D))
-        tl.store(DV_ + b.to(tl.int64) * s_vb + hk * s_vh + offs_n[:, None] * s_vs + offs_dv[None, :],
+        tl.store(DV_ + _at(b, c, hk, s_vb, s_vc, s_vh) + offs_n[:, None] * s_vs + offs_dv[None, :],
                  dv.to(DV_.dtype.element_ty), mask=cols & (offs_dv[None, :] < DV))
 
 
@@ -335,7 +344,13 @@ def _sizes(q, k, v, lay: Layout) -> dict:
 
 
 def _strides(*ts) -> list[int]:
-    return [s for t in ts for s in t.stride()[:3]]
+    return [s for t in ts for s in t.stride()[:4]]
+
+
+def _five(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) -> (B, 1, H, S, D): the kernels index (batch, class, head, position); the residue classes of a
+    dilated mask are a class dimension of strided views, everything else has one class."""
+    return t.unsqueeze(1) if t.dim() == 4 else t
 
 
 def _last_dim_contiguous(t):
@@ -350,32 +365,36 @@ OPTIONS = {"tma": True, "warp_specialize": False}
 
 
 def _descriptors(x, y, rows: int, sizes: dict):
-    """Tensor descriptors of x's and y's (rows x head dim) boxes, or None where the kernels read through pointers."""
+    """Tensor descriptors of x's and y's (rows x head dim) boxes (5D: batch, class, head, position, dim), or None
+    where the kernels read through pointers."""
     if not (OPTIONS["tma"] and TensorDescriptor is not None and sizes["D"] == sizes["BD"]
             and sizes["DV"] == sizes["BDV"]):
         return None
-    if any(t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:3]) for t in (x, y)):
+    if any(t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:4]) for t in (x, y)):
         return None
-    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]]) for t in (x, y))
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 1, rows, t.shape[-1]]) for t in (x, y))
 
 
 def forward(q, k, v, lay: Layout, scale: float, out: torch.Tensor | None = None):
     """(out (B, Hq, Sq, Dv) in q's dtype, base-2 log-sum-exp float32 (B, Hq, Sq)); the kernels read q, k, v through
     their strides, the last dim contiguous (copied here when it is not), and write `out` (a view, e.g. a slice of a
-    longer output, with its last dim contiguous) when it is given."""
+    longer output, with its last dim contiguous) when it is given. 5D inputs (B, classes, H, S, D) run every class
+    on the same tables in one launch (out, log-sum-exp 5D / 4D)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    b, hq, sq, _ = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    o = torch.empty(b, hq, sq, v.shape[-1], dtype=q.dtype, device=q.device) if out is None else out
-    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(sq, lay.block_m), b * hq)
+    four = q.dim() == 4
+    q5, k5, v5 = (_five(t) for t in (q, k, v))
+    b, nc, hq, sq, _ = q5.shape
+    hkv, sk = k5.shape[2], k5.shape[3]
+    o5 = torch.empty(b, nc, hq, sq, v.shape[-1], dtype=q.dtype, device=q.device) if out is None else _five(out)
+    lse = torch.empty(b, nc, hq, sq, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(sq, lay.block_m), b * nc * hq)
     sizes = _sizes(q, k, v, lay)
-    desc = _descriptors(k, v, lay.block_n, sizes)
-    _fwd[grid](q, k, v, o, lse, lay.full_num, lay.full_idx, lay.part_num, lay.part_idx, lay.part_tile, lay.bits,
-               *(desc or (k, v)), sq, sk, hq, hq // hkv, scale * LOG2E, lay.b_step, lay.h_step,
-               lay.full_idx.shape[1], *_strides(q, k, v, o), **sizes, TMA=desc is not None,
+    desc = _descriptors(k5, v5, lay.block_n, sizes)
+    _fwd[grid](q5, k5, v5, o5, lse, lay.full_num, lay.full_idx, lay.part_num, lay.part_idx, lay.part_tile, lay.bits,
+               *(desc or (k5, v5)), sq, sk, hq, hq // hkv, scale * LOG2E, lay.b_step, lay.h_step,
+               lay.full_idx.shape[1], nc, *_strides(q5, k5, v5, o5), **sizes, TMA=desc is not None,
                WS=OPTIONS["warp_specialize"])
-    return o, lse
+    return (o5.squeeze(1), lse.squeeze(1)) if four else (o5, lse)
 
 
 def _with_grad_buffer(t: torch.Tensor, dtype: torch.dtype):
@@ -393,9 +412,7 @@ def backward(q, k, v, o, lse, do, lay: Layout, lay_kv: Layout, scale: float, gra
              grads: tuple | None = None):
     """(dq, dk, dv): dQ over `lay` (the forward's tiles), dK/dV over `lay_kv`'s transposed lists; in `grad_dtype`
     (default: the inputs'), e.g. float32 for partial gradients that a caller sums before rounding once. `grads`:
-    views to write them into instead, with q's, k's and v's strides."""
-    b, hq, sq, _ = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
+    views to write them into instead, with q's, k's and v's strides. 4D or 5D (classes) as `forward`."""
     if grads is None:
         (q, dq), (k, dk), (v, dv) = (_with_grad_buffer(x, grad_dtype or x.dtype) for x in (q, k, v))
     else:
@@ -403,22 +420,26 @@ def backward(q, k, v, o, lse, do, lay: Layout, lay_kv: Layout, scale: float, gra
         if any(g.stride() != t.stride() for g, t in zip(grads, (q, k, v))):
             raise ValueError("grads must have the strides of q, k and v: the kernels write each with its input's")
     do = do if do.dtype == q.dtype and do.stride(-1) == 1 else do.to(q.dtype).contiguous()  # strides passed
-    delta = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    q5, k5, v5, o5, do5, dq5, dk5, dv5 = (_five(t) for t in (q, k, v, o, do, dq, dk, dv))
+    lse5 = lse.unsqueeze(1) if lse.dim() == 3 else lse
+    b, nc, hq, sq, _ = q5.shape
+    hkv, sk = k5.shape[2], k5.shape[3]
+    delta = torch.empty(b, nc, hq, sq, dtype=torch.float32, device=q.device)
     sizes = _sizes(q, k, v, lay)
-    _bwd_delta[(triton.cdiv(sq, 64), b * hq)](o, do, delta, sq, hq, *o.stride()[:3], *do.stride()[:3],
-                                              DV=sizes["DV"], BDV=sizes["BDV"], BM=64)
-    desc = _descriptors(k, v, lay.block_n, sizes)
-    _bwd_dq[(triton.cdiv(sq, lay.block_m), b * hq)](
-        q, k, v, do, dq, lse, delta, lay.full_num, lay.full_idx, lay.part_num, lay.part_idx, lay.part_tile, lay.bits,
-        *(desc or (k, v)), sq, sk, hq, hq // hkv, scale * LOG2E, scale, lay.b_step, lay.h_step, lay.full_idx.shape[1],
-        *_strides(q, k, v, do), **sizes, TMA=desc is not None)
+    _bwd_delta[(triton.cdiv(sq, 64), b * nc * hq)](o5, do5, delta, sq, hq, nc, *o5.stride()[:4], *do5.stride()[:4],
+                                                   DV=sizes["DV"], BDV=sizes["BDV"], BM=64)
+    desc = _descriptors(k5, v5, lay.block_n, sizes)
+    _bwd_dq[(triton.cdiv(sq, lay.block_m), b * nc * hq)](
+        q5, k5, v5, do5, dq5, lse5, delta, lay.full_num, lay.full_idx, lay.part_num, lay.part_idx, lay.part_tile,
+        lay.bits, *(desc or (k5, v5)), sq, sk, hq, hq // hkv, scale * LOG2E, scale, lay.b_step, lay.h_step,
+        lay.full_idx.shape[1], nc, *_strides(q5, k5, v5, do5), **sizes, TMA=desc is not None)
     sizes = _sizes(q, k, v, lay_kv)
-    desc = _descriptors(q, do, lay_kv.block_m, sizes)
-    _bwd_dkdv[(triton.cdiv(sk, lay_kv.block_n), b * hkv)](
-        q, k, v, do, dk, dv, lse, delta, lay_kv.t_full_num, lay_kv.t_full_idx, lay_kv.t_part_num, lay_kv.t_part_idx,
-        lay_kv.t_part_tile, lay_kv.bits, *(desc or (q, do)), sq, sk, hq, hkv, hq // hkv, scale * LOG2E, scale,
-        lay_kv.t_b_step, lay_kv.t_h_step, lay_kv.t_full_idx.shape[1], *_strides(q, k, v, do), **sizes,
-        TMA=desc is not None)
+    desc = _descriptors(q5, do5, lay_kv.block_m, sizes)
+    _bwd_dkdv[(triton.cdiv(sk, lay_kv.block_n), b * nc * hkv)](
+        q5, k5, v5, do5, dk5, dv5, lse5, delta, lay_kv.t_full_num, lay_kv.t_full_idx, lay_kv.t_part_num,
+        lay_kv.t_part_idx, lay_kv.t_part_tile, lay_kv.bits, *(desc or (q5, do5)), sq, sk, hq, hkv, hq // hkv,
+        scale * LOG2E, scale, lay_kv.t_b_step, lay_kv.t_h_step, lay_kv.t_full_idx.shape[1], nc,
+        *_strides(q5, k5, v5, do5), **sizes, TMA=desc is not None)
     return dq, dk, dv
 
 
@@ -454,9 +475,11 @@ _lattices: dict = {}
 
 
 def _lattice(variant, call: Call):
-    """(d, [(a, r, band, sub-call), ...]) when the variant runs as `dilation` bands on strided subsequences (query
-    indices a, a + d, ... against key indices r, r + d, ...; `DilatedWindow.lattice`), else None. Every key class
-    then belongs to exactly one query class, so each gradient element is written once."""
+    """(d, folded, [(a, r, band, sub-call), ...]) when the variant runs as `dilation` bands on strided subsequences
+    (query indices a, a + d, ... against key indices r, r + d, ...; `DilatedWindow.lattice`), else None. Every key
+    class then belongs to exactly one query class, so each gradient element is written once. `folded`: every class
+    pairs with its own key class (a = r) on lengths that d divides, so all share one band and one launch runs them
+    as a class dimension of (B, d, H, S / d, D) views."""
     lattice = getattr(variant, "lattice", None)
     if lattice is None:
         return None
@@ -468,48 +491,62 @@ def _lattice(variant, call: Call):
             _lattices[key] = None
         else:
             d, classes = got
-            _lattices[key] = d, [(a, r, band, Call(Shapes(s.batch, s.q_heads, s.kv_heads, len(range(a, s.sq, d)),
-                                                          len(range(r, s.sk, d)), s.d, s.dv),
-                                                   call.scale, False, {}, call.device)) for a, r, band in classes]
+            folded = all(a == r for a, r, _ in classes) and s.sq % d == 0 and s.sk % d == 0
+            _lattices[key] = d, folded, [
+                (a, r, band, Call(Shapes(s.batch, s.q_heads, s.kv_heads, len(range(a, s.sq, d)),
+                                         len(range(r, s.sk, d)), s.d, s.dv), call.scale, False, {}, call.device))
+                for a, r, band in classes]
     return _lattices[key]
 
 
-def _lattice_forward(q, k, v, d: int, parts, scale: float):
-    """(output, [log-sum-exp of each class]): one launch per class, writing its rows of one output."""
+def _classes(t: torch.Tensor, d: int) -> torch.Tensor:
+    """(B, H, S, D) -> the view (B, d, H, S / d, D) whose class c holds positions c, c + d, ..."""
+    b, h, n, e = t.shape
+    return t.view(b, h, n // d, d, e).permute(0, 3, 1, 2, 4)
+
+
+def _launches(d: int, folded: bool, parts):
+    """(query-side view, key-side view, band, sub-call) of each launch."""
+    if folded:
+        _, _, band, sub = parts[0]
+        return [(lambda t: _classes(t, d), lambda t: _classes(t, d), band, sub)]
+    return [((lambda t, a=a: t[:, :, a::d]), (lambda t, r=r: t[:, :, r::d]), band, sub) for a, r, band, sub in parts]
+
+
+def _lattice_forward(q, k, v, d: int, folded: bool, parts, scale: float):
+    """(output, [log-sum-exp of each launch]), writing every class's rows of one output."""
     o = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-    lses = [forward(q[:, :, a::d], k[:, :, r::d], v[:, :, r::d], layout_for(band, sub, BLOCK_M, BLOCK_N), scale,
-                    out=o[:, :, a::d])[1] for a, r, band, sub in parts]
+    lses = [forward(qs(q), ks(k), ks(v), layout_for(band, sub, BLOCK_M, BLOCK_N), scale, out=qs(o))[1]
+            for qs, ks, band, sub in _launches(d, folded, parts)]
     return o, lses
 
 
 class LatticeSparse(torch.autograd.Function):
-    """A dilated mask's classes under autograd: `apply(q, k, v, d, parts, scale, variant, call)`."""
+    """A dilated mask's classes under autograd: `apply(q, k, v, d, folded, parts, scale, variant, call)`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, d, parts, scale, variant, call):
-        o, lses = _lattice_forward(q, k, v, d, parts, scale)
+    def forward(ctx, q, k, v, d, folded, parts, scale, variant, call):
+        o, lses = _lattice_forward(q, k, v, d, folded, parts, scale)
         ctx.save_for_backward(q, k, v, o, *lses)
-        ctx.d, ctx.parts, ctx.scale, ctx.variant, ctx.call = d, parts, scale, variant, call
+        ctx.launches, ctx.scale, ctx.variant, ctx.call = _launches(d, folded, parts), scale, variant, call
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, o, *lses = ctx.saved_tensors
-        d = ctx.d
         try:
             (q, dq), (k, dk), (v, dv) = (_with_grad_buffer(x, x.dtype) for x in (q, k, v))
             do = do if do.dtype == q.dtype and do.stride(-1) == 1 else do.to(q.dtype).contiguous()
-            for (a, r, band, sub), lse in zip(ctx.parts, lses):
-                backward(q[:, :, a::d], k[:, :, r::d], v[:, :, r::d], o[:, :, a::d], lse, do[:, :, a::d],
-                         layout_for(band, sub, BLOCK_M, BLOCK_N), layout_for(band, sub, BWD_BLOCK_M, BWD_BLOCK_N),
-                         ctx.scale, grads=(dq[:, :, a::d], dk[:, :, r::d], dv[:, :, r::d]))
+            for (qs, ks, band, sub), lse in zip(ctx.launches, lses):
+                backward(qs(q), ks(k), ks(v), qs(o), lse, qs(do), layout_for(band, sub, BLOCK_M, BLOCK_N),
+                         layout_for(band, sub, BWD_BLOCK_M, BWD_BLOCK_N), ctx.scale, grads=(qs(dq), ks(dk), ks(dv)))
         except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
             _warn_once("backward", err)
             with torch.enable_grad():
                 leaves = [t.detach().requires_grad_(True) for t in ctx.saved_tensors[:3]]
                 dq, dk, dv = torch.autograd.grad(_fallback(ctx.variant, *leaves, ctx.call), leaves, do)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 @dataclass
