@@ -63,24 +63,20 @@ class Layout:
 
 def _lists(flags: torch.Tensor, tile_id: torch.Tensor) -> tuple:
     """Stacked flags bool (2, ..., n) of full and partial tiles, and the tiles' ids (..., n) -> (full_num, full_idx,
-    part_num, part_idx, part_tile) over rows (...): counts int32, then the indices of the set flags, ascending,
-    int32 (..., n), entries past the count 0, and the partial tiles' ids there (past the count: the id at index 0).
-    One prefix sum and one scatter for both kinds, linear in the flags (a sort took milliseconds at 128k tokens)."""
+    part_num, part_idx, part_tile), rows (...) flattened: counts int32 (rows,), then the indices of the set flags,
+    ascending, int32 (rows, n), entries past the count 0, and the partial tiles' ids there (past the count: the id
+    at index 0). One prefix sum and one scatter for both kinds, linear in the flags (a sort took milliseconds at
+    128k tokens)."""
     n = flags.shape[-1]
     rank = flags.cumsum(-1)                                       # 1-based rank of a set flag in its row
-    num = rank[..., -1].to(torch.int32)
+    full_num, part_num = rank[..., -1].to(torch.int32).view(2, -1).unbind(0)
     idx = torch.zeros(*flags.shape[:-1], n + 1, dtype=torch.long, device=flags.device)
     # a set flag goes to column rank (the lists start at column 1), an unset one to column 0, a dump
-    idx.scatter_(-1, torch.where(flags, rank, 0), torch.arange(n, device=flags.device).expand(flags.shape))
+    idx.scatter_(-1, rank * flags, torch.arange(n, device=flags.device).expand(flags.shape))
     idx = idx[..., 1:]
-    part_tile = torch.gather(tile_id, -1, idx[1])
-    idx = idx.to(torch.int32)
-    return num[0], idx[0], num[1], idx[1], part_tile
-
-
-def _flat_rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., n) -> (rows, n), a view where the layout allows one (contiguous results of `_lists`)."""
-    return t.reshape(-1, t.shape[-1])
+    part_tile = torch.gather(tile_id, -1, idx[1]).view(-1, n)
+    full_idx, part_idx = idx.to(torch.int32).view(2, -1, n).unbind(0)
+    return full_num, full_idx, part_num, part_idx, part_tile
 
 
 def tile_lists(full: torch.Tensor, part: torch.Tensor, forward: bool = True, transposed: bool = True) -> tuple:
@@ -89,18 +85,10 @@ def tile_lists(full: torch.Tensor, part: torch.Tensor, forward: bool = True, tra
     Lists not asked for are empty tensors (the forward reads only the first five, dK/dV only the last five)."""
     tile_id = (part.flatten().cumsum(0, dtype=torch.int32) - 1).view(part.shape)
     flags = torch.stack([full, part])
-    none = (torch.empty(0, 1, dtype=torch.int32, device=part.device),) * 5
-    fwd = t = none
-    if forward:
-        full_num, full_idx, part_num, part_idx, part_tile = _lists(flags, tile_id)
-        fwd = (full_num.flatten(), _flat_rows(full_idx), part_num.flatten(), _flat_rows(part_idx),
-               _flat_rows(part_tile))
-    if transposed:
-        t_full_num, t_full_idx, t_part_num, t_part_idx, t_part_tile = _lists(flags.transpose(-1, -2),
-                                                                             tile_id.transpose(-1, -2))
-        t = (t_full_num.flatten(), _flat_rows(t_full_idx), t_part_num.flatten(), _flat_rows(t_part_idx),
-             _flat_rows(t_part_tile))
-    return fwd + t
+    fwd = _lists(flags, tile_id) if forward else None
+    t = _lists(flags.transpose(-1, -2), tile_id.transpose(-1, -2)) if transposed else None
+    none = (torch.empty(0, 1, dtype=torch.int32, device=part.device),) * 5 if fwd is None or t is None else None
+    return (fwd or none) + (t or none)
 
 
 def build_layout(variant: SoftmaxVariant, call: Call, block_m: int, block_n: int) -> Layout:

@@ -51,8 +51,11 @@ class _Window(SoftmaxVariant):
         r = self.config.get("right")
         return self.config["window"] if r is None else r
 
-    def window_mask(self, q_pos, kv_pos, window, right):
-        return (kv_pos >= q_pos - window) & (kv_pos <= q_pos + right)
+    def window_mask(self, call, q_pos, kv_pos, window, right):
+        """Keys in [q - window, q + right]; under causality the right end is the caller's (key <= query, applied
+        by `full_mask`), so it is left out (fewer ops where the kernel tables evaluate the mask on every tile)."""
+        left = kv_pos >= q_pos - window
+        return left if call.causal else left & (kv_pos <= q_pos + right)
 
     def window_interval(self, q_pos, window, right):
         return q_pos - window, q_pos + (right + 1)
@@ -74,7 +77,7 @@ class SlidingWindow(_Window):
     cost = "O(Sq (window + right) D) time: only tiles overlapping the band are computed"
 
     def mask(self, call, b, h, q_pos, kv_pos):
-        return self.window_mask(q_pos, kv_pos, self.config["window"], self._right())
+        return self.window_mask(call, q_pos, kv_pos, self.config["window"], self._right())
 
     def kv_intervals(self, call, q_pos):
         lo, hi = self.window_interval(q_pos, self.config["window"], self._right())

@@ -150,7 +150,7 @@ class MultiScaleWindow(_Window, _PerHead):
     def mask(self, call, b, h, q_pos, kv_pos):
         window = self.head_value(call, h)
         right = window if self.config["right"] is None else self.config["right"]
-        return self.window_mask(q_pos, kv_pos, window, right)
+        return self.window_mask(call, q_pos, kv_pos, window, right)
 
     def kv_intervals(self, call, q_pos):
         window = self.head_rows(call)
