@@ -9,6 +9,7 @@ time (memory O(block x Sk)).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,11 +52,34 @@ def _reduce_rows(t: torch.Tensor, sq: int, q_block: int, how: str, dims: tuple =
     return t.all(dim=-2) if how == "all" else t.any(dim=(*dims, -2))
 
 
-def _key_blocks(nk: int, sk: int, kv_block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """First key and end (exclusive, at most Sk) of every key block."""
-    k0 = torch.arange(0, nk * kv_block, kv_block, device=device)
-    k1 = torch.arange(kv_block, (nk + 1) * kv_block, kv_block, device=device)
-    return k0, (k1.clamp(max=sk) if sk % kv_block else k1)
+def steps(start: int, stop: int, step: int, device: torch.device) -> torch.Tensor:
+    """torch.arange(start, stop, step) on `device`, made once per (arguments, device): block builds ask for the same
+    few index vectors on every call, and on a GPU each arange is a kernel launch. Shared: never modify it."""
+    if torch.compiler.is_compiling():  # a traced value must not outlive its trace
+        return torch.arange(start, stop, step, device=device)
+    return _steps(start, stop, step, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _steps(start: int, stop: int, step: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(start, stop, step, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_key_blocks(nk: int, sk: int, kv_block: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+    """First key, end (exclusive, at most Sk) and width of every key block (made once, as `steps`; never modify)."""
+    k0 = steps(0, nk * kv_block, kv_block, device)
+    k1 = steps(kv_block, (nk + 1) * kv_block, kv_block, device)
+    if sk % kv_block == 0:
+        return k0, k1, kv_block
+    k1 = k1.clamp(max=sk)
+    return k0, k1, k1 - k0
+
+
+def _key_blocks(nk: int, sk: int, kv_block: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+    if torch.compiler.is_compiling():
+        return _cached_key_blocks.__wrapped__(nk, sk, kv_block, device)
+    return _cached_key_blocks(nk, sk, kv_block, device)
 
 
 def from_intervals(
@@ -72,7 +96,7 @@ def from_intervals(
     a comparison holds at most about `max_elements` entries.
     """
     nk = n_blocks(sk, kv_block)
-    k0, k1 = _key_blocks(nk, sk, kv_block, intervals[0][0].device)
+    k0, k1, width = _key_blocks(nk, sk, kv_block, intervals[0][0].device)
     if len(intervals) == 1:
         lo, hi = intervals[0]
     else:
@@ -88,9 +112,10 @@ def from_intervals(
         r1 = min(r0 + rows, sq)
         lo_, hi_ = (lo[..., r0:r1], hi[..., r0:r1]) if rows < sq else (lo, hi)
         lo_, hi_ = lo_.unsqueeze(-1), hi_.unsqueeze(-1)
-        # keys [k0, k1) meet [lo, hi) when max(lo, k0) < min(hi, k1); positions outside [0, Sk) need no clamp
-        touched = torch.maximum(lo_, k0) < torch.minimum(hi_, k1)
-        covered = (lo_ <= k0) & (hi_ >= k1)
+        # the overlap of keys [k0, k1) with [lo, hi) (positions outside [0, Sk) need no clamp): touched when not
+        # empty, covered when it is the whole block
+        overlap = torch.minimum(hi_, k1) - torch.maximum(lo_, k0)
+        touched, covered = overlap > 0, overlap >= width
         any_blocks.append(_reduce_rows(touched, r1 - r0, q_block, "any", dims))
         full_blocks.append(_reduce_rows(covered.any(0) if dims else covered, r1 - r0, q_block, "all"))
     return BlockStructure(q_block, kv_block, sq, sk, _cat_rows(any_blocks), _cat_rows(full_blocks))
@@ -126,7 +151,7 @@ def from_lattice(lo: torch.Tensor, hi: torch.Tensor, residue: torch.Tensor, step
     lies before the overlap's end; with step > 1 no tile is full. Rows are processed `rows_at_once` at a time.
     """
     nk = n_blocks(sk, kv_block)
-    k0, k1 = _key_blocks(nk, sk, kv_block, lo.device)
+    k0, k1, _ = _key_blocks(nk, sk, kv_block, lo.device)
     lo, hi, residue = torch.broadcast_tensors(lo, hi, residue)
     rows_at_once -= rows_at_once % q_block
     any_blocks, full_blocks = [], []

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.blocks import steps
 from ...core.variant import Call, SoftmaxVariant
 from ..reuse import InputsKey
 
@@ -72,7 +73,7 @@ def _lists(flags: torch.Tensor, tile_id: torch.Tensor) -> tuple:
     full_num, part_num = rank[..., -1].to(torch.int32).view(2, -1).unbind(0)
     idx = torch.zeros(*flags.shape[:-1], n + 1, dtype=torch.long, device=flags.device)
     # a set flag goes to column rank (the lists start at column 1), an unset one to column 0, a dump
-    idx.scatter_(-1, rank * flags, torch.arange(n, device=flags.device).expand(flags.shape))
+    idx.scatter_(-1, rank * flags, steps(0, n, 1, flags.device).expand(flags.shape))
     idx = idx[..., 1:]
     part_tile = torch.gather(tile_id, -1, idx[1]).view(-1, n)
     full_idx, part_idx = idx.to(torch.int32).view(2, -1, n).unbind(0)
@@ -126,8 +127,8 @@ def _tile_bits(variant, call: Call, part: torch.Tensor, block_m: int, block_n: i
     coords = part.nonzero()  # (tiles, 4): b', h', i, j in tile-id order (the one device sync of a build)
     tiles = coords.shape[0]
     out = torch.empty(tiles, block_m, block_n // 32, dtype=torch.int32, device=dev) if tiles > MASK_CHUNK else None
-    rows = torch.arange(s.offset, s.offset + block_m, device=dev).view(1, -1, 1)  # query positions of tile row 0
-    cols = torch.arange(block_n, device=dev).view(1, 1, -1)
+    rows = steps(s.offset, s.offset + block_m, 1, dev).view(1, -1, 1)  # query positions of tile row 0
+    cols = steps(0, block_n, 1, dev).view(1, 1, -1)
     for c0 in range(0, max(tiles, 1), MASK_CHUNK):
         b, h, i, j = coords[c0:c0 + MASK_CHUNK].view(-1, 4, 1, 1).unbind(1)
         q_pos, kv_pos = torch.add(rows, i, alpha=block_m), torch.add(cols, j, alpha=block_n)
