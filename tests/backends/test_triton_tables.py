@@ -128,6 +128,27 @@ def test_build_equals_the_plain_build(name, params, inputs, heads, patterns):
                 assert torch.equal(got, value), (field, causal, sq, sk, tiles)
 
 
+@pytest.mark.parametrize("ids", [_ids(2, 301, (23, 160, 161)), _ids(2, 301, (140,)) % 2 * torch.arange(301).lt(250)],
+                         ids=["sorted", "unsorted"])
+def test_document_as_on_a_gpu(monkeypatch, ids):
+    """Where reading the ids would cost a device sync, documents take another path (unsorted rows: every key a
+    candidate, no tile full): forced here on the CPU, the tables still encode the mask and equal the plain build."""
+    from attnzoo.variants.masks import local
+
+    monkeypatch.setattr(local, "host_readable", lambda device: False)
+    attn = az.get("document")
+    for causal, sq in [(True, 301), (False, 131)]:
+        given = {"document_ids": ids, "q_document_ids": ids[:, -sq:].clone()}
+        q, k, v = qkv(2, 2, 1, sq, 301, 8)
+        call = attn.prepare(q, k, v, causal, None, dict(given))
+        for tiles in TILES[:2]:
+            lay = bs.build_layout(attn, call, *tiles)
+            want = plain_layout(attn, call, given, *tiles)
+            assert all(torch.equal(getattr(lay, f), want[f]) for f in FIELDS), (causal, sq, tiles)
+            dense = attn.dense_mask(sq, 301, causal=causal, heads=2, kv_heads=1, batch=2, **given)
+            assert torch.equal(lay.dense(sq, 301, 2, 2), dense.expand(2, 2, sq, 301)), (causal, sq, tiles)
+
+
 def _plain_from_intervals(intervals, sq, sk, q_block, kv_block):
     """core.blocks.from_intervals as defined: per row, a tile is touched by an interval overlapping it and full
     when one interval covers it; reduced over each query block's rows (any / all, rows past Sq left out)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...core import blocks as _blocks
 from ...core.info import ALL_PATTERNS, Input, Paper, Param, nonneg_int
 from ...core.registry import register
 from ...core.compose import or_masks
@@ -151,7 +152,8 @@ class Document(SoftmaxVariant):
     def mask(self, call, b, h, q_pos, kv_pos):
         qd = call.inputs["q_document_ids"]
         kd = call.inputs["document_ids"]
-        return qd[b, q_pos - call.shapes.offset] == kd[b, kv_pos]
+        off = call.shapes.offset
+        return qd[b, q_pos - off if off else q_pos] == kd[b, kv_pos]
 
     # Sorted ids make each document one run of keys, found by binary search. Unsorted ids (a document in
     # several runs) on CPU fall back to evaluating the mask (exact tiles); on other devices asking would
@@ -163,22 +165,29 @@ class Document(SoftmaxVariant):
         return (kd[:, 1:] >= kd[:, :-1]).all(dim=1)
 
     def kv_intervals(self, call, q_pos):
-        kd = call.inputs["document_ids"]
         in_order = self._sorted(call)
-        if host_readable(kd.device) and not bool(in_order.all()):
+        if host_readable(in_order.device) and not bool(in_order.all()):
             return None
+        return self._runs(call, in_order)
+
+    def _runs(self, call, in_order: torch.Tensor) -> list:
+        """Each query's run of keys of its document (all keys in a row whose ids are not sorted)."""
         qd = call.inputs["q_document_ids"].contiguous()
-        kd = kd.contiguous()
+        kd = call.inputs["document_ids"].contiguous()
         lo = torch.searchsorted(kd, qd, right=False)
         hi = torch.searchsorted(kd, qd, right=True)
         in_order = in_order.view(-1, 1)
-        lo, hi = torch.where(in_order, lo, 0), torch.where(in_order, hi, kd.shape[1])
+        lo, hi = lo * in_order, torch.where(in_order, hi, kd.shape[1])
         return [(lo.unsqueeze(1), hi.unsqueeze(1))]
 
     def block_structure(self, call, q_block, kv_block):
-        struct = super().block_structure(call, q_block, kv_block)
-        if not host_readable(call.device):
-            struct.full = struct.full & self._sorted(call).view(-1, 1, 1, 1)
+        if host_readable(call.device):
+            return super().block_structure(call, q_block, kv_block)
+        in_order = self._sorted(call)  # read once for the intervals and the full tiles
+        s = call.shapes
+        end = s.query_positions(device=call.device).view(1, 1, -1) + 1 if call.causal else None
+        struct = _blocks.from_intervals(self._runs(call, in_order), s.sq, s.sk, q_block, kv_block, end)
+        struct.full = struct.full & in_order.view(-1, 1, 1, 1)
         return struct
 
 
@@ -203,8 +212,10 @@ class PrefixLM(SoftmaxVariant):
 
     def kv_intervals(self, call, q_pos):
         p = call.inputs.get("prefix_lengths")
-        p = torch.full((1,), self.config["prefix"], device=q_pos.device) if p is None else p  # no host copy
-        hi = torch.maximum(p.view(-1, 1), q_pos.view(1, -1) + 1)
+        if p is None:
+            hi = (q_pos + 1).clamp(min=self.config["prefix"]).view(1, -1)
+        else:  # per-sequence lengths stay on the device: no host copy
+            hi = torch.maximum(p.view(-1, 1), q_pos.view(1, -1) + 1)
         return [(torch.zeros_like(hi).unsqueeze(1), hi.unsqueeze(1))]
 
 
