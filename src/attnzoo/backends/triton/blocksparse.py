@@ -128,11 +128,15 @@ if triton is not None:
     def _kv_tile(k_base, v_base, desc_k, desc_v, b, c, hk, jn, sk, s_ks, s_vs,
                  D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                  TMA: tl.constexpr, EDGE: tl.constexpr):
-        """K transposed (BD, BN) and V (BN, BDV) of key block `jn`: through the tensor-memory accelerator (whose
-        reads past Sk give zeros) or through pointers (masked past Sk where EDGE)."""
-        if TMA:
+        """K transposed (BD, BN) and V (BN, BDV) of key block `jn`: through the tensor-memory accelerator (TMA = the
+        descriptors' rank, 5 with classes; reads past Sk give zeros) or through pointers (TMA = 0; masked past Sk
+        where EDGE)."""
+        if TMA == 5:
             k = desc_k.load([b, c, hk, jn * BN, 0]).reshape(BN, BD).T
             v = desc_v.load([b, c, hk, jn * BN, 0]).reshape(BN, BDV)
+        elif TMA == 4:
+            k = desc_k.load([b, hk, jn * BN, 0]).reshape(BN, BD).T
+            v = desc_v.load([b, hk, jn * BN, 0]).reshape(BN, BDV)
         else:
             kn = jn * BN + tl.arange(0, BN)
             offs_d = tl.arange(0, BD)
@@ -269,9 +273,12 @@ if triton is not None:
                    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
                    PREC: tl.constexpr, TMA: tl.constexpr):
         offs_m = i * BM + tl.arange(0, BM)
-        if TMA:  # rows past Sq read as zeros
+        if TMA == 5:  # rows past Sq read as zeros
             qt = desc_q.load([b, c, h, i * BM, 0]).reshape(BM, BD).T
             do = desc_do.load([b, c, h, i * BM, 0]).reshape(BM, BDV)
+        elif TMA == 4:
+            qt = desc_q.load([b, h, i * BM, 0]).reshape(BM, BD).T
+            do = desc_do.load([b, h, i * BM, 0]).reshape(BM, BDV)
         else:
             offs_d = tl.arange(0, BD)
             offs_dv = tl.arange(0, BDV)
@@ -357,22 +364,28 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# How the kernels read the tiles they walk (K, V in the forward and dQ; Q, dO in dK/dV): "tma" through tensor
-# descriptors (Hopper's copy engine) where the shapes allow it (head dims powers of two, 16-byte aligned strides),
-# else through pointers; "warp_specialize" splits each forward program into producer and consumer warps (Triton 3.6
-# fails to compile it for these loops on Hopper). Set by benchmarks/gpu_structured.py's sweep.
-OPTIONS = {"tma": True, "warp_specialize": False}
+# How the kernels read the tiles they walk (K, V in the forward and dQ; Q, dO in dK/dV): through tensor descriptors
+# (Hopper's copy engine) where "tma" is on, the head dims are powers of two, the strides 16-byte aligned and the call
+# has at least "tma_min_rows" (batch x class x head x query) rows, else through pointers. On the H200 descriptors
+# made the forward ~10% faster at (4, 16, 8192, 128) but cost ~40 us more host time per launch, which small calls
+# feel. "warp_specialize" splits each forward program into producer and consumer warps (Triton 3.6 fails to compile
+# it for these loops on Hopper). Set by benchmarks/gpu_structured.py's sweep.
+OPTIONS = {"tma": True, "tma_min_rows": 2**19, "warp_specialize": False}
 
 
-def _descriptors(x, y, rows: int, sizes: dict):
-    """Tensor descriptors of x's and y's (rows x head dim) boxes (5D: batch, class, head, position, dim), or None
-    where the kernels read through pointers."""
+def _descriptors(x, y, rows: int, sizes: dict, calls_rows: int):
+    """(TMA, descriptors): tensor descriptors of x's and y's (rows x head dim) boxes and their rank (4, or 5 with a
+    class dimension), or (0, (x, y)) where the kernels read through pointers."""
     if not (OPTIONS["tma"] and TensorDescriptor is not None and sizes["D"] == sizes["BD"]
-            and sizes["DV"] == sizes["BDV"]):
-        return None
-    if any(t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:4]) for t in (x, y)):
-        return None
-    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 1, rows, t.shape[-1]]) for t in (x, y))
+            and sizes["DV"] == sizes["BDV"] and calls_rows >= OPTIONS["tma_min_rows"]):
+        return 0, (x, y)
+    if x.dim() == 5 and x.shape[1] == 1:  # one class: the plain 4D views
+        x, y = x.squeeze(1), y.squeeze(1)
+    if any(t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]) for t in (x, y)):
+        return 0, (x, y)
+    box = [1] * (x.dim() - 2)
+    return x.dim(), tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), box + [rows, t.shape[-1]])
+                          for t in (x, y))
 
 
 def forward(q, k, v, lay: Layout, scale: float, out: torch.Tensor | None = None):
@@ -389,10 +402,10 @@ def forward(q, k, v, lay: Layout, scale: float, out: torch.Tensor | None = None)
     lse = torch.empty(b, nc, hq, sq, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(sq, lay.block_m), b * nc * hq)
     sizes = _sizes(q, k, v, lay)
-    desc = _descriptors(k5, v5, lay.block_n, sizes)
+    tma, desc = _descriptors(k5, v5, lay.block_n, sizes, b * nc * hq * sq)
     _fwd[grid](q5, k5, v5, o5, lse, lay.full_num, lay.full_idx, lay.part_num, lay.part_idx, lay.part_tile, lay.bits,
-               *(desc or (k5, v5)), sq, sk, hq, hq // hkv, scale * LOG2E, lay.b_step, lay.h_step,
-               lay.full_idx.shape[1], nc, *_strides(q5, k5, v5, o5), **sizes, TMA=desc is not None,
+               *desc, sq, sk, hq, hq // hkv, scale * LOG2E, lay.b_step, lay.h_step,
+               lay.full_idx.shape[1], nc, *_strides(q5, k5, v5, o5), **sizes, TMA=tma,
                WS=OPTIONS["warp_specialize"])
     return (o5.squeeze(1), lse.squeeze(1)) if four else (o5, lse)
 
@@ -428,18 +441,18 @@ def backward(q, k, v, o, lse, do, lay: Layout, lay_kv: Layout, scale: float, gra
     sizes = _sizes(q, k, v, lay)
     _bwd_delta[(triton.cdiv(sq, 64), b * nc * hq)](o5, do5, delta, sq, hq, nc, *o5.stride()[:4], *do5.stride()[:4],
                                                    DV=sizes["DV"], BDV=sizes["BDV"], BM=64)
-    desc = _descriptors(k5, v5, lay.block_n, sizes)
+    tma, desc = _descriptors(k5, v5, lay.block_n, sizes, b * nc * hq * sq)
     _bwd_dq[(triton.cdiv(sq, lay.block_m), b * nc * hq)](
         q5, k5, v5, do5, dq5, lse5, delta, lay.full_num, lay.full_idx, lay.part_num, lay.part_idx, lay.part_tile,
-        lay.bits, *(desc or (k5, v5)), sq, sk, hq, hq // hkv, scale * LOG2E, scale, lay.b_step, lay.h_step,
-        lay.full_idx.shape[1], nc, *_strides(q5, k5, v5, do5), **sizes, TMA=desc is not None)
+        lay.bits, *desc, sq, sk, hq, hq // hkv, scale * LOG2E, scale, lay.b_step, lay.h_step,
+        lay.full_idx.shape[1], nc, *_strides(q5, k5, v5, do5), **sizes, TMA=tma)
     sizes = _sizes(q, k, v, lay_kv)
-    desc = _descriptors(q5, do5, lay_kv.block_m, sizes)
+    tma, desc = _descriptors(q5, do5, lay_kv.block_m, sizes, b * nc * hq * sq)
     _bwd_dkdv[(triton.cdiv(sk, lay_kv.block_n), b * nc * hkv)](
         q5, k5, v5, do5, dk5, dv5, lse5, delta, lay_kv.t_full_num, lay_kv.t_full_idx, lay_kv.t_part_num,
-        lay_kv.t_part_idx, lay_kv.t_part_tile, lay_kv.bits, *(desc or (q5, do5)), sq, sk, hq, hkv, hq // hkv,
+        lay_kv.t_part_idx, lay_kv.t_part_tile, lay_kv.bits, *desc, sq, sk, hq, hkv, hq // hkv,
         scale * LOG2E, scale, lay_kv.t_b_step, lay_kv.t_h_step, lay_kv.t_full_idx.shape[1], nc,
-        *_strides(q5, k5, v5, do5), **sizes, TMA=desc is not None)
+        *_strides(q5, k5, v5, do5), **sizes, TMA=tma)
     return dq, dk, dv
 
 
