@@ -128,6 +128,21 @@ def test_build_equals_the_plain_build(name, params, inputs, heads, patterns):
                 assert torch.equal(got, value), (field, causal, sq, sk, tiles)
 
 
+def test_masks_evaluated_in_chunks(monkeypatch):
+    """Partial tiles past the chunk size (here 3 tiles a chunk) are evaluated a chunk at a time: same tables."""
+    from attnzoo.backends.triton import tables
+
+    monkeypatch.setattr(tables, "MASK_ELEMENTS", 3 * 32 * 32)
+    for name, params, inputs, heads, patterns in (CASES[4], CASES[8], CASES[15]):  # document, dilated, 2d
+        attn = az.get(name, **params)
+        causal, sq, sk = patterns[-1]
+        given = inputs(2, sq, sk)
+        q, k, v = qkv(2, *heads, sq, sk, 8)
+        call = attn.prepare(q, k, v, causal, None, dict(given))
+        lay, want = bs.build_layout(attn, call, 32, 32), plain_layout(attn, call, given, 32, 32)
+        assert lay.bits.shape[0] > 3 and all(torch.equal(getattr(lay, f), want[f]) for f in FIELDS), name
+
+
 @pytest.mark.parametrize("ids", [_ids(2, 301, (23, 160, 161)), _ids(2, 301, (140,)) % 2 * torch.arange(301).lt(250)],
                          ids=["sorted", "unsorted"])
 def test_document_as_on_a_gpu(monkeypatch, ids):

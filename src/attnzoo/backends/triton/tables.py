@@ -13,7 +13,7 @@ from ...core.blocks import steps
 from ...core.variant import Call, SoftmaxVariant
 from ..reuse import InputsKey
 
-MASK_CHUNK = 2048  # partial tiles whose mask is evaluated at once (2048 x 128 x 64 bools = 16 MiB)
+MASK_ELEMENTS = 1 << 26  # mask entries of the partial tiles evaluated at once (64 Mi bools, 256 MiB as int32 words)
 
 
 # ---- layout: the block structure as kernel tables ------------------------------------------------------------------
@@ -126,11 +126,12 @@ def _tile_bits(variant, call: Call, part: torch.Tensor, block_m: int, block_n: i
     dev = part.device
     coords = part.nonzero()  # (tiles, 4): b', h', i, j in tile-id order (the one device sync of a build)
     tiles = coords.shape[0]
-    out = torch.empty(tiles, block_m, block_n // 32, dtype=torch.int32, device=dev) if tiles > MASK_CHUNK else None
+    chunk = max(1, MASK_ELEMENTS // (block_m * block_n))
+    out = torch.empty(tiles, block_m, block_n // 32, dtype=torch.int32, device=dev) if tiles > chunk else None
     rows = steps(s.offset, s.offset + block_m, 1, dev).view(1, -1, 1)  # query positions of tile row 0
     cols = steps(0, block_n, 1, dev).view(1, 1, -1)
-    for c0 in range(0, max(tiles, 1), MASK_CHUNK):
-        b, h, i, j = coords[c0:c0 + MASK_CHUNK].view(-1, 4, 1, 1).unbind(1)
+    for c0 in range(0, max(tiles, 1), chunk):
+        b, h, i, j = (coords[c0:c0 + chunk] if out is not None else coords).view(-1, 4, 1, 1).unbind(1)
         q_pos, kv_pos = torch.add(rows, i, alpha=block_m), torch.add(cols, j, alpha=block_n)
         # past the ends: clamped, so variants that index per-call inputs by position stay inside them, then masked
         inside = None
@@ -145,7 +146,7 @@ def _tile_bits(variant, call: Call, part: torch.Tensor, block_m: int, block_n: i
         if m is None:
             m = torch.ones(1, 1, 1, dtype=torch.bool, device=dev)
         shape = (i.shape[0], block_m, block_n)
-        bits = _pack_bits(m.expand(shape), None if out is None else out[c0:c0 + MASK_CHUNK])
+        bits = _pack_bits(m.expand(shape), None if out is None else out[c0:c0 + chunk])
         if out is None:
             return bits
     return out

@@ -36,9 +36,10 @@ def _per_dim(name: str, default, doc: str, minimum: int, odd: bool = False) -> P
 def _grid_coords(pos, grid) -> list:
     """Row-major grid coordinates of flat positions (last dimension fastest)."""
     out = []
-    for size in reversed(grid):
+    for size in reversed(grid[1:]):
         out.append(pos % size)
         pos = pos // size
+    out.append(pos % grid[0])
     return out[::-1]
 
 
