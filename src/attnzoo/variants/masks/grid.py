@@ -6,6 +6,7 @@ import math
 import torch
 
 from ...core.info import CAUSAL_SELF, NONCAUSAL_SELF, Paper, Param, positive_int
+from ...core.blocks import steps
 from ...core.dispatch import run
 from ...core.registry import register
 from ...core.variant import Call, SoftmaxVariant, Variant
@@ -43,32 +44,36 @@ def _grid_coords(pos, grid) -> list:
     return out[::-1]
 
 
-def _grid_intervals(first: list, count: list, grid, step: list) -> list | None:
+def _grid_intervals(first: list, count: list, grid, step: list, inside: bool = False) -> list | None:
     """Key intervals of a box of grid tokens: along dimension i the coordinates first[i] + step[i] * j for j in
     range(count[i]), kept where inside [0, grid[i]). Rows of the box along the last dimension are contiguous when
     its step is 1, so a box costs one interval per row; otherwise one per token. None past MAX_INTERVALS.
-    All rows of the box at once (each dimension of the box on a leading axis), in row-major order of the box."""
+    All rows of the box at once (each dimension of the box on a leading axis), in row-major order of the box.
+    `inside`: the caller knows every box lies inside the grid (nothing to cut)."""
     contiguous = step[-1] == 1
     lead = len(grid) - 1 if contiguous else len(grid)
     n = math.prod(count[:lead])
     if n > MAX_INTERVALS:
         return None
-    rows, inside = None, None  # flat position of the box's row start (last dimension excluded when contiguous)
+    rows, kept = None, None  # flat position of the box's row start (last dimension excluded when contiguous)
     for i in range(lead):
-        j = torch.arange(0, count[i] * step[i], step[i], device=first[i].device)
+        j = steps(0, count[i] * step[i], step[i], first[i].device)
         c = first[i] + j.view(*(-1 if a == i else 1 for a in range(lead)), *(1,) * first[i].dim())
-        ok = (c >= 0) & (c < grid[i])
-        inside = ok if inside is None else inside & ok
+        if not inside:
+            ok = (c >= 0) & (c < grid[i])
+            kept = ok if kept is None else kept & ok
         rows = c if rows is None else rows * grid[i] + c
     if contiguous:
-        lo, hi = first[-1].clamp(min=0), (first[-1] + count[-1]).clamp(max=grid[-1])
+        lo, hi = first[-1], first[-1] + count[-1]
+        if not inside:
+            lo, hi = lo.clamp(min=0), hi.clamp(max=grid[-1])
         if rows is not None:
             rows = rows * grid[-1]
             lo, hi = rows + lo, rows + hi
     else:
         lo, hi = rows, rows + 1
-    if inside is not None:  # rows of the box outside the grid: empty intervals
-        lo, hi = lo * inside, hi * inside
+    if kept is not None:  # rows of the box outside the grid: empty intervals
+        lo, hi = lo * kept, hi * kept
     shape = first[0].shape
     return list(zip(lo.reshape(n, *shape).unbind(0), hi.reshape(n, *shape).unbind(0)))
 
@@ -170,13 +175,14 @@ class Neighborhood(_Grid):
 
     def kv_intervals(self, call, q_pos):
         grid = self.config["grid"]
-        firsts, counts, steps = [], [], []
+        firsts, counts, dilations = [], [], []
         for q, (size, kernel, dilation, causal) in zip(_grid_coords(_rows(q_pos), grid), self._axes()):
             group, first = _natten_window(q, size, kernel, dilation, causal)
             firsts.append(first if dilation == 1 else group + dilation * first)  # back to grid coordinates
             counts.append(kernel)
-            steps.append(dilation)
-        return _grid_intervals(firsts, counts, grid, steps)
+            dilations.append(dilation)
+        # windows of non-causal axes are shifted inward: inside the grid
+        return _grid_intervals(firsts, counts, grid, dilations, inside=not any(self.dims("is_causal")))
 
 
 @register
