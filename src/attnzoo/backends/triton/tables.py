@@ -84,8 +84,13 @@ def tile_lists(full: torch.Tensor, part: torch.Tensor, forward: bool = True, tra
     """Full and partial tiles, bool (B', H', nq, nk) -> the Layout's lists, forward (rows: query blocks) then
     transposed (rows: key blocks); partial tiles are numbered in row-major order (the order of `part.nonzero()`).
     Lists not asked for are empty tensors (the forward reads only the first five, dK/dV only the last five)."""
+    return _tile_lists(torch.stack([full, part]), forward, transposed)
+
+
+def _tile_lists(flags: torch.Tensor, forward: bool = True, transposed: bool = True) -> tuple:
+    """`tile_lists` of the full and partial tiles stacked, bool (2, B', H', nq, nk)."""
+    part = flags[1]
     tile_id = (part.flatten().cumsum(0, dtype=torch.int32) - 1).view(part.shape)
-    flags = torch.stack([full, part])
     fwd = _lists(flags, tile_id) if forward else None
     t = _lists(flags.transpose(-1, -2), tile_id.transpose(-1, -2)) if transposed else None
     none = (torch.empty(0, 1, dtype=torch.int32, device=part.device),) * 5 if fwd is None or t is None else None
@@ -93,16 +98,17 @@ def tile_lists(full: torch.Tensor, part: torch.Tensor, forward: bool = True, tra
 
 
 def build_layout(variant: SoftmaxVariant, call: Call, block_m: int, block_n: int) -> Layout:
+    """The call's tables for block_m x block_n tiles, from the variant's block structure and its mask on the partial
+    tiles: a fixed number of torch ops (about 40, each a launch on a GPU) and one device sync, whatever the variant."""
     s = call.shapes
     struct = variant.block_structure(call, block_m, block_n)
-    bp, hp, nq, nk = struct.any.shape
-    any_ = struct.any
-    full = struct.full & any_
+    flags = torch.stack(torch.broadcast_tensors(struct.full, struct.any))  # a full tile also has `any` set
+    bp, hp, nq, nk = flags.shape[1:]
     if s.sk % block_n:  # the kernel loads whole key tiles: a ragged last tile is masked by its bits
-        full[..., -1] = False
-    part = any_ ^ full
-    lists = tile_lists(full, part)
-    return Layout(block_m, block_n, *lists[:5], _tile_bits(variant, call, part, block_m, block_n), *lists[5:],
+        flags[0, ..., -1] = False
+    flags[1] ^= flags[0]  # partial: any entry, not full
+    lists = _tile_lists(flags)
+    return Layout(block_m, block_n, *lists[:5], _tile_bits(variant, call, flags[1], block_m, block_n), *lists[5:],
                   hp * nq if bp > 1 else 0, nq if hp > 1 else 0, hp * nk if bp > 1 else 0, nk if hp > 1 else 0)
 
 
