@@ -99,7 +99,7 @@ def _tile_lists(flags: torch.Tensor, forward: bool = True, transposed: bool = Tr
 
 def build_layout(variant: SoftmaxVariant, call: Call, block_m: int, block_n: int) -> Layout:
     """The call's tables for block_m x block_n tiles, from the variant's block structure and its mask on the partial
-    tiles: a fixed number of torch ops (about 40, each a launch on a GPU) and one device sync, whatever the variant."""
+    tiles: a fixed number of torch ops (40-70, each a launch on a GPU) and one device sync, whatever the variant."""
     s = call.shapes
     struct = variant.block_structure(call, block_m, block_n)
     flags = torch.stack(torch.broadcast_tensors(struct.full, struct.any))  # a full tile also has `any` set
