@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from collections import Counter
@@ -28,11 +27,13 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_structured import variants  # noqa: E402  (the rows, parameters and mask_mods of the GPU benchmark)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the rows, parameters and mask_mods of the GPU run:
+from gpu_structured import variants
 
-import attnzoo as az  # noqa: E402
-from attnzoo.backends.triton import blocksparse as bs  # noqa: E402
+import attnzoo as az
+from attnzoo.backends.triton import blocksparse as bs
+from attnzoo.bench.decode import time_steps
+from attnzoo.bench.speed import sync
 
 SHAPES = [(4, 16, 8192), (8, 16, 2048)]
 
@@ -54,28 +55,17 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(fn, device, repeats: int) -> dict:
     """Median ms of `repeats` warm runs, the non-view ops and the views one run dispatches (the most frequent
     non-view ops listed)."""
     fn()
-    _sync(device)
+    sync(device)
     counter = OpCounter()
     with counter:
         fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "ops": sum(counter.ops.values()), "views": counter.views,
+    sync(device)
+    median_ms = time_steps(fn, repeats, device, warmup=1)["median_us"] / 1e3
+    return {"ms": median_ms, "ops": sum(counter.ops.values()), "views": counter.views,
             "top_ops": dict(counter.ops.most_common(8))}
 
 
