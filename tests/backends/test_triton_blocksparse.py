@@ -271,7 +271,16 @@ def test_auto_takes_the_kernels_only_where_measured_faster(monkeypatch):
     monkeypatch.setattr(speed, "MEASURED", {key: (1.3, 1.2)})
     assert speed.auto_why_not(attn, call, q) is None
     monkeypatch.setattr(speed, "MEASURED", {key: (1.3, 0.9)})
-    assert "0.90x (fwd+bwd)" in speed.auto_why_not(attn, call, q)
+    assert speed.auto_why_not(attn, call, q) is None  # no gradients recorded: the forward's ratio applies
+    assert "0.90x (fwd+bwd)" in speed.auto_why_not(attn, call, q.requires_grad_())
+    monkeypatch.setattr(speed, "MEASURED", {key: (1.0, 1.2)})
+    assert "1.00x (fwd)" in speed.auto_why_not(attn, call, q.detach())
+    cyclic = az.get("dilated_window", window=32, dilation=4, offsets="cyclic")
+    c_call = cyclic.prepare(q.detach(), q.detach(), q.detach(), True, None, {})
+    assert speed.shape_class(cyclic, c_call, q)[0] == "dilated_window_per_head"
+    plain = az.get("dilated_window", window=32, dilation=4)
+    assert speed.shape_class(plain, plain.prepare(q.detach(), q.detach(), q.detach(), True, None, {}), q)[0] == \
+        "dilated_window"
     monkeypatch.setattr(speed, "MEASURED", {})
     assert "not measured" in speed.auto_why_not(attn, call, q)
 

@@ -245,7 +245,7 @@ class TritonKernel:
         from ..triton import blocksparse as bs
 
         if t.fwd is None:  # built directly: the layout cache keys on local inputs, a view's are global
-            t.fwd = bs.build_layout(t.view, t.call)
+            t.fwd = bs.build_layout(t.view, t.call, bs.BLOCK_M, bs.BLOCK_N)
         return t.fwd
 
     def forward(self, q, k, v, t: TritonTile):
