@@ -104,11 +104,12 @@ def build_layout(variant: SoftmaxVariant, call: Call, block_m: int, block_n: int
     struct = variant.block_structure(call, block_m, block_n)
     flags = torch.stack(torch.broadcast_tensors(struct.full, struct.any))  # a full tile also has `any` set
     bp, hp, nq, nk = flags.shape[1:]
+    full, part = flags.unbind(0)
     if s.sk % block_n:  # the kernel loads whole key tiles: a ragged last tile is masked by its bits
-        flags[0, ..., -1] = False
-    flags[1] ^= flags[0]  # partial: any entry, not full
+        full[..., -1] = False
+    part ^= full  # partial: any entry, not full
     lists = _tile_lists(flags)
-    return Layout(block_m, block_n, *lists[:5], _tile_bits(variant, call, flags[1], block_m, block_n), *lists[5:],
+    return Layout(block_m, block_n, *lists[:5], _tile_bits(variant, call, part, block_m, block_n), *lists[5:],
                   hp * nq if bp > 1 else 0, nq if hp > 1 else 0, hp * nk if bp > 1 else 0, nk if hp > 1 else 0)
 
 
