@@ -52,34 +52,33 @@ def _reduce_rows(t: torch.Tensor, sq: int, q_block: int, how: str, dims: tuple =
     return t.all(dim=-2) if how == "all" else t.any(dim=(*dims, -2))
 
 
+def _made_once(make):
+    """`make` cached per arguments (device included), except while tracing (a traced value must not outlive its
+    trace): for the few index vectors a build asks for on every call, each a kernel launch on a GPU. The tensors
+    are shared: never modify them."""
+    cached = functools.lru_cache(maxsize=256)(make)
+
+    @functools.wraps(make)
+    def get(*args):
+        return make(*args) if torch.compiler.is_compiling() else cached(*args)
+    return get
+
+
+@_made_once
 def steps(start: int, stop: int, step: int, device: torch.device) -> torch.Tensor:
-    """torch.arange(start, stop, step) on `device`, made once per (arguments, device): block builds ask for the same
-    few index vectors on every call, and on a GPU each arange is a kernel launch. Shared: never modify it."""
-    if torch.compiler.is_compiling():  # a traced value must not outlive its trace
-        return torch.arange(start, stop, step, device=device)
-    return _steps(start, stop, step, device)
-
-
-@functools.lru_cache(maxsize=256)
-def _steps(start: int, stop: int, step: int, device: torch.device) -> torch.Tensor:
+    """torch.arange(start, stop, step) on `device`, made once (shared: never modify it)."""
     return torch.arange(start, stop, step, device=device)
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_key_blocks(nk: int, sk: int, kv_block: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
-    """First key, end (exclusive, at most Sk) and width of every key block (made once, as `steps`; never modify)."""
+@_made_once
+def _key_blocks(nk: int, sk: int, kv_block: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+    """First key, end (exclusive, at most Sk) and width of every key block, made once (shared: never modify them)."""
     k0 = steps(0, nk * kv_block, kv_block, device)
     k1 = steps(kv_block, (nk + 1) * kv_block, kv_block, device)
     if sk % kv_block == 0:
         return k0, k1, kv_block
     k1 = k1.clamp(max=sk)
     return k0, k1, k1 - k0
-
-
-def _key_blocks(nk: int, sk: int, kv_block: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
-    if torch.compiler.is_compiling():
-        return _cached_key_blocks.__wrapped__(nk, sk, kv_block, device)
-    return _cached_key_blocks(nk, sk, kv_block, device)
 
 
 def from_intervals(
