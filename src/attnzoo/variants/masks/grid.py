@@ -63,10 +63,11 @@ def _grid_intervals(first: list, count: list, grid, step: list, inside: bool = F
             ok = (c >= 0) & (c < grid[i])
             kept = ok if kept is None else kept & ok
         rows = c if rows is None else rows * grid[i] + c
-    if contiguous:
-        lo, hi = first[-1], first[-1] + count[-1]
-        if not inside:
-            lo, hi = lo.clamp(min=0), hi.clamp(max=grid[-1])
+    if contiguous and inside:  # each row of the box: count[-1] keys from its start
+        lo = first[-1] if rows is None else rows * grid[-1] + first[-1]
+        hi = lo + count[-1]
+    elif contiguous:
+        lo, hi = first[-1].clamp(min=0), (first[-1] + count[-1]).clamp(max=grid[-1])
         if rows is not None:
             rows = rows * grid[-1]
             lo, hi = rows + lo, rows + hi
