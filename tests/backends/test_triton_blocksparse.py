@@ -179,6 +179,12 @@ INTERPRETED = textwrap.dedent(r"""
     for tag, attn, causal, b, hq, hkv, sq, sk, d, dv, inputs in cases[1:]:
         check(f"float32.pointers.{tag}", attn, causal, b, hq, hkv, sq, sk, d, dv, inputs, torch.float32)
     bs.OPTIONS["tma"] = True
+    # dK/dV split over work items: every key block with more than one query tile adds its chunks into float32
+    # accumulators (on the GPU only blocks far above the mean are split, e.g. sinks)
+    bs.DKDV_CHUNK = 1
+    for tag, attn, causal, b, hq, hkv, sq, sk, d, dv, inputs in cases:
+        check(f"float32.split.{tag}", attn, causal, b, hq, hkv, sq, sk, d, dv, inputs, torch.float32)
+    bs.DKDV_CHUNK = None
 
     # inputs that are slices of longer sequences (not dense): the gradients must not be written with their strides
     q, k, v = torch.randn(1, 4, 90, 16), torch.randn(1, 2, 120, 16), torch.randn(1, 2, 120, 16)

@@ -298,15 +298,24 @@ if triton is not None:
         return dk, dv
 
     @_autotune("bwd")
-    @triton.jit(do_not_specialize=_RUNTIME)
-    def _bwd_dkdv(Q, K, V, DO, DK, DV_, LSE, DELTA, FN, FI, PN, PI, PT, BITS, desc_q, desc_do,
-                  sq, sk, hq, hkv, group, qk_scale, scale, row_b, row_h, nmax, nc,
+    @triton.jit(do_not_specialize=_RUNTIME + ["n_acc"])
+    def _bwd_dkdv(Q, K, V, DO, DK, DV_, LSE, DELTA, FN, FI, PN, PI, PT, BITS, desc_q, desc_do, WORK, ACC_K, ACC_V,
+                  sq, sk, hq, hkv, group, qk_scale, scale, row_b, row_h, nmax, nc, n_acc,
                   s_qb, s_qc, s_qh, s_qs, s_kb, s_kc, s_kh, s_ks, s_vb, s_vc, s_vh, s_vs, s_ob, s_oc, s_oh, s_os,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
-        """dK, dV of one key block of one KV head, summed over its group's query heads (DK/DV_ share K/V strides)."""
-        j = tl.program_id(0)
-        b, c, hk = _split(tl.program_id(1), hkv, nc)
+        """dK, dV of one key block of one KV head, summed over its group's query heads (DK/DV_ share K/V strides).
+        One program per work item (key block j, its query tiles [t0, t1), accumulator slot): a key block with far
+        more query tiles than the others (a sink every query sees) is split over several items that add into
+        float32 accumulators (slot >= 0) instead of one program walking them all while the rest of the GPU
+        idles; the others store directly (slot -1)."""
+        w = tl.program_id(0)
+        j = tl.load(WORK + 4 * w)
+        t0 = tl.load(WORK + 4 * w + 1)
+        t1 = tl.load(WORK + 4 * w + 2)
+        slot = tl.load(WORK + 4 * w + 3)
+        bch = tl.program_id(1)
+        b, c, hk = _split(bch, hkv, nc)
         offs_n = j * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, BD)
         offs_dv = tl.arange(0, BDV)
@@ -323,19 +332,27 @@ if triton is not None:
             q_base = Q + _at(b, c, h, s_qb, s_qc, s_qh)
             do_base = DO + _at(b, c, h, s_ob, s_oc, s_oh)
             lh = ((b * nc + c) * hq + h).to(tl.int64) * sq
-            for t in range(tl.load(FN + r)):
+            n_full = tl.load(FN + r)
+            for t in range(tl.minimum(t0, n_full), tl.minimum(t1, n_full)):  # the full tiles of [t0, t1)
                 i = tl.load(FI + r * nmax + t)
                 dk, dv = _dkdv_tile(k, v, dk, dv, LSE, DELTA, q_base, do_base, desc_q, desc_do, b, c, h, lh, i, sq,
                                     s_qs, s_os, qk_scale, None, False, D, DV, BD, BDV, BM, PREC, TMA)
-            for t in range(tl.load(PN + r)):
-                i = tl.load(PI + r * nmax + t)
-                allowed = _tile_allowed_t(BITS, tl.load(PT + r * nmax + t), BM, BN, W)
+            n_all = n_full + tl.load(PN + r)
+            for t in range(tl.maximum(t0, n_full), tl.minimum(t1, n_all)):  # then its partial tiles
+                i = tl.load(PI + r * nmax + t - n_full)
+                allowed = _tile_allowed_t(BITS, tl.load(PT + r * nmax + t - n_full), BM, BN, W)
                 dk, dv = _dkdv_tile(k, v, dk, dv, LSE, DELTA, q_base, do_base, desc_q, desc_do, b, c, h, lh, i, sq,
                                     s_qs, s_os, qk_scale, allowed, True, D, DV, BD, BDV, BM, PREC, TMA)
-        tl.store(DK + _at(b, c, hk, s_kb, s_kc, s_kh) + offs_n[:, None] * s_ks + offs_d[None, :],
-                 (dk * scale).to(DK.dtype.element_ty), mask=cols & (offs_d[None, :] < D))
-        tl.store(DV_ + _at(b, c, hk, s_vb, s_vc, s_vh) + offs_n[:, None] * s_vs + offs_dv[None, :],
-                 dv.to(DV_.dtype.element_ty), mask=cols & (offs_dv[None, :] < DV))
+        if slot < 0:
+            tl.store(DK + _at(b, c, hk, s_kb, s_kc, s_kh) + offs_n[:, None] * s_ks + offs_d[None, :],
+                     (dk * scale).to(DK.dtype.element_ty), mask=cols & (offs_d[None, :] < D))
+            tl.store(DV_ + _at(b, c, hk, s_vb, s_vc, s_vh) + offs_n[:, None] * s_vs + offs_dv[None, :],
+                     dv.to(DV_.dtype.element_ty), mask=cols & (offs_dv[None, :] < DV))
+        else:  # accumulators (B x classes x Hkv, slots, BN, BD / BDV), float32
+            base = (bch.to(tl.int64) * n_acc + slot) * BN
+            rows = base + tl.arange(0, BN)
+            tl.atomic_add(ACC_K + rows[:, None] * BD + offs_d[None, :], dk * scale)
+            tl.atomic_add(ACC_V + rows[:, None] * BDV + offs_dv[None, :], dv)
 
 
 # ---- launches ---------------------------------------------------------------------------------------------------------
@@ -448,12 +465,55 @@ def backward(q, k, v, o, lse, do, lay: Layout, lay_kv: Layout, scale: float, gra
         lay.full_idx.shape[1], nc, *_strides(q5, k5, v5, do5), **sizes, TMA=tma)
     sizes = _sizes(q, k, v, lay_kv)
     tma, desc = _descriptors(q5, do5, lay_kv.block_m, sizes, b * nc * hq * sq)
-    _bwd_dkdv[(triton.cdiv(sk, lay_kv.block_n), b * nc * hkv)](
+    work, n_acc, acc_rows, acc_keys = _dkdv_schedule(lay_kv, sk)
+    if n_acc:
+        acc_k = torch.zeros(b * nc * hkv, n_acc * lay_kv.block_n, sizes["BD"], dtype=torch.float32, device=q.device)
+        acc_v = torch.zeros(b * nc * hkv, n_acc * lay_kv.block_n, sizes["BDV"], dtype=torch.float32, device=q.device)
+    else:
+        acc_k = acc_v = delta  # not read
+    _bwd_dkdv[(work.shape[0], b * nc * hkv)](
         q5, k5, v5, do5, dk5, dv5, lse5, delta, lay_kv.t_full_num, lay_kv.t_full_idx, lay_kv.t_part_num,
-        lay_kv.t_part_idx, lay_kv.t_part_tile, lay_kv.bits, *desc, sq, sk, hq, hkv, hq // hkv,
-        scale * LOG2E, scale, lay_kv.t_b_step, lay_kv.t_h_step, lay_kv.t_full_idx.shape[1], nc,
+        lay_kv.t_part_idx, lay_kv.t_part_tile, lay_kv.bits, *desc, work, acc_k, acc_v, sq, sk, hq, hkv, hq // hkv,
+        scale * LOG2E, scale, lay_kv.t_b_step, lay_kv.t_h_step, lay_kv.t_full_idx.shape[1], nc, n_acc,
         *_strides(q5, k5, v5, do5), **sizes, TMA=tma)
+    if n_acc:  # the split key blocks' sums
+        for g, acc in ((dk5, acc_k[..., :k.shape[-1]]), (dv5, acc_v[..., :v.shape[-1]])):
+            g[:, :, :, acc_keys] = acc[:, acc_rows].view(b, nc, hkv, -1, acc.shape[-1]).to(g.dtype)
     return dq, dk, dv
+
+
+DKDV_MIN_CHUNK = 32  # query tiles a dK/dV program walks at most when its key block is split (see _dkdv_schedule)
+DKDV_CHUNK: int | None = None  # a fixed chunk instead (tests split every block this way)
+
+
+def _dkdv_schedule(lay_kv: Layout, sk: int):
+    """(work int32 (items, 4): key block, first and end query-tile index, accumulator slot or -1; slots; the
+    accumulator rows and key positions of the split blocks). A key block whose most loaded row has more than
+    max(DKDV_MIN_CHUNK, twice the mean) query tiles is split into chunks of that many. Built once per layout
+    (one device read) and kept on it, so it goes when the layout does."""
+    schedules = lay_kv.__dict__.setdefault("dkdv_schedules", {})
+    key = (DKDV_CHUNK, DKDV_MIN_CHUNK)
+    if key in schedules:
+        return schedules[key]
+    nk = -(-sk // lay_kv.block_n)
+    counts = (lay_kv.t_full_num + lay_kv.t_part_num).view(-1, nk).amax(0).tolist()
+    chunk = DKDV_CHUNK or max(DKDV_MIN_CHUNK, 2 * -(-sum(counts) // max(len(counts), 1)))
+    work, split = [], []
+    for j, n in enumerate(counts):
+        if n <= chunk:
+            work.append((j, 0, n, -1))
+            continue
+        work += [(j, t0, t0 + chunk, len(split)) for t0 in range(0, n, chunk)]
+        split.append(j)
+    bn = lay_kv.block_n
+    keys = [range(j * bn, min((j + 1) * bn, sk)) for j in split]
+    dev = lay_kv.t_full_num.device
+    schedule = (torch.tensor(work, dtype=torch.int32, device=dev), len(split),
+                torch.tensor([s * bn + i for s, r in enumerate(keys) for i in range(len(r))], dtype=torch.long,
+                             device=dev),
+                torch.tensor([i for r in keys for i in r], dtype=torch.long, device=dev))
+    schedules[key] = schedule
+    return schedule
 
 
 class BlockSparse(torch.autograd.Function):
