@@ -164,7 +164,7 @@ def test_document_as_on_a_gpu(monkeypatch, ids):
             assert torch.equal(lay.dense(sq, 301, 2, 2), dense.expand(2, 2, sq, 301)), (causal, sq, tiles)
 
 
-def _plain_from_intervals(intervals, sq, sk, q_block, kv_block):
+def _plain_from_intervals(intervals, sq, sk, q_block, kv_block, end=None):
     """core.blocks.from_intervals as defined: per row, a tile is touched by an interval overlapping it and full
     when one interval covers it; reduced over each query block's rows (any / all, rows past Sq left out)."""
     nq, nk = blocks.n_blocks(sq, q_block), blocks.n_blocks(sk, kv_block)
@@ -178,6 +178,7 @@ def _plain_from_intervals(intervals, sq, sk, q_block, kv_block):
             touch = torch.zeros(*lead, rows.stop - rows.start, dtype=torch.bool)
             cover = torch.zeros_like(touch)
             for lo, hi in intervals:
+                hi = hi if end is None else torch.minimum(hi, end)
                 lo, hi = lo.expand(*lead, sq)[..., rows].clamp(0, sk), hi.expand(*lead, sq)[..., rows].clamp(0, sk)
                 touch |= (torch.maximum(lo, torch.tensor(k0)) < torch.minimum(hi, torch.tensor(k1)))
                 cover |= (lo <= k0) & (hi >= k1)
@@ -185,17 +186,19 @@ def _plain_from_intervals(intervals, sq, sk, q_block, kv_block):
     return any_, full
 
 
+@pytest.mark.parametrize("max_elements", [1 << 25, 1], ids=["at once", "one at a time"])
 @pytest.mark.parametrize("n_intervals", [1, 2, 5])
-def test_from_intervals_equals_its_definition(n_intervals):
+def test_from_intervals_equals_its_definition(n_intervals, max_elements):
     g = torch.Generator().manual_seed(n_intervals)
     sq, sk = 53, 70
     intervals = []
     for _ in range(n_intervals):
         lo = torch.randint(-20, 80, (2, 1, sq), generator=g)
         intervals.append((lo, lo + torch.randint(-5, 40, (1, 3, sq), generator=g)))
-    got = blocks.from_intervals(intervals, sq, sk, 8, 16)
-    want_any, want_full = _plain_from_intervals(intervals, sq, sk, 8, 16)
-    assert torch.equal(got.any, want_any) and torch.equal(got.full, want_full)
+    for end in (None, torch.randint(-5, 75, (1, 1, sq), generator=g)):
+        got = blocks.from_intervals(intervals, sq, sk, 8, 16, end, max_elements=max_elements)
+        want_any, want_full = _plain_from_intervals(intervals, sq, sk, 8, 16, end)
+        assert torch.equal(got.any, want_any) and torch.equal(got.full, want_full)
 
 
 class _MetaNonzero(TorchDispatchMode):

@@ -10,6 +10,7 @@ time (memory O(block x Sk)).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -90,12 +91,16 @@ def from_intervals(
 
     `any` is exact. `full` holds when a single interval covers the tile (for a union of touching
     intervals a tile is then only marked partial, which costs mask work but never correctness).
-    All intervals are compared at once, in a number of torch ops that does not grow with theirs (a few ops per
-    interval made a neighborhood mask's build cost thousands of launches); rows are taken so many at a time that
-    a comparison holds at most about `max_elements` entries.
+    Up to `max_elements` (intervals x rows x key blocks) all intervals are compared at once, in a number of torch
+    ops that does not grow with theirs (at 2k-8k tokens a build costs its launches: a few ops per interval made a
+    neighborhood's build cost thousands); past it, one interval at a time in bool comparisons (long sequences,
+    where the bytes moved cost more than the launches).
     """
     nk = n_blocks(sk, kv_block)
     k0, k1, width = _key_blocks(nk, sk, kv_block, intervals[0][0].device)
+    rows = torch.broadcast_shapes(*(t.shape for iv in intervals for t in iv))
+    if len(intervals) * math.prod(rows) * nk > max_elements:
+        return _from_each_interval(intervals, sq, sk, q_block, kv_block, end, k0, k1)
     if len(intervals) == 1:
         lo, hi = intervals[0]
     else:
@@ -103,21 +108,29 @@ def from_intervals(
         hi = torch.stack(torch.broadcast_tensors(*(iv[1] for iv in intervals)))
     if end is not None:
         hi = torch.minimum(hi, end)
-    lo, hi = torch.broadcast_tensors(lo, hi)
+    lo, hi = lo.unsqueeze(-1), hi.unsqueeze(-1)
+    # the overlap of keys [k0, k1) with [lo, hi) (positions outside [0, Sk) need no clamp): touched when not
+    # empty, covered when it is the whole block
+    overlap = torch.minimum(hi, k1) - torch.maximum(lo, k0)
+    touched, covered = overlap > 0, overlap >= width
     dims = () if len(intervals) == 1 else (0,)
-    rows = max(q_block, max_elements // max(1, lo.numel() // sq * nk) // q_block * q_block)
-    any_blocks, full_blocks = [], []
-    for r0 in range(0, sq, rows):
-        r1 = min(r0 + rows, sq)
-        lo_, hi_ = (lo[..., r0:r1], hi[..., r0:r1]) if rows < sq else (lo, hi)
-        lo_, hi_ = lo_.unsqueeze(-1), hi_.unsqueeze(-1)
-        # the overlap of keys [k0, k1) with [lo, hi) (positions outside [0, Sk) need no clamp): touched when not
-        # empty, covered when it is the whole block
-        overlap = torch.minimum(hi_, k1) - torch.maximum(lo_, k0)
-        touched, covered = overlap > 0, overlap >= width
-        any_blocks.append(_reduce_rows(touched, r1 - r0, q_block, "any", dims))
-        full_blocks.append(_reduce_rows(covered.any(0) if dims else covered, r1 - r0, q_block, "all"))
-    return BlockStructure(q_block, kv_block, sq, sk, _cat_rows(any_blocks), _cat_rows(full_blocks))
+    return BlockStructure(q_block, kv_block, sq, sk, _reduce_rows(touched, sq, q_block, "any", dims),
+                          _reduce_rows(covered.any(0) if dims else covered, sq, q_block, "all"))
+
+
+def _from_each_interval(intervals, sq, sk, q_block, kv_block, end, k0, k1) -> BlockStructure:
+    """`from_intervals` one interval at a time, in bool comparisons (the same tiles)."""
+    touched = covered = None
+    for lo, hi in intervals:
+        if end is not None:
+            hi = torch.minimum(hi, end)
+        lo, hi = lo.unsqueeze(-1), hi.unsqueeze(-1)
+        t = (lo < k1) & (hi > k0) & (hi > lo)
+        c = (lo <= k0) & (hi >= k1)
+        touched = t if touched is None else touched | t
+        covered = c if covered is None else covered | c
+    return BlockStructure(q_block, kv_block, sq, sk, _reduce_rows(touched, sq, q_block, "any"),
+                          _reduce_rows(covered, sq, q_block, "all"))
 
 
 def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
