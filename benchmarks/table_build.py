@@ -14,6 +14,9 @@ the op count is the proxy for the GPU build time measured on a CPU; the CPU time
 
     PYTHONPATH=src python benchmarks/table_build.py                          # CPU, 2k and 8k
     PYTHONPATH=src python benchmarks/table_build.py --device cuda --out $OUT/table_build.json
+
+--read-only builds each layout with only the lists its kernels read (`build_layout(..., lists="forward")` for the
+forward layout, "transposed" for the dK/dV one) instead of both directions.
 """
 from __future__ import annotations
 
@@ -69,15 +72,17 @@ def measure(fn, device, repeats: int) -> dict:
             "top_ops": dict(counter.ops.most_common(8))}
 
 
-def ours_builder(name: str, params: dict, inputs: dict, causal: bool, b: int, h: int, s: int, device):
-    """Both layouts of the call, built from scratch (what a change of the ids costs)."""
+def ours_builder(name: str, params: dict, inputs: dict, causal: bool, b: int, h: int, s: int, device,
+                 read_only: bool = False):
+    """Both layouts of the call, built from scratch (what a change of the ids costs); `read_only`: each with only
+    the lists its kernels read (forward lists of the forward layout, transposed lists of the dK/dV one)."""
     attn = az.get(name, **params)
     q = torch.empty(1, 1, 1, 1, device=device, dtype=torch.bfloat16).expand(b, h, s, 64)  # shapes only
     call = attn.prepare(q, q, q, causal, None, inputs)
 
     def build():
-        return (bs.build_layout(attn, call, bs.BLOCK_M, bs.BLOCK_N),
-                bs.build_layout(attn, call, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N))
+        return (bs.build_layout(attn, call, bs.BLOCK_M, bs.BLOCK_N, "forward" if read_only else "both"),
+                bs.build_layout(attn, call, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N, "transposed" if read_only else "both"))
     return build
 
 
@@ -94,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None, help="comma-separated row names (default: all)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-flex", action="store_true", help="time only our build")
+    ap.add_argument("--read-only", action="store_true", help="build only the lists the kernels read (lists= "
+                                                             "'forward' / 'transposed'), not both directions")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "table_build.json"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -104,12 +111,14 @@ def main(argv=None) -> int:
         def tqdm(x, **_):
             return x
     result = {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(),
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "rows": []}
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats,
+              "lists": "read only" if args.read_only else "both directions", "rows": []}
     jobs = [(shape, row) for shape in shapes for row in variants(shape[2], shape[0], device)
             if not args.variants or row[0] in args.variants.split(",")]
     for (b, h, s), (row_name, name, params, inputs, causal, mask_mod) in tqdm(jobs, desc="builds", unit="row"):
         row = {"shape": [b, h, s], "variant": row_name}
-        row["ours"] = measure(ours_builder(name, params, inputs, causal, b, h, s, device), device, args.repeats)
+        row["ours"] = measure(ours_builder(name, params, inputs, causal, b, h, s, device, args.read_only), device,
+                              args.repeats)
         if not args.no_flex:
             row["flex"] = measure(flex_builder(mask_mod, inputs, b, s, device), device, args.repeats)
             row["ops_ratio"] = row["ours"]["ops"] / row["flex"]["ops"]
@@ -117,7 +126,8 @@ def main(argv=None) -> int:
         result["rows"].append(row)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"{result['device']}  torch {result['torch']}  {result['date']}  (median of {args.repeats})")
+    print(f"{result['device']}  torch {result['torch']}  {result['date']}  (median of {args.repeats}; our lists: "
+          f"{result['lists']})")
     print("ops: aten ops other than views (one kernel launch each on a GPU); views: view ops (no kernel)")
     print(f"{'shape':>14} {'variant':>16} {'ours ops':>8} {'Flex ops':>8} {'ops ratio':>9} {'ours views':>10} "
           f"{'Flex views':>10} {'ours ms':>8} {'Flex ms':>8} {'ms ratio':>8}")

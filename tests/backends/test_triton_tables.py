@@ -128,6 +128,24 @@ def test_build_equals_the_plain_build(name, params, inputs, heads, patterns):
                 assert torch.equal(got, value), (field, causal, sq, sk, tiles)
 
 
+@pytest.mark.parametrize("case", [CASES[4], CASES[9], CASES[14]], ids=["document", "dilated", "2d"])
+def test_one_direction_of_lists(case):
+    """lists="forward" / "transposed" (what the forward and dQ kernels / the dK/dV kernel read): those fields and
+    the bits as in the full build, the other direction's lists empty."""
+    name, params, inputs, heads, patterns = case
+    attn = az.get(name, **params)
+    causal, sq, sk = patterns[-1]
+    q, k, v = qkv(2, *heads, sq, sk, 8)
+    call = attn.prepare(q, k, v, causal, None, inputs(2, sq, sk))
+    for tiles in TILES[:2]:
+        both = bs.build_layout(attn, call, *tiles)
+        for lists, kept in (("forward", FIELDS[:6]), ("transposed", FIELDS[5:])):
+            lay = bs.build_layout(attn, call, *tiles, lists=lists)
+            for f in FIELDS:
+                want = getattr(both, f) if f in kept else torch.empty(0, 1, dtype=torch.int32)
+                assert torch.equal(getattr(lay, f), want), (lists, f, tiles)
+
+
 def test_masks_evaluated_in_chunks(monkeypatch):
     """Partial tiles past the chunk size (here 3 tiles a chunk) are evaluated a chunk at a time: same tables."""
     from attnzoo.backends.triton import tables

@@ -97,9 +97,11 @@ def _tile_lists(flags: torch.Tensor, forward: bool = True, transposed: bool = Tr
     return (fwd or none) + (t or none)
 
 
-def build_layout(variant: SoftmaxVariant, call: Call, block_m: int, block_n: int) -> Layout:
+def build_layout(variant: SoftmaxVariant, call: Call, block_m: int, block_n: int, lists: str = "both") -> Layout:
     """The call's tables for block_m x block_n tiles, from the variant's block structure and its mask on the partial
-    tiles: a fixed number of torch ops (40-70, each a launch on a GPU) and one device sync, whatever the variant."""
+    tiles: a fixed number of torch ops (40-70, each a launch on a GPU) and one device sync, whatever the variant.
+    `lists`: "forward" (per query block: what the forward and dQ kernels read), "transposed" (per key block: dK/dV)
+    or "both"; lists not asked for are empty tensors (each direction is 7 ops and 9 views of a build)."""
     s = call.shapes
     struct = variant.block_structure(call, block_m, block_n)
     flags = torch.stack(torch.broadcast_tensors(struct.full, struct.any))  # a full tile also has `any` set
@@ -108,7 +110,7 @@ def build_layout(variant: SoftmaxVariant, call: Call, block_m: int, block_n: int
     if s.sk % block_n:  # the kernel loads whole key tiles: a ragged last tile is masked by its bits
         full[..., -1] = False
     part ^= full  # partial: any entry, not full
-    lists = _tile_lists(flags)
+    lists = _tile_lists(flags, forward=lists != "transposed", transposed=lists != "forward")
     return Layout(block_m, block_n, *lists[:5], _tile_bits(variant, call, part, block_m, block_n), *lists[5:],
                   hp * nq if bp > 1 else 0, nq if hp > 1 else 0, hp * nk if bp > 1 else 0, nk if hp > 1 else 0)
 
@@ -164,16 +166,17 @@ _layouts: dict = {}
 stats = {"layouts_built": 0}
 
 
-def layout_for(variant: SoftmaxVariant, call: Call, block_m: int, block_n: int) -> Layout:
-    """The call's layout for block_m x block_n tiles, rebuilt only when the configuration, shapes or inputs changed."""
+def layout_for(variant: SoftmaxVariant, call: Call, block_m: int, block_n: int, lists: str = "both") -> Layout:
+    """The call's layout for block_m x block_n tiles (`lists` as `build_layout`), rebuilt only when the
+    configuration, shapes or inputs changed."""
     s = call.shapes
-    key = (variant.key, s, call.causal, call.device, block_m, block_n)
+    key = (variant.key, s, call.causal, call.device, block_m, block_n, lists)
     given = InputsKey(variant, call.inputs)
     with _lock:
         hit = _layouts.get(key)
         if hit is not None and hit[0] == given:
             return hit[1]
-    layout = build_layout(variant, call, block_m, block_n)
+    layout = build_layout(variant, call, block_m, block_n, lists)
     with _lock:
         _layouts[key] = (given, layout)
         stats["layouts_built"] += 1
