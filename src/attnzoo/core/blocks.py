@@ -53,7 +53,7 @@ def _reduce_rows(t: torch.Tensor, sq: int, q_block: int, how: str, dims: tuple =
     return t.all(dim=-2) if how == "all" else t.any(dim=(*dims, -2))
 
 
-def _made_once(make):
+def made_once(make):
     """`make` cached per arguments (device included), except while tracing (a traced value must not outlive its
     trace): for the few index vectors a build asks for on every call, each a kernel launch on a GPU. The tensors
     are shared: never modify them."""
@@ -65,13 +65,13 @@ def _made_once(make):
     return get
 
 
-@_made_once
+@made_once
 def steps(start: int, stop: int, step: int, device: torch.device) -> torch.Tensor:
     """torch.arange(start, stop, step) on `device`, made once (shared: never modify it)."""
     return torch.arange(start, stop, step, device=device)
 
 
-@_made_once
+@made_once
 def _key_blocks(nk: int, sk: int, kv_block: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
     """First key, end (exclusive, at most Sk) and width of every key block, made once (shared: never modify them)."""
     k0 = steps(0, nk * kv_block, kv_block, device)

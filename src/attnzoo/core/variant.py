@@ -424,7 +424,7 @@ class SoftmaxVariant(Variant):
             return _blocks.from_intervals([(lo, hi)], sq, sk, q_block, kv_block)
         intervals = self.kv_intervals(call, q_pos)
         if intervals is not None:
-            end = (q_pos + 1).view(1, 1, sq) if call.causal else None
+            end = q_pos + 1 if call.causal else None
             return _blocks.from_intervals(intervals, sq, sk, q_block, kv_block, end)
         b, h = self._index_grids(call)
         kv_pos = torch.arange(sk, device=dev).view(1, 1, 1, sk)

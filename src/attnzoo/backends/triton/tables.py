@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...core.blocks import steps
+from ...core.blocks import made_once, steps
 from ...core.variant import Call, SoftmaxVariant
 from ..reuse import InputsKey
 
@@ -70,13 +70,17 @@ def _lists(flags: torch.Tensor, tile_id: torch.Tensor) -> tuple:
     128k tokens)."""
     n = flags.shape[-1]
     rank = flags.cumsum(-1)                                       # 1-based rank of a set flag in its row
-    full_num, part_num = rank[..., -1].to(torch.int32).view(2, -1).unbind(0)
+    num = flags.sum(-1, dtype=torch.int32)
     idx = torch.zeros(*flags.shape[:-1], n + 1, dtype=torch.long, device=flags.device)
     # a set flag goes to column rank (the lists start at column 1), an unset one to column 0, a dump
     idx.scatter_(-1, rank * flags, steps(0, n, 1, flags.device).expand(flags.shape))
     idx = idx[..., 1:]
-    part_tile = torch.gather(tile_id, -1, idx[1]).view(-1, n)
-    full_idx, part_idx = idx.to(torch.int32).view(2, -1, n).unbind(0)
+    part_tile = torch.gather(tile_id, -1, idx[1])
+    idx = idx.to(torch.int32)
+    if flags.dim() > 3:  # rows over several dimensions: flattened
+        num, idx, part_tile = num.view(2, -1), idx.view(2, -1, n), part_tile.view(-1, n)
+    full_num, part_num = num.unbind(0)
+    full_idx, part_idx = idx.unbind(0)
     return full_num, full_idx, part_num, part_idx, part_tile
 
 
@@ -84,15 +88,16 @@ def tile_lists(full: torch.Tensor, part: torch.Tensor, forward: bool = True, tra
     """Full and partial tiles, bool (B', H', nq, nk) -> the Layout's lists, forward (rows: query blocks) then
     transposed (rows: key blocks); partial tiles are numbered in row-major order (the order of `part.nonzero()`).
     Lists not asked for are empty tensors (the forward reads only the first five, dK/dV only the last five)."""
-    return _tile_lists(torch.stack([full, part]), forward, transposed)
+    flags = torch.stack([full, part])
+    return _tile_lists(flags, flags[1], forward, transposed)
 
 
-def _tile_lists(flags: torch.Tensor, forward: bool = True, transposed: bool = True) -> tuple:
-    """`tile_lists` of the full and partial tiles stacked, bool (2, B', H', nq, nk)."""
-    part = flags[1]
-    tile_id = (part.flatten().cumsum(0, dtype=torch.int32) - 1).view(part.shape)
-    fwd = _lists(flags, tile_id) if forward else None
-    t = _lists(flags.transpose(-1, -2), tile_id.transpose(-1, -2)) if transposed else None
+def _tile_lists(flags: torch.Tensor, part: torch.Tensor, forward: bool = True, transposed: bool = True) -> tuple:
+    """`tile_lists` of the full and partial tiles stacked, bool (2, B', H', nq, nk); `part` is flags[1]."""
+    nk = flags.shape[-1]
+    tile_id = part.view(-1).cumsum(0, dtype=torch.int32) - 1
+    fwd = _lists(flags.view(2, -1, nk), tile_id.view(-1, nk)) if forward else None
+    t = _lists(flags.transpose(-1, -2), tile_id.view(part.shape).transpose(-1, -2)) if transposed else None
     none = (torch.empty(0, 1, dtype=torch.int32, device=part.device),) * 5 if fwd is None or t is None else None
     return (fwd or none) + (t or none)
 
@@ -110,7 +115,7 @@ def build_layout(variant: SoftmaxVariant, call: Call, block_m: int, block_n: int
     if s.sk % block_n:  # the kernel loads whole key tiles: a ragged last tile is masked by its bits
         full[..., -1] = False
     part ^= full  # partial: any entry, not full
-    lists = _tile_lists(flags, forward=lists != "transposed", transposed=lists != "forward")
+    lists = _tile_lists(flags, part, forward=lists != "transposed", transposed=lists != "forward")
     return Layout(block_m, block_n, *lists[:5], _tile_bits(variant, call, part, block_m, block_n), *lists[5:],
                   hp * nq if bp > 1 else 0, nq if hp > 1 else 0, hp * nk if bp > 1 else 0, nk if hp > 1 else 0)
 
@@ -129,6 +134,14 @@ def _pack_bits(m: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
     return torch.sum(m.reshape(*m.shape[:-1], m.shape[-1] // 32, 32) * weights, -1, dtype=torch.int32, out=out)
 
 
+@made_once
+def _tile_positions(offset: int, block_m: int, block_n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of a tile's rows (queries, from `offset`) and columns (keys) from its first, (1, block_m, 1) and
+    (1, 1, block_n), made once (shared: never modify them)."""
+    return (torch.arange(offset, offset + block_m, device=device).view(1, -1, 1),
+            torch.arange(block_n, device=device).view(1, 1, -1))
+
+
 def _tile_bits(variant, call: Call, part: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
     """The variant's mask (with causality and the sequence ends) on every partial tile, packed to bits."""
     s = call.shapes
@@ -137,8 +150,7 @@ def _tile_bits(variant, call: Call, part: torch.Tensor, block_m: int, block_n: i
     tiles = coords.shape[0]
     chunk = max(1, MASK_ELEMENTS // (block_m * block_n))
     out = torch.empty(tiles, block_m, block_n // 32, dtype=torch.int32, device=dev) if tiles > chunk else None
-    rows = steps(s.offset, s.offset + block_m, 1, dev).view(1, -1, 1)  # query positions of tile row 0
-    cols = steps(0, block_n, 1, dev).view(1, 1, -1)
+    rows, cols = _tile_positions(s.offset, block_m, block_n, dev)
     for c0 in range(0, max(tiles, 1), chunk):
         b, h, i, j = (coords[c0:c0 + chunk] if out is not None else coords).view(-1, 4, 1, 1).unbind(1)
         q_pos, kv_pos = torch.add(rows, i, alpha=block_m), torch.add(cols, j, alpha=block_n)
@@ -155,7 +167,7 @@ def _tile_bits(variant, call: Call, part: torch.Tensor, block_m: int, block_n: i
         if m is None:
             m = torch.ones(1, 1, 1, dtype=torch.bool, device=dev)
         shape = (i.shape[0], block_m, block_n)
-        bits = _pack_bits(m.expand(shape), None if out is None else out[c0:c0 + chunk])
+        bits = _pack_bits(m if m.shape == shape else m.expand(shape), None if out is None else out[c0:c0 + chunk])
         if out is None:
             return bits
     return out

@@ -185,7 +185,7 @@ class Document(SoftmaxVariant):
             return super().block_structure(call, q_block, kv_block)
         in_order = self._sorted(call)  # read once for the intervals and the full tiles
         s = call.shapes
-        end = s.query_positions(device=call.device).view(1, 1, -1) + 1 if call.causal else None
+        end = s.query_positions(device=call.device) + 1 if call.causal else None
         struct = _blocks.from_intervals(self._runs(call, in_order), s.sq, s.sk, q_block, kv_block, end)
         struct.full = struct.full & in_order.view(-1, 1, 1, 1)
         return struct
