@@ -483,24 +483,28 @@ def backward(q, k, v, o, lse, do, lay: Layout, lay_kv: Layout, scale: float, gra
 
 
 DKDV_MIN_CHUNK = 32  # query tiles a dK/dV program walks at most when its key block is split (see _dkdv_schedule)
+DKDV_SPLIT_OVER_MEAN = 4  # split key blocks with more than this many times the mean query tiles
 DKDV_CHUNK: int | None = None  # a fixed chunk instead (tests split every block this way)
 
 
 def _dkdv_schedule(lay_kv: Layout, sk: int):
     """(work int32 (items, 4): key block, first and end query-tile index, accumulator slot or -1; slots; the
     accumulator rows and key positions of the split blocks). A key block whose most loaded row has more than
-    max(DKDV_MIN_CHUNK, twice the mean) query tiles is split into chunks of that many. Built once per layout
+    DKDV_SPLIT_OVER_MEAN times the mean query tiles (a sink) is split into chunks of max(DKDV_MIN_CHUNK, twice
+    the mean); milder imbalance (documents of unequal lengths) is left alone: on the H200 splitting it saved
+    nothing and its float32 accumulators cost up to a third more memory. Built once per layout
     (one device read) and kept on it, so it goes when the layout does."""
     schedules = lay_kv.__dict__.setdefault("dkdv_schedules", {})
-    key = (DKDV_CHUNK, DKDV_MIN_CHUNK)
+    key = (DKDV_CHUNK, DKDV_MIN_CHUNK, DKDV_SPLIT_OVER_MEAN)
     if key in schedules:
         return schedules[key]
     nk = -(-sk // lay_kv.block_n)
     counts = (lay_kv.t_full_num + lay_kv.t_part_num).view(-1, nk).amax(0).tolist()
-    chunk = DKDV_CHUNK or max(DKDV_MIN_CHUNK, 2 * -(-sum(counts) // max(len(counts), 1)))
+    mean = -(-sum(counts) // max(len(counts), 1))
+    chunk = DKDV_CHUNK or max(DKDV_MIN_CHUNK, 2 * mean)
     work, split = [], []
     for j, n in enumerate(counts):
-        if n <= chunk:
+        if n <= chunk or (DKDV_CHUNK is None and n <= DKDV_SPLIT_OVER_MEAN * mean):
             work.append((j, 0, n, -1))
             continue
         work += [(j, t0, t0 + chunk, len(split)) for t0 in range(0, n, chunk)]
