@@ -125,18 +125,27 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
+    def _desc_pair(desc_x, desc_y, b, c, h, row0, ROWS: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr,
+                   TMA: tl.constexpr):
+        """x transposed (BX, ROWS) and y (ROWS, BY) of rows [row0, row0 + ROWS) through tensor descriptors of rank
+        TMA (5 with a class dimension); rows past the end read as zeros."""
+        if TMA == 5:
+            x = desc_x.load([b, c, h, row0, 0]).reshape(ROWS, BX).T
+            y = desc_y.load([b, c, h, row0, 0]).reshape(ROWS, BY)
+        else:
+            x = desc_x.load([b, h, row0, 0]).reshape(ROWS, BX).T
+            y = desc_y.load([b, h, row0, 0]).reshape(ROWS, BY)
+        return x, y
+
+    @triton.jit
     def _kv_tile(k_base, v_base, desc_k, desc_v, b, c, hk, jn, sk, s_ks, s_vs,
                  D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
                  TMA: tl.constexpr, EDGE: tl.constexpr):
         """K transposed (BD, BN) and V (BN, BDV) of key block `jn`: through the tensor-memory accelerator (TMA = the
         descriptors' rank, 5 with classes; reads past Sk give zeros) or through pointers (TMA = 0; masked past Sk
         where EDGE)."""
-        if TMA == 5:
-            k = desc_k.load([b, c, hk, jn * BN, 0]).reshape(BN, BD).T
-            v = desc_v.load([b, c, hk, jn * BN, 0]).reshape(BN, BDV)
-        elif TMA == 4:
-            k = desc_k.load([b, hk, jn * BN, 0]).reshape(BN, BD).T
-            v = desc_v.load([b, hk, jn * BN, 0]).reshape(BN, BDV)
+        if TMA:
+            k, v = _desc_pair(desc_k, desc_v, b, c, hk, jn * BN, BN, BD, BDV, TMA)
         else:
             kn = jn * BN + tl.arange(0, BN)
             offs_d = tl.arange(0, BD)
@@ -273,12 +282,8 @@ if triton is not None:
                    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
                    PREC: tl.constexpr, TMA: tl.constexpr):
         offs_m = i * BM + tl.arange(0, BM)
-        if TMA == 5:  # rows past Sq read as zeros
-            qt = desc_q.load([b, c, h, i * BM, 0]).reshape(BM, BD).T
-            do = desc_do.load([b, c, h, i * BM, 0]).reshape(BM, BDV)
-        elif TMA == 4:
-            qt = desc_q.load([b, h, i * BM, 0]).reshape(BM, BD).T
-            do = desc_do.load([b, h, i * BM, 0]).reshape(BM, BDV)
+        if TMA:  # rows past Sq read as zeros
+            qt, do = _desc_pair(desc_q, desc_do, b, c, h, i * BM, BM, BD, BDV, TMA)
         else:
             offs_d = tl.arange(0, BD)
             offs_dv = tl.arange(0, BDV)
