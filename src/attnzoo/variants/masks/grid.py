@@ -35,12 +35,13 @@ def _per_dim(name: str, default, doc: str, minimum: int, odd: bool = False) -> P
 
 
 def _grid_coords(pos, grid) -> list:
-    """Row-major grid coordinates of flat positions (last dimension fastest)."""
+    """Row-major grid coordinates of flat positions in [0, prod(grid)) (last dimension fastest; the first needs no
+    wrap, an op fewer where kernel tables evaluate masks tile by tile)."""
     out = []
     for size in reversed(grid[1:]):
         out.append(pos % size)
         pos = pos // size
-    out.append(pos % grid[0])
+    out.append(pos)
     return out[::-1]
 
 
