@@ -204,17 +204,24 @@ def _plain_from_intervals(intervals, sq, sk, q_block, kv_block, end=None):
     return any_, full
 
 
+@pytest.mark.parametrize("form", ["list", "stacked"])
 @pytest.mark.parametrize("max_elements", [1 << 25, 1], ids=["at once", "one at a time"])
-@pytest.mark.parametrize("n_intervals", [1, 2, 5])
-def test_from_intervals_equals_its_definition(n_intervals, max_elements):
+@pytest.mark.parametrize("n_intervals,longest", [(1, 40), (2, 40), (5, 40), (5, 5)])
+def test_from_intervals_equals_its_definition(n_intervals, longest, max_elements, form):
+    """Lists and StackedIntervals (longest 5: shorter than every key block, the last one 6 keys), with and
+    without an end, compared at once or one at a time."""
     g = torch.Generator().manual_seed(n_intervals)
     sq, sk = 53, 70
     intervals = []
     for _ in range(n_intervals):
         lo = torch.randint(-20, 80, (2, 1, sq), generator=g)
-        intervals.append((lo, lo + torch.randint(-5, 40, (1, 3, sq), generator=g)))
+        intervals.append((lo, lo + torch.randint(-5, longest, (1, 3, sq), generator=g)))
+    given = intervals
+    if form == "stacked":
+        lo, hi = (torch.stack(torch.broadcast_tensors(*(iv[i] for iv in intervals))) for i in (0, 1))
+        given = blocks.StackedIntervals(lo, hi, longest)
     for end in (None, torch.randint(-5, 75, (1, 1, sq), generator=g)):
-        got = blocks.from_intervals(intervals, sq, sk, 8, 16, end, max_elements=max_elements)
+        got = blocks.from_intervals(given, sq, sk, 8, 16, end, max_elements=max_elements)
         want_any, want_full = _plain_from_intervals(intervals, sq, sk, 8, 16, end)
         assert torch.equal(got.any, want_any) and torch.equal(got.full, want_full)
 

@@ -82,6 +82,16 @@ def _key_blocks(nk: int, sk: int, kv_block: int, device) -> tuple[torch.Tensor, 
     return k0, k1, k1 - k0
 
 
+class StackedIntervals(list):
+    """Key intervals made stacked, lo and hi (n, B', H', Sq): the list of their (lo[i], hi[i]) pairs, as
+    `kv_intervals` returns them, keeping the stacked tensors for `from_intervals` (no copy back into one) and
+    `longest`, a bound on hi - lo known on the host (intervals shorter than every key block fill none)."""
+
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, longest: int | None = None):
+        super().__init__(zip(lo.unbind(0), hi.unbind(0)))
+        self.stacked, self.longest = (lo, hi), longest
+
+
 def from_intervals(
     intervals: list[tuple[torch.Tensor, torch.Tensor]], sq: int, sk: int, q_block: int, kv_block: int,
     end: torch.Tensor | None = None, max_elements: int = 1 << 25,
@@ -103,6 +113,8 @@ def from_intervals(
         return _from_each_interval(intervals, sq, sk, q_block, kv_block, end, k0, k1)
     if len(intervals) == 1:
         lo, hi = intervals[0]
+    elif isinstance(intervals, StackedIntervals):
+        lo, hi = intervals.stacked
     else:
         lo = torch.stack(torch.broadcast_tensors(*(iv[0] for iv in intervals)))
         hi = torch.stack(torch.broadcast_tensors(*(iv[1] for iv in intervals)))
@@ -112,9 +124,13 @@ def from_intervals(
     # the overlap of keys [k0, k1) with [lo, hi) (positions outside [0, Sk) need no clamp): touched when not
     # empty, covered when it is the whole block
     overlap = torch.minimum(hi, k1) - torch.maximum(lo, k0)
-    touched, covered = overlap > 0, overlap >= width
     dims = () if len(intervals) == 1 else (0,)
-    return BlockStructure(q_block, kv_block, sq, sk, _reduce_rows(touched, sq, q_block, "any", dims),
+    touched = _reduce_rows(overlap > 0, sq, q_block, "any", dims)
+    longest = getattr(intervals, "longest", None)
+    if longest is not None and longest < min(kv_block, sk - (nk - 1) * kv_block):  # no interval fills a block
+        return BlockStructure(q_block, kv_block, sq, sk, touched, torch.zeros_like(touched))
+    covered = overlap >= width
+    return BlockStructure(q_block, kv_block, sq, sk, touched,
                           _reduce_rows(covered.any(0) if dims else covered, sq, q_block, "all"))
 
 

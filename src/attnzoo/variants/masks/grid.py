@@ -6,7 +6,7 @@ import math
 import torch
 
 from ...core.info import CAUSAL_SELF, NONCAUSAL_SELF, Paper, Param, positive_int
-from ...core.blocks import steps
+from ...core.blocks import StackedIntervals, steps
 from ...core.dispatch import run
 from ...core.registry import register
 from ...core.variant import Call, SoftmaxVariant, Variant
@@ -77,7 +77,7 @@ def _grid_intervals(first: list, count: list, grid, step: list, inside: bool = F
     if kept is not None:  # rows of the box outside the grid: empty intervals
         lo, hi = lo * kept, hi * kept
     shape = first[0].shape
-    return list(zip(lo.reshape(n, *shape).unbind(0), hi.reshape(n, *shape).unbind(0)))
+    return StackedIntervals(lo.reshape(n, *shape), hi.reshape(n, *shape), count[-1] if contiguous else 1)
 
 
 class _Grid(SoftmaxVariant):
