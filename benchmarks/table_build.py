@@ -4,7 +4,7 @@ For every structured variant row of benchmarks/gpu_structured.py (`variants()`, 
 parameters and the same plain hand-written mask_mods) and shape (B, H, S) in --shapes, two builds are measured:
 
 - ours: the forward (128 x 64 tiles) and backward (64 x 128 tiles) layouts, built as when the ids change
-  (`build_layout` twice, what gpu_structured.py times);
+  (`build_layout` twice, what gpu_structured.py times; for a dilated window, of the band its residue classes run);
 - Flex: `create_block_mask(mask_mod, B or None, None, S, S)` (eager, as gpu_structured.py builds it below 32k).
 
 Each is timed (median of --repeats warm runs, synchronised on CUDA) and its torch ops are COUNTED (aten ops
@@ -79,10 +79,14 @@ def ours_builder(name: str, params: dict, inputs: dict, causal: bool, b: int, h:
     attn = az.get(name, **params)
     q = torch.empty(1, 1, 1, 1, device=device, dtype=torch.bfloat16).expand(b, h, s, 64)  # shapes only
     call = attn.prepare(q, q, q, causal, None, inputs)
+    # as gpu_structured.py: a dilated window runs as bands on its residue classes, folded ones sharing one band
+    lattice = bs._lattice(attn, call)
+    parts = [(v, c) for _, _, v, c in (lattice[2][:1] if lattice[1] else lattice[2])] if lattice else [(attn, call)]
 
     def build():
-        return (bs.build_layout(attn, call, bs.BLOCK_M, bs.BLOCK_N, "forward" if read_only else "both"),
-                bs.build_layout(attn, call, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N, "transposed" if read_only else "both"))
+        return [(bs.build_layout(v, c, bs.BLOCK_M, bs.BLOCK_N, "forward" if read_only else "both"),
+                 bs.build_layout(v, c, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N, "transposed" if read_only else "both"))
+                for v, c in parts]
     return build
 
 
