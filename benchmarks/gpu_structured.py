@@ -199,7 +199,7 @@ def host_overhead(device) -> dict:
     attn = az.get("sliding_window", window=64)
     q, k, v = (torch.randn(1, 2, 256, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
     call = attn.prepare(q, k, v, True, None, {})
-    lay = bs.layout_for(attn, call, bs.BLOCK_M, bs.BLOCK_N)
+    lay = bs.layout_for(attn, call, bs.BLOCK_M, bs.BLOCK_N, "forward")
     compiled = torch.compile(flex_attention, dynamic=False)
     bm = create_block_mask(lambda b, h, qi, ki: (ki <= qi) & (qi - ki <= 64), None, None, 256, 256, device=device)
     def descriptors():  # tensor descriptors whatever the size (by default calls this small read through pointers)
@@ -265,7 +265,7 @@ def sweep(shapes, names, device) -> list[dict]:
                 try:
                     attn = az.get(name, **params)
                     call = attn.prepare(q, k, v, causal, None, inputs)
-                    lay = bs.layout_for(attn, call, bs.BLOCK_M, bs.BLOCK_N)
+                    lay = bs.layout_for(attn, call, bs.BLOCK_M, bs.BLOCK_N, "forward")
                     pairs = layout_pairs(lay, s, b, h)
                     def fwd(attn=attn, call=call):  # the backend's forward (a dilated window runs its classes)
                         with torch.no_grad():
@@ -378,14 +378,14 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 row["first_call_s"] = time.perf_counter() - t0
                 call = attn.prepare(q, k, v, causal, None, inputs)
-                lay = bs.layout_for(attn, call, bs.BLOCK_M, bs.BLOCK_N)
+                lay = bs.layout_for(attn, call, bs.BLOCK_M, bs.BLOCK_N, "forward")
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 lattice = bs._lattice(attn, call)  # a dilated window runs as bands on its residue classes
                 parts = (lattice[2][:1] if lattice[1] else lattice[2]) if lattice else [(0, 0, attn, call)]
                 for _, _, variant_, call_ in parts:  # folded classes share one band
-                    bs.build_layout(variant_, call_, bs.BLOCK_M, bs.BLOCK_N)
-                    bs.build_layout(variant_, call_, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N)
+                    bs.build_layout(variant_, call_, bs.BLOCK_M, bs.BLOCK_N, "forward")
+                    bs.build_layout(variant_, call_, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N, "transposed")
                 torch.cuda.synchronize()
                 row["triton_build_ms"] = (time.perf_counter() - t0) * 1e3  # both layouts, as when the ids change
                 pairs = layout_pairs(lay, s, b, h)

@@ -598,7 +598,7 @@ def _launches(d: int, folded: bool, parts):
 def _lattice_forward(q, k, v, d: int, folded: bool, parts, scale: float):
     """(output, [log-sum-exp of each launch]), writing every class's rows of one output."""
     o = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-    lses = [forward(qs(q), ks(k), ks(v), layout_for(band, sub, BLOCK_M, BLOCK_N), scale, out=qs(o))[1]
+    lses = [forward(qs(q), ks(k), ks(v), layout_for(band, sub, BLOCK_M, BLOCK_N, "forward"), scale, out=qs(o))[1]
             for qs, ks, band, sub in _launches(d, folded, parts)]
     return o, lses
 
@@ -621,8 +621,9 @@ class LatticeSparse(torch.autograd.Function):
             (q, dq), (k, dk), (v, dv) = (_with_grad_buffer(x, x.dtype) for x in (q, k, v))
             do = do if do.dtype == q.dtype and do.stride(-1) == 1 else do.to(q.dtype).contiguous()
             for (qs, ks, band, sub), lse in zip(ctx.launches, lses):
-                backward(qs(q), ks(k), ks(v), qs(o), lse, qs(do), layout_for(band, sub, BLOCK_M, BLOCK_N),
-                         layout_for(band, sub, BWD_BLOCK_M, BWD_BLOCK_N), ctx.scale, grads=(qs(dq), ks(dk), ks(dv)))
+                backward(qs(q), ks(k), ks(v), qs(o), lse, qs(do), layout_for(band, sub, BLOCK_M, BLOCK_N, "forward"),
+                         layout_for(band, sub, BWD_BLOCK_M, BWD_BLOCK_N, "transposed"), ctx.scale,
+                         grads=(qs(dq), ks(dk), ks(dv)))
         except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
             _warn_once("backward", err)
             with torch.enable_grad():
@@ -637,7 +638,7 @@ class _MaskTables:
     call: Call
 
     def backward_layout(self) -> Layout:
-        return layout_for(self.variant, self.call, BWD_BLOCK_M, BWD_BLOCK_N)
+        return layout_for(self.variant, self.call, BWD_BLOCK_M, BWD_BLOCK_N, "transposed")
 
     def fallback(self, q, k, v):
         return _fallback(self.variant, q, k, v, self.call)
@@ -694,7 +695,7 @@ def run(variant, q, k, v, call: Call):
             if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
                 return LatticeSparse.apply(q, k, v, *lattice, call.scale, variant, call)
             return _lattice_forward(q, k, v, *lattice, call.scale)[0]
-        lay = layout_for(variant, call, BLOCK_M, BLOCK_N)
+        lay = layout_for(variant, call, BLOCK_M, BLOCK_N, "forward")
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return BlockSparse.apply(q, k, v, lay, call.scale, _MaskTables(variant, call))
         return forward(q, k, v, lay, call.scale)[0]
