@@ -15,8 +15,8 @@ the op count is the proxy for the GPU build time measured on a CPU; the CPU time
     PYTHONPATH=src python benchmarks/table_build.py                          # CPU, 2k and 8k
     PYTHONPATH=src python benchmarks/table_build.py --device cuda --out $OUT/table_build.json
 
---read-only builds each layout with only the lists its kernels read (`build_layout(..., lists="forward")` for the
-forward layout, "transposed" for the dK/dV one) instead of both directions.
+Each layout carries only the lists its kernels read (`build_layout(..., lists="forward")` for the forward layout,
+"transposed" for the dK/dV one), as the backend builds them; --both-lists builds both directions in each.
 """
 from __future__ import annotations
 
@@ -103,8 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None, help="comma-separated row names (default: all)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-flex", action="store_true", help="time only our build")
-    ap.add_argument("--read-only", action="store_true", help="build only the lists the kernels read (lists= "
-                                                             "'forward' / 'transposed'), not both directions")
+    ap.add_argument("--both-lists", action="store_true", help="build both directions' lists in each layout (the "
+                                                              "backend builds only the ones its kernels read)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "table_build.json"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -116,12 +116,12 @@ def main(argv=None) -> int:
             return x
     result = {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(),
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats,
-              "lists": "read only" if args.read_only else "both directions", "rows": []}
+              "lists": "both directions" if args.both_lists else "read only", "rows": []}
     jobs = [(shape, row) for shape in shapes for row in variants(shape[2], shape[0], device)
             if not args.variants or row[0] in args.variants.split(",")]
     for (b, h, s), (row_name, name, params, inputs, causal, mask_mod) in tqdm(jobs, desc="builds", unit="row"):
         row = {"shape": [b, h, s], "variant": row_name}
-        row["ours"] = measure(ours_builder(name, params, inputs, causal, b, h, s, device, args.read_only), device,
+        row["ours"] = measure(ours_builder(name, params, inputs, causal, b, h, s, device, not args.both_lists), device,
                               args.repeats)
         if not args.no_flex:
             row["flex"] = measure(flex_builder(mask_mod, inputs, b, s, device), device, args.repeats)
