@@ -389,8 +389,8 @@ def _last_dim_contiguous(t):
 # How the kernels read the tiles they walk (K, V in the forward and dQ; Q, dO in dK/dV): through tensor descriptors
 # (Hopper's copy engine) where "tma" is on, the head dims are powers of two, the strides 16-byte aligned and the call
 # has at least "tma_min_rows" (batch x class x head x query) rows, else through pointers. On the H200 descriptors
-# made the forward ~10% faster at (4, 16, 8192, 128) but cost ~40 us more host time per launch, which small calls
-# feel. "warp_specialize" splits each forward program into producer and consumer warps (Triton 3.6 fails to compile
+# made the forward ~10% faster at (4, 16, 8192, 128) but cost host time (a bare launch 133 vs 123 us; host-bound
+# calls at (8, 16, 2048, 64) up to 30% slower forward+backward). "warp_specialize" splits each forward program into producer and consumer warps (Triton 3.6 fails to compile
 # it for these loops on Hopper). Set by benchmarks/gpu_structured.py's sweep.
 OPTIONS = {"tma": True, "tma_min_rows": 2**19, "warp_specialize": False}
 
