@@ -20,12 +20,14 @@ Kernels (FlashAttention-2's algorithm, our code): `_fwd` (one program per query 
 softmax in base 2 over the full then the partial tiles; saves the log-sum-exp), `_bwd_delta` (rowsum(O dO)),
 `_bwd_dq` (the forward's walk, dQ = dS K), `_bwd_dkdv` (one program per key block and KV head, walking every query
 head of its group over the transposed lists of a second layout of 64 x 128 tiles, so its products have 128 rows:
-GQA without repeating K/V). Rows with no allowed key give zeros and zero gradients.
-K/V (forward, dQ) and Q/dO (dK/dV) tiles come through tensor descriptors (Hopper's copy engine) where head dims
-are powers of two, else through pointers (`OPTIONS`).
-A dilated window whose heads share one lattice runs as `dilation` bands, one launch each on strided views of the
-queries and keys of one residue class (`LatticeSparse`): its tiles hold only allowed lattice points, where the
-whole sequence's tiles are 1/dilation allowed.
+GQA without repeating K/V; a key block with far more query tiles than the mean, a sink, is split over several
+programs that add into float32 accumulators). Rows with no allowed key give zeros and zero gradients.
+K/V (forward, dQ) and Q/dO (dK/dV) tiles come through tensor descriptors (Hopper's copy engine) on large calls
+whose head dims are powers of two, else through pointers (`OPTIONS`).
+A dilated window whose heads share one lattice runs as `dilation` bands on strided views of the queries and keys
+of each residue class (`LatticeSparse`; the kernels index batch, class, head and position, so one launch runs
+every class where the dilation divides the lengths): its tiles hold only allowed lattice points, where the whole
+sequence's tiles are 1/dilation allowed.
 If a kernel fails to compile or launch, the call falls back to flex (CUDA) or torch with a one-time warning.
 """
 from __future__ import annotations
@@ -390,8 +392,9 @@ def _last_dim_contiguous(t):
 # (Hopper's copy engine) where "tma" is on, the head dims are powers of two, the strides 16-byte aligned and the call
 # has at least "tma_min_rows" (batch x class x head x query) rows, else through pointers. On the H200 descriptors
 # made the forward ~10% faster at (4, 16, 8192, 128) but cost host time (a bare launch 133 vs 123 us; host-bound
-# calls at (8, 16, 2048, 64) up to 30% slower forward+backward). "warp_specialize" splits each forward program into producer and consumer warps (Triton 3.6 fails to compile
-# it for these loops on Hopper). Set by benchmarks/gpu_structured.py's sweep.
+# calls at (8, 16, 2048, 64) up to 30% slower forward+backward). "warp_specialize" splits each forward program into
+# producer and consumer warps (Triton 3.6 fails to compile it for these loops on Hopper). Set by
+# benchmarks/gpu_structured.py's sweep.
 OPTIONS = {"tma": True, "tma_min_rows": 2**19, "warp_specialize": False}
 
 
