@@ -135,6 +135,15 @@ def fwd_bwd(fn, leaves, do):
     return run
 
 
+def cudnn_causal_ms(q, k, v, do, long: bool) -> tuple[float, float]:
+    """(forward, forward+backward) ms of cuDNN's causal SDPA on q, k, v: the baseline of every row."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cudnn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return bench_ms(cudnn, long), bench_ms(fwd_bwd(cudnn, (q, k, v), do), long)
+
+
 def layout_pairs(lay, s: int, batch: int, heads: int) -> float:
     """Allowed (query, key) pairs per (batch, head), exactly, from the kernel's tables."""
     from attnzoo.backends.triton.blocksparse import Layout  # noqa: F401
@@ -246,10 +255,7 @@ def sweep(shapes, names, device) -> list[dict]:
                    for _ in range(3))
         do = torch.randn_like(q)
         long = s >= 32768
-        cudnn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            cf, cfb = bench_ms(cudnn, long), bench_ms(fwd_bwd(cudnn, (q, k, v), do), long)
+        cf, cfb = cudnn_causal_ms(q, k, v, do, long)
         pairs_c = s * (s + 1) / 2
         base = (useful_tflops(pairs_c, b * h, d, d, cf, "fwd"), useful_tflops(pairs_c, b * h, d, d, cfb, "fwd+bwd"))
         rows.append({"shape": [b, h, s, d], "variant": "cudnn causal", "fwd_tflops": base[0], "fwdbwd_tflops": base[1]})
@@ -304,7 +310,6 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true", help="only the forward options' sweep (SWEEP) over --shapes "
                                                            "and --variants, kernels alone")
     args = ap.parse_args(argv)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from attnzoo.backends.triton import blocksparse as bs
@@ -347,9 +352,7 @@ def main(argv=None) -> int:
         long = s >= 32768
         shape = [b, h, s, d]
         try:
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                cudnn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-                cf, cfb = bench_ms(cudnn, long), bench_ms(fwd_bwd(cudnn, (q, k, v), do), long)
+            cf, cfb = cudnn_causal_ms(q, k, v, do, long)
             causal_pairs = s * (s + 1) / 2
             base = {"fwd": useful_tflops(causal_pairs, b * h, d, d, cf, "fwd"),
                     "fwd+bwd": useful_tflops(causal_pairs, b * h, d, d, cfb, "fwd+bwd")}
@@ -381,9 +384,7 @@ def main(argv=None) -> int:
                 lay = bs.layout_for(attn, call, bs.BLOCK_M, bs.BLOCK_N, "forward")
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                lattice = bs._lattice(attn, call)  # a dilated window runs as bands on its residue classes
-                parts = (lattice[2][:1] if lattice[1] else lattice[2]) if lattice else [(0, 0, attn, call)]
-                for _, _, variant_, call_ in parts:  # folded classes share one band
+                for variant_, call_ in bs.table_calls(attn, call):  # a dilated window's: its classes' bands
                     bs.build_layout(variant_, call_, bs.BLOCK_M, bs.BLOCK_N, "forward")
                     bs.build_layout(variant_, call_, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N, "transposed")
                 torch.cuda.synchronize()

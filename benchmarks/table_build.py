@@ -79,9 +79,7 @@ def ours_builder(name: str, params: dict, inputs: dict, causal: bool, b: int, h:
     attn = az.get(name, **params)
     q = torch.empty(1, 1, 1, 1, device=device, dtype=torch.bfloat16).expand(b, h, s, 64)  # shapes only
     call = attn.prepare(q, q, q, causal, None, inputs)
-    # as gpu_structured.py: a dilated window runs as bands on its residue classes, folded ones sharing one band
-    lattice = bs._lattice(attn, call)
-    parts = [(v, c) for _, _, v, c in (lattice[2][:1] if lattice[1] else lattice[2])] if lattice else [(attn, call)]
+    parts = bs.table_calls(attn, call)  # a dilated window's: its residue classes' bands
 
     def build():
         return [(bs.build_layout(v, c, bs.BLOCK_M, bs.BLOCK_N, "forward" if read_only else "both"),

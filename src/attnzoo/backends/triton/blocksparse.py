@@ -547,11 +547,16 @@ class BlockSparse(torch.autograd.Function):
         try:
             dq, dk, dv = backward(q, k, v, o, lse, do, ctx.lay, ctx.tables.backward_layout(), ctx.scale)
         except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
-            _warn_once("backward", err)
-            with torch.enable_grad():
-                leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-                dq, dk, dv = torch.autograd.grad(ctx.tables.fallback(*leaves), leaves, do)
+            dq, dk, dv = _fallback_grads(ctx.tables, q, k, v, do, err)
         return dq, dk, dv, None, None, None
+
+
+def _fallback_grads(tables, q, k, v, do, err: Exception):
+    """dq, dk, dv of `tables.fallback` (another path) after a backward kernel failed, with the one-time warning."""
+    _warn_once("backward", err)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        return torch.autograd.grad(tables.fallback(*leaves), leaves, do)
 
 
 # ---- dilated masks as independent lattice classes ------------------------------------------------------------------
@@ -598,22 +603,33 @@ def _launches(d: int, folded: bool, parts):
     return [((lambda t, a=a: t[:, :, a::d]), (lambda t, r=r: t[:, :, r::d]), band, sub) for a, r, band, sub in parts]
 
 
-def _lattice_forward(q, k, v, d: int, folded: bool, parts, scale: float):
+def table_calls(variant, call: Call) -> list:
+    """The (variant, call) pairs whose tables the backend builds for `call`: a dilated window's residue-class bands
+    (one band when the classes are folded into one launch), else the variant's own."""
+    lattice = _lattice(variant, call)
+    if lattice is None:
+        return [(variant, call)]
+    _, folded, parts = lattice
+    return [(band, sub) for _, _, band, sub in (parts[:1] if folded else parts)]
+
+
+def _lattice_forward(q, k, v, launches, scale: float):
     """(output, [log-sum-exp of each launch]), writing every class's rows of one output."""
     o = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     lses = [forward(qs(q), ks(k), ks(v), layout_for(band, sub, BLOCK_M, BLOCK_N, "forward"), scale, out=qs(o))[1]
-            for qs, ks, band, sub in _launches(d, folded, parts)]
+            for qs, ks, band, sub in launches]
     return o, lses
 
 
 class LatticeSparse(torch.autograd.Function):
-    """A dilated mask's classes under autograd: `apply(q, k, v, d, folded, parts, scale, variant, call)`."""
+    """A dilated mask's classes under autograd: `apply(q, k, v, launches, scale, tables)`, `launches` from
+    `_launches` and `tables` the whole mask's `_MaskTables` (for the fallback)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, d, folded, parts, scale, variant, call):
-        o, lses = _lattice_forward(q, k, v, d, folded, parts, scale)
+    def forward(ctx, q, k, v, launches, scale, tables):
+        o, lses = _lattice_forward(q, k, v, launches, scale)
         ctx.save_for_backward(q, k, v, o, *lses)
-        ctx.launches, ctx.scale, ctx.variant, ctx.call = _launches(d, folded, parts), scale, variant, call
+        ctx.launches, ctx.scale, ctx.tables = launches, scale, tables
         return o
 
     @staticmethod
@@ -628,11 +644,8 @@ class LatticeSparse(torch.autograd.Function):
                          layout_for(band, sub, BWD_BLOCK_M, BWD_BLOCK_N, "transposed"), ctx.scale,
                          grads=(qs(dq), ks(dk), ks(dv)))
         except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch falls back
-            _warn_once("backward", err)
-            with torch.enable_grad():
-                leaves = [t.detach().requires_grad_(True) for t in ctx.saved_tensors[:3]]
-                dq, dk, dv = torch.autograd.grad(_fallback(ctx.variant, *leaves, ctx.call), leaves, do)
-        return dq, dk, dv, None, None, None, None, None, None
+            dq, dk, dv = _fallback_grads(ctx.tables, *ctx.saved_tensors[:3], do, err)
+        return dq, dk, dv, None, None, None
 
 
 @dataclass
@@ -695,9 +708,10 @@ def run(variant, q, k, v, call: Call):
         lattice = _lattice(variant, call)
         if lattice is not None:
             q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+            launches = _launches(*lattice)
             if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-                return LatticeSparse.apply(q, k, v, *lattice, call.scale, variant, call)
-            return _lattice_forward(q, k, v, *lattice, call.scale)[0]
+                return LatticeSparse.apply(q, k, v, launches, call.scale, _MaskTables(variant, call))
+            return _lattice_forward(q, k, v, launches, call.scale)[0]
         lay = layout_for(variant, call, BLOCK_M, BLOCK_N, "forward")
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return BlockSparse.apply(q, k, v, lay, call.scale, _MaskTables(variant, call))
@@ -708,4 +722,4 @@ def run(variant, q, k, v, call: Call):
 
 
 __all__ = ["BLOCK_M", "BLOCK_N", "BlockSparse", "LatticeSparse", "Layout", "backward", "build_layout", "forward",
-           "layout_for", "run", "serves", "stats", "tile_lists", "why_not"]
+           "layout_for", "run", "serves", "stats", "table_calls", "tile_lists", "why_not"]
