@@ -95,13 +95,15 @@ def assert_reference_rule(attn, q, k, v, causal, dtype, backend="torch", **input
 
 
 # The end of the block-sparse kernels' interpreter scripts: a failing backward kernel must fall back (right
-# gradients; the script defines `check`, `worst`, `bs` and FALLBACK_CASE), then every error within tolerance.
+# gradients; the script defines `check`, `worst`, `bs` and FALLBACK_CASES, a list of its cases), then every error
+# within tolerance.
 BACKWARD_FALLBACK_AND_REPORT = """
 def boom(*a, **k):
     raise RuntimeError("simulated")
 bs.backward = boom
 warnings.simplefilter("ignore", RuntimeWarning)
-check("float32.fallback", *FALLBACK_CASE)
+for i, case in enumerate(FALLBACK_CASES):
+    check(f"float32.fallback.{i}", *case)
 print("WORST", worst)
 bad = {k: v for k, v in worst.items() if v > (1e-5 if k.startswith("float32") else 1.5e-2)}
 assert not bad, bad

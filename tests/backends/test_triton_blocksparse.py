@@ -209,8 +209,10 @@ INTERPRETED = textwrap.dedent(r"""
                     {"document_ids": kd, "q_document_ids": qd}, torch.float32)
     assert (o[:, :, 5:] == 0).all() and (ours[0].grad[:, :, 5:] == 0).all()
 
-    # a backward kernel failure falls back (right gradients, one warning): BACKWARD_FALLBACK_AND_REPORT
-    FALLBACK_CASE = (az.get("sliding_window", window=9), True, 1, 2, 1, 40, 40, 16, 16, {}, torch.float32)
+    # a backward kernel failure falls back (right gradients, one warning): BACKWARD_FALLBACK_AND_REPORT, through
+    # BlockSparse and through LatticeSparse (folded residue classes)
+    FALLBACK_CASES = [(az.get("sliding_window", window=9), True, 1, 2, 1, 40, 40, 16, 16, {}, torch.float32),
+                      (az.get("dilated_window", window=5, dilation=3), True, 1, 2, 1, 48, 48, 16, 16, {}, torch.float32)]
 """) + BACKWARD_FALLBACK_AND_REPORT
 
 

@@ -159,7 +159,7 @@ INTERPRETED = textwrap.dedent(r"""
             if dtype == torch.float16 and tag != "moba128":
                 continue
             check(f"{str(dtype)[6:]}.{tag}", attn, causal, b, hq, hkv, sq, sk, d, dv, dtype)
-    FALLBACK_CASE = (az.get("moba", block_size=64, top_k=2), True, 1, 2, 1, 100, 100, 16, 16, torch.float32)
+    FALLBACK_CASES = [(az.get("moba", block_size=64, top_k=2), True, 1, 2, 1, 100, 100, 16, 16, torch.float32)]
 """) + BACKWARD_FALLBACK_AND_REPORT
 
 
