@@ -32,7 +32,6 @@ If a kernel fails to compile or launch, the call falls back to flex (CUDA) or to
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -40,6 +39,7 @@ import torch
 
 from ...core.checks import Shapes
 from ...core.variant import Call, SoftmaxVariant
+from .linear import _interpreting
 from .tables import Layout, build_layout, layout_for, stats, tile_lists  # noqa: F401 - re-exported
 
 try:
@@ -62,10 +62,6 @@ BLOCK_N = 64   # keys a tile (a multiple of 32: one int32 word per 32 keys of a 
 BWD_BLOCK_M = 64
 BWD_BLOCK_N = 128
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ---- kernels ----------------------------------------------------------------------------------------------------------
