@@ -120,18 +120,17 @@ def build_layout(variant: SoftmaxVariant, call: Call, block_m: int, block_n: int
                   hp * nq if bp > 1 else 0, nq if hp > 1 else 0, hp * nk if bp > 1 else 0, nk if hp > 1 else 0)
 
 
-_BIT_WEIGHTS: dict = {}
+@made_once
+def _bit_weights(device) -> torch.Tensor:
+    """int32 (32,): 2^c for bit c, 2^31 as -2^31, made once per device (shared: never modify it)."""
+    return torch.tensor([1 << c for c in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device)
 
 
 def _pack_bits(m: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """bool (..., n) with n a multiple of 32 -> int32 (..., n / 32), bit c of word w = element 32 w + c (into `out`
-    when given). One multiply and one sum: the int32 weights 2^c, 2^31 as -2^31, never overflow a word's sum."""
-    key = (m.device.type, m.device.index)
-    weights = _BIT_WEIGHTS.get(key)
-    if weights is None:
-        weights = _BIT_WEIGHTS[key] = torch.tensor([1 << c for c in range(31)] + [-(1 << 31)], dtype=torch.int32,
-                                                   device=m.device)
-    return torch.sum(m.reshape(*m.shape[:-1], m.shape[-1] // 32, 32) * weights, -1, dtype=torch.int32, out=out)
+    when given). One multiply and one sum: the int32 weights never overflow a word's sum."""
+    return torch.sum(m.reshape(*m.shape[:-1], m.shape[-1] // 32, 32) * _bit_weights(m.device), -1, dtype=torch.int32,
+                     out=out)
 
 
 @made_once
