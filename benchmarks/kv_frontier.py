@@ -7,8 +7,8 @@ quantization alone, against the uncompressed model in the same run (issue 23's f
     python benchmarks/kv_frontier.py --presses kvpress --compare kvpress --others 0 --out results/kv_vs_kvpress
         # in an environment with kvpress and a transformers it admits (kvpress 0.5.5: transformers<5.3)
 
-Every press here compresses after each layer's attention, so the uncompressed prefill is computed
-once per sample and replayed for each press (`evaluate(share_prefill=True)`): same caches and answers.
+Presses that compress after each layer's attention replay the uncompressed prefill, computed once per
+sample (`evaluate(share_prefill=True)`): same caches and answers; kvzip runs its own prefill.
 Writes results.json (records + summary, after every sample) and report.html; prints the table.
 """
 from __future__ import annotations
@@ -64,7 +64,16 @@ def kvpress_presses() -> list:
         kv.compose(kv.get("razor", ratio=0.78)), kv.get("razor", ratio=0.78) + q4, kv.compose(q4)]
 
 
-PRESS_SETS = {"main": presses, "retrieval": retrieval_presses, "core": core_presses, "kvpress": kvpress_presses}
+def kvzip_presses() -> list:
+    """KVzip's context-reconstruction scores (query-agnostic by design): eviction alone at <= 0.25 of the bytes, with
+    int4 or int8 storage at <= 0.10 and <= 0.05. They re-run the model on the repeated context, so they are not replayed."""
+    q4, q8 = kv.get("kv_quant", bits=4), kv.get("kv_quant", bits=8)
+    return [kv.compose(kv.get("kvzip", ratio=0.75)), kv.get("kvzip", ratio=0.4) + q4, kv.get("kvzip", ratio=0.7) + q4,
+            kv.get("kvzip", ratio=0.65) + q8, kv.get("kvzip", ratio=0.82) + q8]
+
+
+PRESS_SETS = {"main": presses, "retrieval": retrieval_presses, "core": core_presses, "kvpress": kvpress_presses,
+              "kvzip": kvzip_presses}
 
 
 def markdown(summary: list[dict]) -> str:
@@ -92,6 +101,7 @@ def main():
     ap.add_argument("--presses", choices=sorted(PRESS_SETS), default="main")
     ap.add_argument("--depths", default="", help="only passkey samples at these depths (e.g. 0.5,0.7,0.9)")
     ap.add_argument("--settings", default=",".join(evaluate.SETTINGS))
+    ap.add_argument("--only", default="", help="only the set's presses whose label contains one of these (comma-separated)")
     ap.add_argument("--out", type=Path, default=Path("results/kv_frontier"))
     ap.add_argument("--compare", choices=["kvpress"], default=None,
                     help="also run kvpress's versions of the shared methods at 0.75 on the same samples (needs kvpress "
@@ -108,6 +118,8 @@ def main():
         keep = {float(x) for x in args.depths.split(",")}
         samples = [s for s in samples if s.task != "passkey" or s.depth in keep]
     press_list = PRESS_SETS[args.presses]()
+    if args.only:
+        press_list = [p for p in press_list if any(part in p.label for part in args.only.split(","))]
     compared = {}
     if args.compare == "kvpress":
         from importlib.metadata import version

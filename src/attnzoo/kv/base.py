@@ -98,6 +98,17 @@ class CacheNotRead(RuntimeError):
 
 
 @dataclass
+class Probe:
+    """Tokens a press appended to the prefill forward (`KVPress.probe_ids`) to score the context by: their
+    queries and keys at one layer. They attend to every context slot and causally to each other; their
+    own entries are never kept."""
+
+    query: torch.Tensor  # (B, Hq, R, D)
+    keys: torch.Tensor   # (B, Hkv, R, D)
+    valid: torch.Tensor  # (B, R) bool: real (non-padding) probe tokens
+
+
+@dataclass
 class Step:
     """One layer's attention call inside a forward, with the layer's whole cache (this forward's tokens included)."""
 
@@ -118,6 +129,7 @@ class Step:
     scaling: float
     prefill: bool
     session: "PressSession"
+    probe: Probe | None = None  # the press's probe tokens of this prefill (see KVPress.probe_ids), else None
 
     @property
     def groups(self) -> int:
@@ -148,6 +160,40 @@ class Step:
         p = torch.softmax(logits + allowed.unsqueeze(2), dim=-1).nan_to_num(0.0)
         p = p * self.query_valid[:, rows].view(b, 1, 1, nq, 1)
         return p.view(b, hq, nq, s)
+
+    def probe_log_attention(self, rows: slice = slice(None)) -> torch.Tensor:
+        """(B, Hq, r, S) float32 log attention probabilities of the probe's queries `rows` over every slot: one
+        softmax over the slots (with their masks and biases; all precede the probe) and, causally, the
+        probe's own keys, whose share is left out; -inf for masked slots and padding probe tokens."""
+        probe = self.probe
+        q = probe.query[:, :, rows]
+        b, hq, nq, d = q.shape
+        hk, s, r = self.keys.shape[1], self.keys.shape[2], probe.keys.shape[2]
+        q = q.float().reshape(b, hk, self.groups * nq, d)
+        to_slots = torch.baddbmm(self.bias.float().unsqueeze(2).expand(-1, -1, q.shape[2], -1).reshape(b * hk, -1, s),
+                                 q.reshape(b * hk, -1, d), self.keys.float().reshape(b * hk, s, d).transpose(-1, -2),
+                                 alpha=self.scaling).view(b, hk, self.groups, nq, s)
+        own = torch.arange(r, device=q.device)[rows]
+        r = int(own[-1]) + 1  # causal: probe keys after the rows' last one are never visible to them
+        visible = (torch.arange(r, device=q.device) <= own.view(-1, 1)).unsqueeze(0) & probe.valid[:, :r].unsqueeze(1)
+        to_probe = (q @ probe.keys[:, :, :r].float().transpose(-1, -2)).view(b, hk, self.groups, nq, r) * self.scaling
+        to_probe = to_probe.masked_fill(~visible.view(b, 1, 1, nq, r), -math.inf)
+        # the normaliser without concatenating the two parts (the rows are long)
+        lse = torch.logaddexp(torch.logsumexp(to_slots, -1), torch.logsumexp(to_probe, -1)).unsqueeze(-1)
+        real = probe.valid[:, rows].view(b, 1, 1, nq, 1) & (lse > -math.inf)
+        return (to_slots - lse).masked_fill(~real, -math.inf).reshape(b, hq, nq, s)
+
+    def context(self, n_probe: int) -> "Step":
+        """This step without the last `n_probe` queries and slots (the probe this forward appended), which
+        become its `probe`."""
+        c = self.keys.shape[2] - n_probe
+        cut = lambda t: t[..., :c]
+        probe = Probe(self.query[:, :, -n_probe:], self.keys[:, :, c:], self.query_valid[:, -n_probe:])
+        return dataclasses.replace(
+            self, query=self.query[:, :, :-n_probe], keys=self.keys[:, :, :c], values=self.values[:, :, :c],
+            index=cut(self.index), bias=cut(self.bias), extra={k: cut(t) for k, t in self.extra.items()},
+            query_index=self.query_index[:-n_probe], query_valid=self.query_valid[:, :-n_probe],
+            query_position=self.query_position[:, :-n_probe], probe=probe)
 
     def n_keep(self, ratio: float) -> torch.Tensor:
         """(B,) entries each row keeps at `ratio`."""
@@ -269,6 +315,17 @@ class KVPress(Configurable):
         """(B, Hq or Hkv, Sq, S) bool: slots each query may read this forward; None reads all."""
         return None
 
+    def probe_ids(self, input_ids: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Tokens to append to the prefill of `input_ids` (B, L) with real tokens `valid` (B, L): ((B, R) ids,
+        (B, R) bool valid), or None. The session runs them in the same forward, after the context; `keep`
+        then sees their queries and keys at each layer as `step.probe`, the step itself holding the context
+        only; they are never kept, and the forward's logits are the context's. Default: none."""
+        return None
+
+    @property
+    def probes(self) -> bool:
+        return type(self).probe_ids is not KVPress.probe_ids
+
 
 PRESSES: Registry[type[KVPress]] = Registry("KV-cache method")
 
@@ -345,6 +402,8 @@ class _Forward:
     valid: torch.Tensor       # (B, length) bool
     position: torch.Tensor    # (B, length) position ids
     prefill: bool
+    probe: int = 0            # trailing probe tokens the press appended (KVPress.probe_ids); not context
+    logits_of: int = 0        # when > 0, the output's logits are cut to the first `logits_of` positions
     all_valid: bool = field(init=False)  # computed once: every layer asks
 
     def __post_init__(self):
@@ -445,13 +504,46 @@ class PressSession:
             raise ValueError("attnzoo.kv needs a 2D attention_mask (batch, tokens) or none; got a "
                              f"{mask.dim()}D mask")
         valid = torch.ones(batch, length, dtype=torch.bool) if mask is None else mask[:, -length:].bool().cpu()
-        if kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = torch.arange(self._seen, self._seen + length,
-                                                  device=shape_src.device).unsqueeze(0).expand(batch, -1)
-        position = kwargs["position_ids"].reshape(-1, length).expand(batch, -1)
-        self._forward = _Forward(self._seen, length, valid, position, prefill=not self._slots)
         self._real_seen = self._real_seen + valid.sum(1)
+        prefill = not self._slots
+        probe = None
+        if prefill and self.press.active and self.press.probes:
+            if ids is None or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+                raise ValueError(f"{self.press.label} appends probe tokens to the prefill: call the model with "
+                                 "input_ids and without output_attentions / output_hidden_states")
+            probe = self.press.probe_ids(ids, valid)
+        if probe is not None:
+            args, kwargs, valid = self._append_probe(args, kwargs, ids, valid, *probe)
+        if kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = torch.arange(self._seen, self._seen + valid.shape[1],
+                                                  device=shape_src.device).unsqueeze(0).expand(batch, -1)
+        position = kwargs["position_ids"].reshape(-1, valid.shape[1]).expand(batch, -1)
+        self._forward = _Forward(self._seen, valid.shape[1], valid, position, prefill=prefill,
+                                 probe=valid.shape[1] - length, logits_of=length if probe is not None else 0)
         return args, kwargs
+
+    def _append_probe(self, args, kwargs, ids, valid, probe, probe_valid):
+        """The forward's inputs with the press's probe tokens appended (positions, masks, and the logits
+        asked for, which stay the context's)."""
+        batch, length = ids.shape
+        if probe.shape[0] != batch or probe_valid.shape != probe.shape:
+            raise RuntimeError(f"{self.press.label}: probe_ids returned ids {tuple(probe.shape)} and valid "
+                               f"{tuple(probe_valid.shape)} for {batch} rows")
+        r = probe.shape[1]
+        if "input_ids" not in kwargs:  # given by position: from here it travels as a keyword
+            args = args[1:]
+        kwargs["input_ids"] = torch.cat([ids, probe.to(ids.device)], dim=1)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = torch.cat([mask, probe_valid.to(mask)], dim=1)
+        after = lambda t: t[..., -1:] + torch.arange(1, r + 1, device=t.device)
+        for name in ("position_ids", "cache_position"):  # cache_position: transformers < 5.24
+            if kwargs.get(name) is not None:
+                kwargs[name] = torch.cat([kwargs[name], after(kwargs[name])], dim=-1)
+        keep = kwargs.get("logits_to_keep", 0)
+        if isinstance(keep, int) and keep > 0:  # the last `keep` context positions, not the probe's
+            kwargs["logits_to_keep"] = torch.arange(max(0, length - keep), length, device=ids.device)
+        return args, kwargs, torch.cat([valid, probe_valid.cpu()], dim=1)
 
     def _make_ragged(self, cache) -> None:
         """Give `cache` ragged layers (empty ones are replaced; ragged ones are adopted)."""
@@ -470,9 +562,12 @@ class PressSession:
             layer.reader = self
 
     def _after_forward(self, module, args, kwargs, output):
-        if self._forward is not None:
-            self._seen += self._forward.length
+        fwd = self._forward
+        if fwd is not None:
+            self._seen += fwd.length - fwd.probe
             self._forward = None
+            if fwd.logits_of and output is not None and output.logits.shape[1] > fwd.logits_of:
+                output.logits = output.logits[:, :fwd.logits_of]
         return output
 
     # -- per-layer hook ------------------------------------------------------------------------------
@@ -501,6 +596,8 @@ class PressSession:
                     key, value = self._padded_view(cache_layer, key, value)
             with torch.no_grad():
                 step = self._step(layer, module, fwd, query, key, value, scaling)
+                if fwd.probe:
+                    step = step.context(fwd.probe)
                 read = self.press.read(step) if self.press.active else None
                 if self.press.active and self.press.kind == "read" and not fwd.prefill:
                     self._count_reads(step, read)  # layers left dense (read None) count as reading everything
@@ -511,7 +608,10 @@ class PressSession:
                 out = call_next(query, key, value, attention_mask_for(step, read))
             if self.press.active and (fwd.prefill or "decode" in self.press.stages):
                 with torch.no_grad():
-                    self._apply(step, self.press.keep(step))
+                    selection = self.press.keep(step)
+                    # the probe's own entries leave the cache even when the press keeps every context entry
+                    self._apply(step, step.valid if selection is None and fwd.probe else selection,
+                                cut=bool(fwd.probe))
             slots = self._slots[layer]
             if fwd.prefill:
                 slots.budget = (slots.bias > -math.inf).sum(-1)
@@ -588,12 +688,13 @@ class PressSession:
         self.read_counts[0] += int((read & visible).sum())
         self.read_counts[1] += int(visible.sum())
 
-    def _apply(self, step: Step, selection) -> None:
-        """Keep the selected slots of `step.layer` (packed to the front, per row and head) in the cache."""
+    def _apply(self, step: Step, selection, cut: bool = False) -> None:
+        """Keep the selected slots of `step.layer` (packed to the front, per row and head) in the cache; `cut`:
+        the cache holds more than `step`'s slots (a probe), so it is rewritten even if nothing is dropped."""
         if selection is None:
             return
         quantized = self.layout == "ragged" and self.press.quantization() is not None
-        kept = selection if isinstance(selection, Step) else restrict(step, selection, keep_all=quantized)
+        kept = selection if isinstance(selection, Step) else restrict(step, selection, keep_all=quantized or cut)
         if kept is None:
             return  # nothing valid dropped: leave the cache (and the model's own masks) untouched
         slots = self._slots[step.layer]
@@ -617,7 +718,7 @@ class PressSession:
     def replays_prefill(self) -> bool:
         """Whether this press's prefill output is the uncompressed model's (it compresses only after each
         layer's attention and reads everything): then one shared prefill serves every such press."""
-        return type(self.press).read is KVPress.read
+        return type(self.press).read is KVPress.read and not self.press.probes
 
     @torch.no_grad()
     def replay_prefill(self, input_ids: torch.Tensor, captured: dict, cache) -> None:

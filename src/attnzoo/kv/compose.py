@@ -39,6 +39,9 @@ class Pipeline(KVPress):
         if bad:
             raise ValueError(f"compose: read-sparse presses ({', '.join(bad)}) remove nothing from memory; compose "
                              "eviction presses and kv_quant")
+        probing = [p.name for p in flat if p.probes]
+        if len(probing) > 1:
+            raise ValueError(f"compose: at most one part may append probe tokens to the prefill; got {probing}")
         self.parts = tuple(flat)
         self.evictions = tuple(p for p in flat if p.kind == "evict")
         self.quant = flat[-1] if quant else None
@@ -72,6 +75,13 @@ class Pipeline(KVPress):
     def on_new_cache(self, cache, n_layers):
         for p in self.evictions:
             p.on_new_cache(cache, n_layers)
+
+    @property
+    def probes(self) -> bool:
+        return any(p.probes and p.active for p in self.evictions)
+
+    def probe_ids(self, input_ids, valid):
+        return next((p.probe_ids(input_ids, valid) for p in self.evictions if p.probes and p.active), None)
 
     def keep(self, step: Step) -> Step | None:
         """What the parts keep, applied in order: the last part's restricted Step."""

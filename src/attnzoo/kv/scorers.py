@@ -293,3 +293,85 @@ class ExpectedAttentionPress(ScorePress):
         logits = logits.masked_fill(~step.valid.repeat_interleave(step.groups, dim=1), -math.inf)
         expected = step.group_mean(torch.softmax(logits, dim=-1).nan_to_num(0.0))
         return (expected * step.values.to(dt).norm(dim=-1)).masked_fill(first_slots(step, self.sinks), math.inf)
+
+
+def chat_turn(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids (before, after) of a user turn's content in `tokenizer`'s chat template, the assistant's
+    turn opened after it; ([], ids of a newline) without a template."""
+    marker = "\x00CONTENT\x00"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                             add_generation_prompt=True)
+        before, after = text.split(marker)
+    else:
+        before, after = "", "\n"
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
+    return enc(before), enc(after)
+
+
+@register
+class KVzipPress(ScorePress):
+    name = "kvzip"
+    paper = Paper("KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction", 2025, "2505.23416")
+    summary = ("Query-agnostic: the prefill also runs the model on a request to repeat the context, then the context "
+               "itself (teacher-forced, in the same forward, never kept). An entry scores the largest attention any "
+               "of those reconstruction queries of its KV group gives it (softmax over the context and the "
+               "reconstruction so far). Each layer keeps its best entries over all its KV heads together (per-head "
+               "budgets: the ragged layout saves their bytes), the first `sinks` tokens always. Costs a second "
+               "prefill of the context.")
+    layout = "ragged"
+    needs_tokenizer = True
+    params = KVPress.params + (
+        nonneg_int("sinks", 4, "initial tokens always kept (KVzip: 4)"),
+        Param("head_budgets", True, "rank a layer's KV heads together, so each head keeps as many entries as its "
+              "scores earn (KVzip's non-uniform heads); False: every head keeps the same number", (bool,)),
+        Param("request", "\n\nRepeat the previous context exactly.", "what the model is asked before it repeats the "
+              "context (KVzip's wording); closed by the chat template's end of turn", (str,), lambda v: bool(v.strip()),
+              "a non-empty string"),
+    )
+    rows = 256  # reconstruction queries scored at a time (bounds the (queries x slots) block)
+
+    def prepare(self, model, tokenizer):
+        if tokenizer is None:
+            raise ValueError("kvzip asks the model to repeat its context, which needs the model's tokenizer: "
+                             "press(model, tokenizer)")
+        before, after = chat_turn(tokenizer)
+        self._template_head = torch.tensor(before, dtype=torch.long)
+        self._request = torch.tensor(tokenizer(self.request, add_special_tokens=False)["input_ids"] + after,
+                                     dtype=torch.long)
+
+    def probe_ids(self, input_ids, valid):
+        """Per row: the request, then the row's real context tokens without the chat template's opening; rows
+        padded on the right (after every real token, so each row sees its probe as it would alone)."""
+        head = self._template_head.tolist()
+        rows = []
+        for ids, ok in zip(input_ids.tolist(), valid.tolist()):
+            real = [t for t, v in zip(ids, ok) if v]
+            rows.append(self._request.tolist() + (real[len(head):] if real[:len(head)] == head else real))
+        n = max(len(r) for r in rows)
+        probe = torch.zeros(len(rows), n, dtype=torch.long)
+        probe_valid = torch.zeros(len(rows), n, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            probe[i, :len(r)], probe_valid[i, :len(r)] = torch.tensor(r), True
+        return probe.to(input_ids.device), probe_valid
+
+    def score(self, step):
+        if step.probe is None:
+            raise RuntimeError("kvzip scores entries by the attention of its reconstruction tokens, which only a "
+                               "session's prefill runs (with press(model, tokenizer): ...)")
+        b, hkv, s = step.bias.shape
+        best = torch.full((b, hkv, s), -math.inf, device=step.bias.device)
+        for start in range(0, step.probe.query.shape[2], self.rows):
+            logp = step.probe_log_attention(slice(start, start + self.rows))  # (B, Hq, rows, S)
+            best = torch.maximum(best, logp.amax(2).view(b, hkv, step.groups, s).amax(2))
+        return best.exp().masked_fill(first_slots(step, self.sinks), math.inf)
+
+    def keep(self, step):
+        if not self.head_budgets or self.budgets is not None:
+            return super().keep(step)
+        count = self.count(step)  # (B,): per head on average; the layer's heads share count * Hkv
+        b, hkv, s = step.bias.shape
+        if bool((step.valid.sum(-1) <= count.view(-1, 1)).all()):
+            return None
+        scores = self.score(step).float().masked_fill(~step.valid, -math.inf)
+        return topk_mask(scores.reshape(b, 1, hkv * s), count * hkv).view(b, hkv, s)
