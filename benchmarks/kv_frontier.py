@@ -6,6 +6,8 @@ quantization alone, against the uncompressed model in the same run (issue 23's f
     python benchmarks/kv_frontier.py --passkey 2 --others 0 --out /tmp/x   # a quick look
     python benchmarks/kv_frontier.py --presses kvpress --compare kvpress --others 0 --out results/kv_vs_kvpress
         # in an environment with kvpress and a transformers it admits (kvpress 0.5.5: transformers<5.3)
+    python benchmarks/kv_frontier.py --presses kvzip --only "kvzip(0.75)" --compare kvpress --others 0 --out DIR
+        # attnzoo's kvzip against kvpress's KVzipPress at 0.75, same samples
 
 Presses that compress after each layer's attention replay the uncompressed prefill, computed once per
 sample (`evaluate(share_prefill=True)`): same caches and answers; kvzip runs its own prefill.
@@ -68,7 +70,7 @@ def kvzip_presses() -> list:
     """KVzip's context-reconstruction scores (query-agnostic by design): eviction alone at <= 0.25 of the bytes, with
     int4 or int8 storage at <= 0.10 and <= 0.05. They re-run the model on the repeated context, so they are not replayed."""
     q4, q8 = kv.get("kv_quant", bits=4), kv.get("kv_quant", bits=8)
-    return [kv.compose(kv.get("kvzip", ratio=0.75)), kv.get("kvzip", ratio=0.4) + q4, kv.get("kvzip", ratio=0.7) + q4,
+    return [kv.compose(kv.get("kvzip", ratio=0.75)), kv.compose(kv.get("kvzip", ratio=0.76)), kv.get("kvzip", ratio=0.4) + q4, kv.get("kvzip", ratio=0.7) + q4,
             kv.get("kvzip", ratio=0.65) + q8, kv.get("kvzip", ratio=0.82) + q8]
 
 
@@ -127,7 +129,8 @@ def main():
         import transformers
         from attnzoo.kv.compare import kvpress_presses as theirs
 
-        adapters, note = theirs(list(SHARED_WITH_KVPRESS), [0.75])
+        shared = ("kvzip",) if args.presses == "kvzip" else SHARED_WITH_KVPRESS
+        adapters, note = theirs(list(shared), [0.75])
         if not adapters:
             raise SystemExit(f"--compare kvpress: {note}")
         compared = {"kvpress": version("kvpress"), "transformers": transformers.__version__, "note": note}

@@ -126,3 +126,48 @@ def test_kvpress_forwards_after_compression_continue_the_positions(monkeypatch):
         handle.remove()
     assert [p.tolist() for p in seen[1:]] == [[[200]], [[201]]]
     assert session.stats()["tokens"] == 202 * 3 * 2  # tokens seen x layers x KV heads
+
+
+def test_a_kvpress_press_that_compresses_on_exit_is_closed_after_the_prefill(monkeypatch):
+    """kvpress's KVzipPress scores the context with forwards of its own when its context manager exits, as
+    kvpress's pipeline exits it after the prefill; the adapter exits it at the forward after the prefill.
+    Its scoring forwards are not counted as tokens seen, and the entries it masks (it removes none) count
+    as removed while their bytes stay held."""
+    from kv_tiny import tiny_llama
+    from transformers import DynamicCache
+
+    from attnzoo.kv.base import with_cache
+
+    _fake_kvpress(monkeypatch)
+    events = []
+
+    class KVzipPress:
+        def __init__(self, compression_ratio):
+            self.compression_ratio = compression_ratio
+
+        @contextlib.contextmanager
+        def __call__(self, model):
+            yield
+            events.append("exit")
+            model(input_ids=torch.zeros(1, 5, dtype=torch.long), **with_cache(model, self.cache))  # its scoring
+            for _, m in compare.hf.attention_modules(model):
+                m.masked_key_indices = (torch.zeros(50, dtype=torch.long),) * 3  # 50 of each layer's entries
+
+    sys.modules["kvpress"].KVzipPress = KVzipPress
+    model = tiny_llama()
+    (adapter,), _ = compare.kvpress_presses(["kvzip"], [0.5])
+    cache = DynamicCache(config=model.config)
+    adapter.press.cache = cache
+    ids = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), adapter(model) as session:
+        handle = model.register_forward_pre_hook(lambda m, a, k: events.append(k["input_ids"].shape[1]),
+                                                 with_kwargs=True)  # runs after the adapter's own pre-hook
+        model(input_ids=ids, **with_cache(model, cache))
+        model(input_ids=ids[:, :1], **with_cache(model, cache))
+        handle.remove()
+    assert events == [100, "exit", 5, 1]  # prefill, kvpress's exit and its scoring forward, then the question
+    stats = session.stats()
+    assert stats["tokens"] == 101 * 3 * 2 and stats["slots"] == 106 * 3 * 2  # the scoring's 5 are held, not seen
+    assert stats["entries"] == stats["slots"] - 3 * 50
+    for _, m in compare.hf.attention_modules(model):
+        del m.masked_key_indices

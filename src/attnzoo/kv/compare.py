@@ -11,12 +11,15 @@ import importlib.util
 
 import torch
 
+from .. import hf
 from .base import cache_bytes
 
 # attnzoo name -> kvpress class, for the methods both have
 KVPRESS_CLASSES = {"snapkv": "SnapKVPress", "tova": "TOVAPress", "streaming_llm": "StreamingLLMPress",
                    "knorm": "KnormPress", "expected_attention": "ExpectedAttentionPress",
-                   "pyramidkv": "PyramidKVPress", "random": "RandomPress"}
+                   "pyramidkv": "PyramidKVPress", "random": "RandomPress", "kvzip": "KVzipPress"}
+# kvpress presses that score the prefilled context with forwards of their own when their context manager exits
+COMPRESS_ON_EXIT = ("KVzipPress",)
 
 
 def kvpress_module():
@@ -107,9 +110,15 @@ class KVPressSession:
         self.press, self.model = press, model
         self.cache, self.tokens = None, 0
         self._stack = contextlib.ExitStack()
+        self._press_stack = contextlib.ExitStack()
+        # KVzipPress compresses when its context exits, as kvpress's pipeline exits it after the prefill:
+        # here that is at the forward after the prefill (its own scoring forwards pass through `_note` untouched)
+        self._on_exit = type(press).__name__ in COMPRESS_ON_EXIT
+        self._closing = False
 
     def __enter__(self):
-        self._stack.enter_context(self.press(self.model))
+        self._press_stack.enter_context(self.press(self.model))
+        self._stack.callback(self._press_stack.close)
         handle = self.model.register_forward_pre_hook(self._note, with_kwargs=True)
         self._stack.callback(handle.remove)
         return self
@@ -118,6 +127,14 @@ class KVPressSession:
         return self._stack.__exit__(*exc)
 
     def _note(self, module, args, kwargs):
+        if self._closing:
+            return args, kwargs
+        if self._on_exit and self.tokens:
+            self._closing = True
+            try:
+                self._press_stack.close()
+            finally:
+                self._closing = False
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and cache is not self.cache:
             self.cache, self.tokens = cache, 0
@@ -130,8 +147,12 @@ class KVPressSession:
 
     def stats(self) -> dict:
         layers = [l for l in self.cache.layers if getattr(l, "is_initialized", False)] if self.cache else []
-        entries = sum(l.keys.shape[0] * l.keys.shape[1] * l.keys.shape[2] for l in layers if l.keys is not None)
+        held = sum(l.keys.shape[0] * l.keys.shape[1] * l.keys.shape[2] for l in layers if l.keys is not None)
         heads = layers[0].keys.shape[1] if layers else 0
         tokens = self.tokens * len(layers) * heads
-        return {"bytes": cache_bytes(self.cache) if self.cache else 0, "slots": entries, "entries": entries,
-                "tokens": tokens, "removed": 1 - entries / tokens if tokens else 0.0, "read_fraction": None}
+        # presses that mask entries instead of removing them (KVzipPress, AdaKV-style) hold them all: the
+        # bytes stay, the masked entries count as removed
+        masked = [getattr(m, "masked_key_indices", None) for _, m in hf.attention_modules(self.model)]
+        kept = held - sum(len(m[0]) for m in masked if m is not None)
+        return {"bytes": cache_bytes(self.cache) if self.cache else 0, "slots": held, "entries": kept,
+                "tokens": tokens, "removed": 1 - kept / tokens if tokens else 0.0, "read_fraction": None}
