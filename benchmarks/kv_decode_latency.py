@@ -36,6 +36,8 @@ def methods() -> dict:
         "expected_attention 0.5 + int4": (kv.get("expected_attention", ratio=0.5) + q4, None),
         "snapkv 0.65 + int2": (kv.get("snapkv", ratio=0.65) + q2, None),
         "kv_quant int4 (KIVI layer)": (kv.get("kv_quant", bits=4), None),
+        "kvzip 0.76 (ragged)": (kv.get("kvzip", ratio=0.76), "ragged"),
+        "kvzip 0.7 + int4": (kv.get("kvzip", ratio=0.7) + q4, None),
     }
 
 

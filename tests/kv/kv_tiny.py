@@ -27,6 +27,18 @@ def tiny_llama(vocab: int = 256, layers: int = 3, seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
+class CharTokenizer:
+    """A tokenizer for the 256-token tiny models, for presses that need one (kvzip): one id per character,
+    no chat template."""
+
+    chat_template = None
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        out = [ord(c) % 256 for c in text]
+        return {"input_ids": torch.tensor([out]) if return_tensors == "pt" else out}
+
+
 def ids(n: int, vocab: int = 256, seed: int = 1, batch: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, n), generator=gen)

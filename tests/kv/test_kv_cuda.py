@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kv_tiny import greedy_logits, ids, tiny_llama
+from kv_tiny import CharTokenizer, greedy_logits, ids, tiny_llama
 
 import attnzoo.kv as kv
 
@@ -51,3 +51,17 @@ def test_ratio_zero_is_exact_on_the_gpu(llama, name):
     base = greedy_logits(llama, x, steps=3)
     ours = greedy_logits(llama, x, steps=3, press=_press(name, 0.0))
     assert all(torch.equal(a, b) for a, b in zip(base, ours))
+
+
+def test_kvzip_keeps_on_the_gpu_what_it_keeps_on_the_cpu():
+    """The probe's positions, masks and scores on the model's device: the same kept tokens as on the CPU
+    (float64 weights on both), through generate."""
+    x = ids(120)
+    kept = []
+    for device in ("cpu", "cuda"):
+        model = tiny_llama().double().to(device)
+        with kv.get("kvzip", ratio=0.6)(model, CharTokenizer()) as session:
+            out = model.generate(x.to(device), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert out.shape == (1, 124)
+        kept.append([[t.tolist() for t in session.kept_tokens(layer)[0]] for layer in range(3)])
+    assert kept[0] == kept[1]

@@ -170,8 +170,8 @@ class Step:
         b, hq, nq, d = q.shape
         hk, s, r = self.keys.shape[1], self.keys.shape[2], probe.keys.shape[2]
         q = q.float().reshape(b, hk, self.groups * nq, d)
-        to_slots = torch.baddbmm(self.bias.float().unsqueeze(2).expand(-1, -1, q.shape[2], -1).reshape(b * hk, -1, s),
-                                 q.reshape(b * hk, -1, d), self.keys.float().reshape(b * hk, s, d).transpose(-1, -2),
+        to_slots = torch.baddbmm(self.bias.float().reshape(b * hk, 1, s), q.reshape(b * hk, -1, d),
+                                 self.keys.float().reshape(b * hk, s, d).transpose(-1, -2),
                                  alpha=self.scaling).view(b, hk, self.groups, nq, s)
         own = torch.arange(r, device=q.device)[rows]
         r = int(own[-1]) + 1  # causal: probe keys after the rows' last one are never visible to them

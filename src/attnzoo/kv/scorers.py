@@ -329,7 +329,9 @@ class KVzipPress(ScorePress):
               "context (KVzip's wording); closed by the chat template's end of turn", (str,), lambda v: bool(v.strip()),
               "a non-empty string"),
     )
-    rows = 256  # reconstruction queries scored at a time (bounds the (queries x slots) block)
+    # reconstruction queries are scored in blocks of about this many (query head, slot) logits: a block's
+    # float32 temporaries stay within a few hundred MB on the CPU, a few GB on a GPU (fewer, larger launches)
+    block_logits = {"cpu": 1 << 24, "cuda": 1 << 27}
 
     def prepare(self, model, tokenizer):
         if tokenizer is None:
@@ -360,9 +362,11 @@ class KVzipPress(ScorePress):
             raise RuntimeError("kvzip scores entries by the attention of its reconstruction tokens, which only a "
                                "session's prefill runs (with press(model, tokenizer): ...)")
         b, hkv, s = step.bias.shape
+        hq, r = step.query.shape[1], step.probe.query.shape[2]
+        rows = max(16, self.block_logits.get(step.bias.device.type, 1 << 24) // (b * hq * (s + r)))
         best = torch.full((b, hkv, s), -math.inf, device=step.bias.device)
-        for start in range(0, step.probe.query.shape[2], self.rows):
-            logp = step.probe_log_attention(slice(start, start + self.rows))  # (B, Hq, rows, S)
+        for start in range(0, r, rows):
+            logp = step.probe_log_attention(slice(start, start + rows))  # (B, Hq, rows, S)
             best = torch.maximum(best, logp.amax(2).view(b, hkv, step.groups, s).amax(2))
         return best.exp().masked_fill(first_slots(step, self.sinks), math.inf)
 
