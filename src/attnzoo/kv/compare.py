@@ -117,6 +117,7 @@ class KVPressSession:
         self._closing = False
 
     def __enter__(self):
+        self._stack.callback(self._clear_masks)  # runs last
         self._press_stack.enter_context(self.press(self.model))
         self._stack.callback(self._press_stack.close)
         handle = self.model.register_forward_pre_hook(self._note, with_kwargs=True)
@@ -125,6 +126,14 @@ class KVPressSession:
 
     def __exit__(self, *exc):
         return self._stack.__exit__(*exc)
+
+    def _clear_masks(self):
+        """kvpress leaves its masked entries on the attention modules (`masked_key_indices`) until a later
+        prefill resets them inside its attention patch; a forward whose attention bypasses that patch (an
+        uncompressed run that captures its prefill) would be masked by them: clear them once the run is done."""
+        for _, m in hf.attention_modules(self.model):
+            if getattr(m, "masked_key_indices", None) is not None:
+                m.masked_key_indices = None
 
     def _note(self, module, args, kwargs):
         if self._closing:
