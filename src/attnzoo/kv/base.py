@@ -541,8 +541,10 @@ class PressSession:
             if kwargs.get(name) is not None:
                 kwargs[name] = torch.cat([kwargs[name], after(kwargs[name])], dim=-1)
         keep = kwargs.get("logits_to_keep", 0)
-        if isinstance(keep, int) and keep > 0:  # the last `keep` context positions, not the probe's
-            kwargs["logits_to_keep"] = torch.arange(max(0, length - keep), length, device=ids.device)
+        # the context's logits only (the last `keep`, or all of them): the probe's would cost a vocabulary
+        # product per probe token; models without `logits_to_keep` have theirs cut after the forward
+        if isinstance(keep, int) and "logits_to_keep" in inspect.signature(self.model.forward).parameters:
+            kwargs["logits_to_keep"] = torch.arange(max(0, length - keep) if keep else 0, length, device=ids.device)
         return args, kwargs, torch.cat([valid, probe_valid.cpu()], dim=1)
 
     def _make_ragged(self, cache) -> None:
