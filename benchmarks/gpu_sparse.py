@@ -2,19 +2,26 @@
 attention (cuDNN / flash, PyTorch's choice) on the same shape, at densities 1/4, 1/8, 1/16.
 
     PYTHONPATH=src python benchmarks/gpu_sparse.py --out gpu_sparse.json [--budget-s 400] [--lengths 8192,32768]
+        [--flex] [--profile]
 
 B=1, H=Hkv=16, D=128, bf16, causal; medians of CUDA-event timings after a warm-up call. Each variant runs as a
 user calls it (`attn(q, k, v, causal=True)`: `auto` takes the `triton` backend's selected-block kernels,
-backends/triton/selected.py); the row also splits that time into the selection (`attn.selection`), the tables
-(`selected.selection_layout`) and the kernel alone, and gives the share of the causal tiles the kernel computes
-(the union of each query tile's selections: equal to the density for SeerAttention, which selects per query
-block, larger for MoBA and Quest, which select per query). Density 1/n = top_k = (Sk / block) / n blocks of the
-keys, own block included, so a query reads about 1/n of all keys (up to 2/n of the keys before it under
-causality). fwd+bwd (the gradient of q, k, v; 3.5x the forward's FLOPs by convention) at <= 32k. Inputs are
-random: the union (hence MoBA's and Quest's speed) depends on how much nearby queries agree, which real
-activations make larger than random ones. Rows that fail (out of memory) are recorded; no row starts after
+backends/triton/selected.py); the row also splits that time into the selection (`attn.select`), the forward's
+tables (what the call builds: `shared_rows_layout` for SeerAttention's per-query-block selection, else
+`selection_layout`) and the kernel alone, and gives the share of the causal tiles the kernel computes (the union
+of each query tile's selections: equal to the selection for SeerAttention, larger for MoBA and Quest, which select
+per query).
+
+Density 1/n is the share of causal attention's (query block, key block) pairs a selection of top_k 128-key blocks
+per query reads: sum_i min(i, top_k) / (n_blocks (n_blocks + 1) / 2), the top_k that comes closest. (A fixed
+top_k = n_blocks / n reads about 2/n - 1/n^2 of the causal pairs, because the early queries read every block
+before them; `keys_read` gives the share of all keys, as before.) fwd+bwd (the gradient of q, k, v; 3.5x the
+forward's FLOPs by convention) at <= 32k. `kernel_bm64_ms`: the SeerAttention rows' kernel on 64-query tiles.
+Inputs are random: the union (hence MoBA's and Quest's speed) depends on how much nearby queries agree, which
+real activations make larger than random ones. Rows that fail (out of memory) are recorded; no row starts after
 --budget-s; the JSON is rewritten per row. `--flex` adds the selection as a compiled Flex BlockMask
-(`core.selection_flex`), built per call.
+(`core.selection_flex`), built per call. `--profile` prints torch.profiler's table of one SeerAttention call at
+32k (else the longest length), density 1/8.
 """
 from __future__ import annotations
 
@@ -41,10 +48,21 @@ def median_ms(fn, n: int) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
+def causal_share(blocks: int, top_k: int) -> float:
+    """Share of causal attention's (query block, key block) pairs that top_k blocks per query block read."""
+    return sum(min(i, top_k) for i in range(1, blocks + 1)) / (blocks * (blocks + 1) / 2)
+
+
+def top_k_for(s: int, density: int, block: int = 128) -> int:
+    """The top_k whose causal share is closest to 1 / density."""
+    blocks = -(-s // block)
+    return min(range(1, blocks + 1), key=lambda t: abs(causal_share(blocks, t) - 1 / density))
+
+
 def configs(s: int, density: int) -> list[tuple[str, dict]]:
     """MoBA and Quest to 32k: on random inputs their per-query selections union to nearly every causal tile,
     whose bit tables at 128k (17 GB) would measure the tables, not the method."""
-    top_k = max(1, (s // 128) // density)
+    top_k = top_k_for(s, density)
     per_query = [("moba", {"block_size": 128, "top_k": top_k}), ("quest", {"page": 128, "top_k": top_k})]
     return [("seer", {"block_size": 128, "top_k": top_k})] + (per_query if s <= 32768 else [])
 
@@ -73,6 +91,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="8192,32768,131072")
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--flex", action="store_true")
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     t0 = time.perf_counter()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
@@ -103,14 +122,21 @@ def main() -> None:
                     row["speedup_vs_sdpa"] = base / row["ms"]
                     call = attn.prepare(q, k, v, True, None, {})
                     sel = attn.select(q, k, call)
-                    lay = selected.selection_layout(sel, call, selected.forward_block_m(sel), bs.BLOCK_N)
+                    tables = selected._SelectionTables(sel, call)
+                    lay = tables.forward_layout()
+                    shared = selected.shared_rows_layout(sel, call, selected.forward_block_m(sel), bs.BLOCK_N)
+                    row["tables"] = "per query block" if shared is not None else "per query"
                     row["select_ms"] = median_ms(lambda: attn.select(q, k, call), n)
-                    row["layout_ms"] = median_ms(
-                        lambda: selected.selection_layout(sel, call, selected.forward_block_m(sel), bs.BLOCK_N), n)
+                    row["layout_ms"] = median_ms(tables.forward_layout, n)
                     row["kernel_ms"] = median_ms(lambda: bs.forward(q, k, v, lay, call.scale), n)
                     row["kernel_speedup_vs_sdpa"] = base / row["kernel_ms"]
                     row["tiles_of_causal"] = tile_share(lay, s)
+                    row["causal_share"] = causal_share(-(-s // 128), params["top_k"])
                     row["keys_read"] = sel.density()
+                    narrow = selected.shared_rows_layout(sel, call, 64, bs.BLOCK_N)
+                    if narrow is not None:
+                        row["kernel_bm64_ms"] = median_ms(lambda: bs.forward(q, k, v, narrow, call.scale), n)
+                        row["kernel_bm64_speedup_vs_sdpa"] = base / row["kernel_bm64_ms"]
                     if base_fb is not None:
                         row["fwdbwd_ms"] = median_ms(lambda: torch.autograd.grad(
                             attn(*leaves, causal=True), leaves, do), n)
@@ -130,6 +156,26 @@ def main() -> None:
     res["elapsed_s"] = time.perf_counter() - t0
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
+    if args.profile:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        profile(32768 if 32768 in lengths else max(lengths))
+
+
+def profile(s: int) -> None:
+    """torch.profiler's table (CPU and CUDA time per op) of one SeerAttention call at 1/8."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    q, k, v = (torch.randn(1, 16, s, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    attn = az.get("seer", block_size=128, top_k=top_k_for(s, 8))
+    for _ in range(3):
+        attn(q, k, v, causal=True)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        attn(q, k, v, causal=True)
+        torch.cuda.synchronize()
+    for key in ("self_cpu_time_total", "self_cuda_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
 
 
 if __name__ == "__main__":

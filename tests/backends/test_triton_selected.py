@@ -93,6 +93,62 @@ def test_tables_read_one_row_per_query_block_when_the_selection_is_shared(sq, sk
         assert torch.equal(lay.bits, per_query.bits) and torch.equal(lay.full_idx, per_query.full_idx)
 
 
+def _check_shared_rows(block, top_k, b, hq, hkv, sq, sk, causal, block_m, block_n, seed=0, gate=False):
+    attn = az.get("seer", block_size=block, top_k=top_k)
+    q, k, _ = qkv(b, hq, hkv, sq, sk, 16, seed=seed)
+    inputs = {}
+    if gate:
+        g = torch.Generator().manual_seed(seed)
+        inputs = {"gate_q": torch.randn(hq, 16, 4, generator=g, dtype=q.dtype),
+                  "gate_k": torch.randn(hq, 3, 16, 4, generator=g, dtype=q.dtype)}
+    call = attn.prepare(q, k, k, causal, None, inputs)
+    sel = attn.select(q, k, call)
+    lay = selected.shared_rows_layout(sel, call, block_m, block_n)
+    offset = sk - sq
+    applies = offset % block == 0 and block % block_m == 0 and block % block_n == 0 and offset % block_n == 0
+    assert (lay is not None) == applies
+    if lay is None:
+        return
+    want = attn.dense_mask(sq, sk, causal=causal, q=q, k=k, **inputs)
+    assert torch.equal(lay.dense(sq, sk, b, hq), want)
+    assert lay.full_idx.shape[1] == sel.indices.shape[-1] * (block // block_n)   # lists no longer than the row
+    for r in range(lay.full_num.shape[0]):   # full tiles carry no mask; lists ascend
+        bb, rest = divmod(r, lay.b_step)
+        h, i = divmod(rest, lay.h_step)
+        listed = lay.full_idx[r, : int(lay.full_num[r])].tolist()
+        assert listed == sorted(listed)
+        for j in listed:
+            assert want[bb, h, i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n].all()
+
+
+@pytest.mark.parametrize("causal,sq,sk", [(True, 300, 300), (False, 300, 300), (True, 256, 512), (False, 256, 512),
+                                          (True, 100, 228), (True, 1, 1)])
+def test_per_query_block_tables_encode_the_selection(causal, sq, sk):
+    """SeerAttention's tables by `shared_rows_layout` (no device sync, bit patterns shared by all rows) encode its
+    dense mask, on every pattern whose query blocks line up with the kernels' tiles, and refuse the others."""
+    for block, block_m, block_n in ((64, 64, 64), (128, 128, 64), (128, 128, 128), (256, 128, 64), (128, 64, 64),
+                                    (64, 128, 64)):
+        if block % block_m == 0:
+            _check_shared_rows(block, 3, 2, 4, 2, sq, sk, causal, block_m, block_n, gate=True)
+        else:
+            _check_shared_rows(block, 3, 1, 2, 1, sq, sk, causal, block_m, block_n)
+
+
+@settings(max_examples=25, deadline=None)
+@given(block=st.sampled_from([64, 128, 256]), top_k=st.integers(1, 6), sq=st.integers(1, 700),
+       extra_blocks=st.integers(0, 3), causal=st.booleans(), tiles=st.sampled_from([(64, 64), (128, 64), (128, 128)]),
+       seed=st.integers(0, 100))
+def test_per_query_block_tables_fuzz(block, top_k, sq, extra_blocks, causal, tiles, seed):
+    _check_shared_rows(block, top_k, 1, 2, 1, sq, sq + extra_blocks * block, causal, *tiles, seed=seed)
+
+
+def test_per_query_block_tables_refuse_per_query_selections():
+    attn = az.get("moba", block_size=64, top_k=2)
+    q, k, _ = qkv(1, 2, 1, 256, 256, 16)
+    call = attn.prepare(q, k, k, True, None, {})
+    assert selected.shared_rows_layout(attn.select(q, k, call), call, 64, 64) is None
+
+
 def test_served_variants_and_refusals():
     from attnzoo.core.selection import SelectionVariant
 
@@ -121,6 +177,25 @@ def test_a_selection_that_does_not_match_the_call_is_refused():
     other = attn.prepare(q[:, :, :50], k, k, True, None, {})
     with pytest.raises(ValueError, match="does not match the call"):
         selected.selection_layout(sel, other, 64, 64)
+
+
+# the one-launch table kernel (`_shared_rows_kernel`) equals its torch definition, `shared_rows_lists`
+SHARED_ROWS_KERNEL_CHECK = textwrap.dedent(r"""
+    def check_shared_rows_kernel(device):
+        cases = [(300, 300, 64, True, 64, 64, 3), (256, 256, 128, True, 128, 64, 2), (200, 328, 64, True, 64, 64, 4),
+                 (300, 300, 64, False, 64, 64, 2), (1000, 1000, 256, True, 128, 64, 3),
+                 (1000, 1000, 256, False, 128, 128, 2), (513, 513, 128, True, 128, 128, 5), (1, 1, 64, True, 64, 64, 2)]
+        for sq, sk, block, causal, block_m, block_n, top_k in cases:
+            attn = az.get("seer", block_size=block, top_k=top_k)
+            q, k = torch.randn(2, 4, sq, 16, device=device), torch.randn(2, 2, sk, 16, device=device)
+            call = attn.prepare(q, k, k, causal, None, {})
+            rows = attn.select(q, k, call).indices[:, :, ::block_m]
+            args = (rows, block // block_n, block_m, block_n, sk - sq, sk, causal)
+            for a, b in zip(selected.shared_rows_lists(*args), selected._shared_rows_kernel_lists(*args)):
+                assert torch.equal(a, b), (sq, sk, block, causal, block_m, block_n)
+
+    check_shared_rows_kernel("cuda" if torch.cuda.is_available() else "cpu")
+""")
 
 
 # ---- the kernels under Triton's CPU interpreter -------------------------------------------------------------------
@@ -152,6 +227,9 @@ INTERPRETED = textwrap.dedent(r"""
         ("moba64.cross", az.get("moba", block_size=64, top_k=2), True, 1, 2, 1, 70, 200, 16, 16),
         ("quest32", az.get("quest", page=32, top_k=3), False, 2, 2, 2, 100, 150, 16, 16),
         ("seer64", az.get("seer", block_size=64, top_k=2), True, 1, 2, 2, 260, 260, 32, 16),
+        # per-query-block tables (shared_rows_layout): Sk cut inside a tile, and a cross call aligned to the blocks
+        ("seer128.noncausal", az.get("seer", block_size=128, top_k=2), False, 1, 2, 1, 300, 300, 16, 16),
+        ("seer128.cross", az.get("seer", block_size=128, top_k=2), True, 1, 2, 1, 128, 384, 16, 16),
     ]
     # float16, not bfloat16: the interpreter's dot multiplies numpy arrays, and numpy has no bfloat16
     for dtype in (torch.float32, torch.float16):
@@ -160,7 +238,7 @@ INTERPRETED = textwrap.dedent(r"""
                 continue
             check(f"{str(dtype)[6:]}.{tag}", attn, causal, b, hq, hkv, sq, sk, d, dv, dtype)
     FALLBACK_CASES = [(az.get("moba", block_size=64, top_k=2), True, 1, 2, 1, 100, 100, 16, 16, torch.float32)]
-""") + BACKWARD_FALLBACK_AND_REPORT
+""") + SHARED_ROWS_KERNEL_CHECK + BACKWARD_FALLBACK_AND_REPORT
 
 
 def test_kernels_under_the_triton_interpreter():
@@ -169,6 +247,12 @@ def test_kernels_under_the_triton_interpreter():
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_shared_rows_kernel_on_cuda():
+    namespace = {"torch": torch, "az": az, "selected": selected}
+    exec(SHARED_ROWS_KERNEL_CHECK, namespace)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name,params,causal,sq,sk", [

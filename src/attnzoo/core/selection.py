@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
+from .blocks import made_once
 from .reference import masked_softmax_attention
 from .variant import Call, Variant
 
@@ -176,15 +177,22 @@ def block_gate_select(gate: torch.Tensor, call: Call, block: int, top_k: int, ro
     counted from the first query's; SeerAttention's query blocks): the choice is made once per row, the same as
     choosing per query from the expanded gate, and the Selection says so (query_block = block)."""
     s = call.shapes
-    own = s.query_positions(device=gate.device) // block
-    if rows is not None:
-        own = torch.zeros(gate.shape[2], dtype=own.dtype, device=gate.device).scatter_(0, rows, own)
-    own = own.view(1, 1, -1, 1)
+    if rows is not None:   # row j holds the positions of block offset // block + j: one cached bias
+        gate = gate + _row_bias(gate.shape[2], gate.shape[3], s.offset // block, call.causal, gate.dtype, gate.device)
+        return Selection(topk_indices(gate, top_k)[:, :, rows], block, s.sk, query_block=block)
+    own = (s.query_positions(device=gate.device) // block).view(1, 1, -1, 1)
     blocks = torch.arange(gate.shape[-1], device=gate.device).view(1, 1, 1, -1)
     gate = gate.masked_fill(blocks == own, torch.inf)
     if call.causal:
         gate = gate.masked_fill(blocks > own, -torch.inf)
-    idx = topk_indices(gate, top_k)
-    if rows is None:
-        return Selection(idx, block, s.sk)
-    return Selection(idx[:, :, rows], block, s.sk, query_block=block)
+    return Selection(topk_indices(gate, top_k), block, s.sk)
+
+
+@made_once
+def _row_bias(n_rows: int, n_blocks: int, first: int, causal: bool, dtype, device) -> torch.Tensor:
+    """(n_rows, n_blocks): +inf on row j's own block first + j, -inf after it under causality, else 0 (made once;
+    shared: never modify it)."""
+    own = torch.arange(first, first + n_rows, device=device).view(-1, 1)
+    blocks = torch.arange(n_blocks, device=device).view(1, -1)
+    bias = torch.zeros(n_rows, n_blocks, dtype=dtype, device=device).masked_fill(blocks == own, torch.inf)
+    return bias.masked_fill(blocks > own, -torch.inf) if causal else bias

@@ -24,11 +24,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.blocks import made_once, steps
 from ...core.selection import Selection, SelectionVariant, attend_selected
 from ...core.variant import Call
 from . import blocksparse as bs
+from .linear import _interpreting
+from .tables import _pack_bits
 
 MIN_BLOCK = 16
+_UNLISTED = 1 << 40  # sorts after every key tile
 
 
 def serves(cls) -> bool:
@@ -101,6 +105,137 @@ def selection_layout(sel: Selection, call: Call, block_m: int, block_n: int, lis
     lists = bs.tile_lists(full, part, forward=lists != "transposed", transposed=lists != "forward")
     bits = _bits(chosen, group, sel.block, call, part, clean, block_m, block_n)
     return bs.Layout(block_m, block_n, *lists[:5], bits, *lists[5:], s.q_heads * nq, nq, s.q_heads * nk, nk)
+
+
+def shared_rows_layout(sel: Selection, call: Call, block_m: int, block_n: int) -> bs.Layout | None:
+    """The forward's tables of a selection made per aligned query block (SeerAttention), without a device sync;
+    None where they do not apply. Each tile of queries reads one row of block indices; every tile a chosen block
+    covers is full, except the tiles crossing the causal diagonal or the end of Sk, which are partial with one of a
+    few bit patterns shared by all rows (the query and key tiles line up, so the diagonal's pattern depends only on
+    where the key tile starts in the query tile). No `nonzero`, no per-tile bits and no (B, Hq, Sq / BM, Sk / BN)
+    flags; the lists hold at most the row's chosen tiles. One kernel launch on CUDA (`_shared_rows_kernel`), else
+    the same lists by torch ops (`shared_rows_lists`, the definition). Applies when the query blocks hold whole
+    query tiles (query_block a multiple of block_m), the call's first query starts a block, key blocks hold whole
+    key tiles, and the key tiles line up with the query tiles under causality."""
+    s = call.shapes
+    qb = sel.query_block
+    if (not qb or qb % block_m or s.offset % qb or sel.block % block_n or s.offset % block_n
+            or block_m % block_n or sel.indices.shape[:3] != (s.batch, s.q_heads, s.sq) or sel.sk != s.sk):
+        return None
+    rows = sel.indices[:, :, ::block_m]                                             # (B, Hq, nq, n)
+    args = (rows, sel.block // block_n, block_m, block_n, s.offset, s.sk, call.causal)
+    lists = (_shared_rows_kernel_lists if _kernel_builds(rows) else shared_rows_lists)(*args)
+    nq = rows.shape[2]
+    empty = torch.empty(0, 1, dtype=torch.int32, device=rows.device)
+    return bs.Layout(block_m, block_n, *lists, _shared_bits(block_m, block_n, call.causal, s.sk % block_n, rows.device),
+                     empty, empty, empty, empty, empty, s.q_heads * nq, nq, 0, 0)
+
+
+def shared_rows_lists(rows, per: int, block_m: int, block_n: int, offset: int, sk: int, causal: bool) -> tuple:
+    """(full_num, full_idx, part_num, part_idx, part_tile) of `shared_rows_layout` from the rows of block indices
+    (B, Hq, nq, n), by torch ops: each chosen block's `per` key tiles, full or partial by the tile's first query
+    (`offset` + i BM) and last (capped at Sk), listed ascending, entries past a row's count 0."""
+    dev = rows.device
+    nq = rows.shape[2]
+    tile = (rows.unsqueeze(-1) * per + steps(0, per, 1, dev)).flatten(-2)           # (B, Hq, nq, n * per)
+    k_first = tile * block_n
+    q_first = (steps(0, nq, 1, dev) * block_m + offset).view(-1, 1)
+    q_last = (q_first + block_m).clamp(max=sk) - 1
+    chosen = (rows >= 0).repeat_interleave(per, dim=-1) & (k_first < sk)
+    full = chosen & (k_first + block_n <= sk)
+    if causal:
+        chosen = chosen & (k_first <= q_last)
+        full = full & (k_first + block_n - 1 <= q_first)
+    part = chosen & ~full
+    width = tile.shape[-1]
+    # sorted with the entries not listed last: a row's list is its first `num` entries, ascending
+    full_idx = torch.where(full, tile, _UNLISTED).sort(-1).values
+    part_idx = torch.where(part, tile, _UNLISTED).sort(-1).values
+    full_idx = torch.where(full_idx < _UNLISTED, full_idx, 0)
+    part_idx = torch.where(part_idx < _UNLISTED, part_idx, 0)
+    if causal:   # pattern p: the key tile starts p tiles into the query tile
+        part_tile = ((part_idx * block_n - q_first) // block_n).clamp(0, block_m // block_n - 1)
+    else:        # the only partial tile is the last one, cut at Sk
+        part_tile = torch.zeros_like(part_idx)
+    return (full.sum(-1, dtype=torch.int32).view(-1), full_idx.to(torch.int32).view(-1, width),
+            part.sum(-1, dtype=torch.int32).view(-1), part_idx.to(torch.int32).view(-1, width),
+            part_tile.to(torch.int32).view(-1, width))
+
+
+def _kernel_builds(rows: torch.Tensor) -> bool:
+    return bs.TRITON_ERROR is None and (rows.is_cuda or _interpreting())
+
+
+if bs.triton is not None:
+    tl = bs.tl
+
+    @bs.triton.jit(do_not_specialize=["nq", "heads", "width", "s_b", "s_h", "s_i", "s_n", "offset", "sk"])
+    def _shared_rows_kernel(ROWS, FN, FI, PN, PI, PT, nq, heads, width, s_b, s_h, s_i, s_n, offset, sk,
+                            PER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+                            NP: tl.constexpr):
+        """One table row (batch, head, query tile) of `shared_rows_lists`: the same lists, sorted in registers."""
+        r = tl.program_id(0)
+        i = r % nq
+        h = (r // nq) % heads
+        b = r // nq // heads
+        e = tl.arange(0, NP)
+        inside = e < width
+        blk = tl.load(ROWS + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h + i.to(tl.int64) * s_i
+                       + (e // PER) * s_n, mask=inside, other=-1).to(tl.int32)
+        tile = blk * PER + e % PER
+        k_first = tile * BN
+        q_first = i * BM + offset
+        q_last = tl.minimum(q_first + BM, sk) - 1
+        chosen = inside & (blk >= 0) & (k_first < sk)
+        full = chosen & (k_first + BN <= sk)
+        if CAUSAL:
+            chosen = chosen & (k_first <= q_last)
+            full = full & (k_first + BN - 1 <= q_first)
+        part = chosen & (full == 0)
+        unlisted = 2147483647
+        full_idx = tl.sort(tl.where(full, tile, unlisted))
+        part_idx = tl.sort(tl.where(part, tile, unlisted))
+        full_idx = tl.where(full_idx < unlisted, full_idx, 0)
+        part_idx = tl.where(part_idx < unlisted, part_idx, 0)
+        if CAUSAL:
+            pattern = tl.minimum(tl.maximum(part_idx * BN - q_first, 0) // BN, BM // BN - 1)
+        else:
+            pattern = part_idx * 0
+        at = r.to(tl.int64) * width + e
+        tl.store(FN + r, tl.sum(full.to(tl.int32), 0))
+        tl.store(PN + r, tl.sum(part.to(tl.int32), 0))
+        tl.store(FI + at, full_idx, mask=inside)
+        tl.store(PI + at, part_idx, mask=inside)
+        tl.store(PT + at, pattern, mask=inside)
+
+
+def _shared_rows_kernel_lists(rows, per: int, block_m: int, block_n: int, offset: int, sk: int, causal: bool
+                              ) -> tuple:
+    """`shared_rows_lists` in one kernel launch."""
+    b, h, nq, n = rows.shape
+    width = n * per
+    count = b * h * nq
+    dev = rows.device
+    full_num, part_num = torch.empty(2, count, dtype=torch.int32, device=dev)
+    full_idx, part_idx, part_tile = torch.empty(3, count, width, dtype=torch.int32, device=dev)
+    _shared_rows_kernel[(count,)](rows, full_num, full_idx, part_num, part_idx, part_tile, nq, h, width,
+                                  *rows.stride(), offset, sk, PER=per, BM=block_m, BN=block_n, CAUSAL=causal,
+                                  NP=max(2, bs.triton.next_power_of_2(width)))
+    return full_num, full_idx, part_num, part_idx, part_tile
+
+
+@made_once
+def _shared_bits(block_m: int, block_n: int, causal: bool, tail: int, device) -> torch.Tensor:
+    """int32 (patterns, BM, BN / 32) of `shared_rows_layout`: under causality, pattern p allows row r the keys
+    c <= r - p * BN of a key tile starting p tiles into the query tile; else one pattern allowing the first `tail`
+    keys (the last key tile, cut at Sk)."""
+    r = torch.arange(block_m, device=device).view(1, -1, 1)
+    c = torch.arange(block_n, device=device).view(1, 1, -1)
+    if causal:
+        allowed = c <= r - torch.arange(block_m // block_n, device=device).view(-1, 1, 1) * block_n
+    else:
+        allowed = (c < (tail or block_n)).expand(1, block_m, block_n)
+    return _pack_bits(allowed)
 
 
 def _as_int32(words: torch.Tensor) -> torch.Tensor:
@@ -180,7 +315,9 @@ class _SelectionTables:
     call: Call
 
     def forward_layout(self) -> bs.Layout:
-        return selection_layout(self.sel, self.call, forward_block_m(self.sel), bs.BLOCK_N, "forward")
+        block_m = forward_block_m(self.sel)
+        return (shared_rows_layout(self.sel, self.call, block_m, bs.BLOCK_N)
+                or selection_layout(self.sel, self.call, block_m, bs.BLOCK_N, "forward"))
 
     def backward_layout(self) -> bs.Layout:
         return selection_layout(self.sel, self.call, bs.BWD_BLOCK_M, bs.BWD_BLOCK_N, "transposed")
@@ -209,4 +346,4 @@ def run(variant, q, k, v, call: Call):
         return attend_selected(q, k, v, sel, call)
 
 
-__all__ = ["attend", "forward_block_m", "run", "selection_layout", "serves", "why_not"]
+__all__ = ["attend", "forward_block_m", "run", "selection_layout", "serves", "shared_rows_layout", "why_not"]

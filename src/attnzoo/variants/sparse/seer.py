@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ...core.blocks import made_once
 from ...core.info import Input, Paper, positive_int
 from ...core.registry import register
 from ...core.selection import Selection, SelectionVariant, block_gate_select
@@ -23,41 +24,63 @@ from ...core.selection import Selection, SelectionVariant, block_gate_select
 PAPER = Paper("SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs", 2024, "2410.13276")
 
 
-def pool_keys(k: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, Hkv, n, 3, D): channel-wise max, min and mean of k (B, Hkv, Sk, D) over blocks of `block` keys."""
-    b, h, s, d = k.shape
-    n = -(-s // block)
-    pad = n * block - s
-    kp = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(b, h, n, block, d)
-    valid = (torch.arange(n * block, device=k.device) < s).view(1, 1, n, block, 1)
-    count = valid.sum(3).to(k.dtype)
-    kmax = kp.masked_fill(~valid, -torch.inf).amax(3)
-    kmin = kp.masked_fill(~valid, torch.inf).amin(3)
-    return torch.stack([kmax, kmin, kp.sum(3) / count], dim=3)
+KEY_STATS = ("max", "min", "mean")
+
+
+def _block_reduce(x: torch.Tensor, lead: int, block: int, reduce) -> torch.Tensor:
+    """reduce(x (..., S, D) over dim -2 in blocks of positions) -> (..., n, D): a first block of `block - lead`
+    rows when lead > 0 (the call starts inside a block), whole blocks, then a shorter last block. Views of x, no
+    padded copy."""
+    s = x.shape[-2]
+    first = min((block - lead) % block, s)
+    whole = (s - first) // block
+    parts = [x[..., :first, :]] if first else []
+    if whole:
+        mid = x[..., first:first + whole * block, :]
+        parts.append(mid.reshape(*x.shape[:-2], whole, block, x.shape[-1]))
+    if first + whole * block < s:
+        parts.append(x[..., first + whole * block:, :])
+    out = [reduce(p, -2) if p.dim() == x.dim() + 1 else reduce(p, -2).unsqueeze(-2) for p in parts]
+    return out[0] if len(out) == 1 else torch.cat(out, dim=-2)
+
+
+def _mean(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x.sum(dim, dtype=torch.promote_types(x.dtype, torch.float32)) / x.shape[dim]
+
+
+def pool_keys(k: torch.Tensor, block: int, stats=KEY_STATS) -> torch.Tensor:
+    """(B, Hkv, n, len(stats), D) in float32 or wider: the channel-wise max, min and/or mean of k (B, Hkv, Sk, D)
+    over blocks of `block` keys (the last one shorter when block does not divide Sk)."""
+    acc = torch.promote_types(k.dtype, torch.float32)
+    reduce = {"max": lambda x, d: x.amax(d).to(acc), "min": lambda x, d: x.amin(d).to(acc), "mean": _mean}
+    return torch.stack([_block_reduce(k, 0, block, reduce[name]) for name in stats], dim=3)
 
 
 def pool_queries(q: torch.Tensor, call, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled (B, H, nq, D), block of each query (Sq,) counted from the call's first query block): the mean of
-    the call's queries in each block of absolute positions (zero-padded to whole blocks, then one sum per block)."""
-    s = call.shapes
-    lead = s.offset % block                                   # positions of the first block before the first query
-    nq = -(-(lead + s.sq) // block)
-    pad = (0, 0, lead, nq * block - lead - s.sq)
-    sums = torch.nn.functional.pad(q, pad).view(*q.shape[:2], nq, block, q.shape[-1]).sum(3)
-    counts = torch.nn.functional.pad(q.new_ones(s.sq, 1), pad).view(nq, block).sum(1)
-    rel = (torch.arange(s.sq, device=q.device) + lead) // block
-    return sums / counts.view(-1, 1), rel
+    """(pooled (B, H, nq, D) in float32 or wider, block of each query (Sq,) counted from the call's first query
+    block): the mean of the call's queries in each block of absolute positions."""
+    lead = call.shapes.offset % block                         # positions of the first block before the first query
+    return _block_reduce(q, lead, block, _mean), _query_rows(call.shapes.sq, lead, block, q.device)
+
+
+@made_once
+def _query_rows(sq: int, lead: int, block: int, device) -> torch.Tensor:
+    """(Sq,): the block of each query counted from the first query's (made once; shared: never modify it)."""
+    return (torch.arange(sq, device=device) + lead) // block
 
 
 def gate_scores(q, k, call, block: int, wq: torch.Tensor | None = None, wk: torch.Tensor | None = None):
     """(scores (B, Hq, nq, nk), block of each query): the gate's q_g . k_g / sqrt(G) per query block and key
-    block, before any masking. wq (Hq, D, G), wk (Hq, 3, D, G); None: the untrained identity gate."""
+    block, before any masking, in float32 or wider. wq (Hq, D, G), wk (Hq, 3, D, G); None: the untrained identity
+    gate (pooled query . mean key: the max and min are not computed)."""
     s = call.shapes
     q_pool, rel = pool_queries(q, call, block)                                    # (B, Hq, nq, D)
-    k_pool = pool_keys(k, block).repeat_interleave(s.group, dim=1)                # (B, Hq, nk, 3, D)
     if wq is None:
-        qg, kg = q_pool, k_pool[..., 2, :]
+        qg = q_pool
+        kg = pool_keys(k, block, ("mean",))[..., 0, :]                                # (B, Hkv, nk, D)
+        kg = kg.repeat_interleave(s.group, dim=1) if s.group > 1 else kg
     else:
+        k_pool = pool_keys(k, block).repeat_interleave(s.group, dim=1)            # (B, Hq, nk, 3, D)
         qg = torch.einsum("bhnd,hdg->bhng", q_pool, wq.to(q_pool.dtype))
         kg = torch.einsum("bhnsd,hsdg->bhng", k_pool, wk.to(k_pool.dtype))
     return (qg @ kg.transpose(-1, -2)) * qg.shape[-1] ** -0.5, rel
@@ -99,7 +122,6 @@ class Seer(SelectionVariant):
                              f"and {wk.shape[-1]}")
 
     def select(self, q, k, call) -> Selection:
-        acc = torch.promote_types(q.dtype, torch.float32)
-        scores, rel = gate_scores(q.to(acc), k.to(acc), call, self.config["block_size"],
+        scores, rel = gate_scores(q, k, call, self.config["block_size"],
                                   call.inputs.get("gate_q"), call.inputs.get("gate_k"))
         return block_gate_select(scores.detach(), call, self.config["block_size"], self.config["top_k"], rows=rel)
