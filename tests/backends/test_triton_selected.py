@@ -104,6 +104,8 @@ def _check_shared_rows(block, top_k, b, hq, hkv, sq, sk, causal, block_m, block_
     call = attn.prepare(q, k, k, causal, None, inputs)
     sel = attn.select(q, k, call)
     lay = selected.shared_rows_layout(sel, call, block_m, block_n)
+    assert "indices" not in vars(sel)   # the tables read the per-block rows: no (B, Hq, Sq, n) expansion
+    assert sel.shape == tuple(sel.indices.shape)
     offset = sk - sq
     applies = offset % block == 0 and block % block_m == 0 and block % block_n == 0 and offset % block_n == 0
     assert (lay is not None) == applies
@@ -251,6 +253,32 @@ def test_kernels_under_the_triton_interpreter():
 def test_shared_rows_kernel_on_cuda():
     namespace = {"torch": torch, "az": az, "selected": selected}
     exec(SHARED_ROWS_KERNEL_CHECK, namespace)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("gate", [False, True])
+def test_seer_call_replays_from_a_cuda_graph(gate):
+    """SeerAttention's path (selection, one-launch tables, kernel) has no device sync: a caller can capture the call
+    in a CUDA graph, and replaying it on new contents of the same buffers gives the eager call's output."""
+    torch.manual_seed(0)
+    attn = az.get("seer", block_size=128, top_k=3)
+    q, k, v = (torch.randn(1, 4, 1000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    inputs = {"gate_q": torch.randn(4, 64, 8, device="cuda"), "gate_k": torch.randn(4, 3, 64, 8, device="cuda")
+              } if gate else {}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            attn(q, k, v, causal=True, **inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attn(q, k, v, causal=True, **inputs)
+    for t in (q, k, v):
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, attn(q, k, v, causal=True, **inputs))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

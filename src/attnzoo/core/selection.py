@@ -13,7 +13,9 @@ unused slots. Causality (bottom-right, as everywhere) is applied on top of the s
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
 import torch
 
 from .blocks import made_once
@@ -28,12 +30,25 @@ class Selection:
     """Kept key blocks: `indices` (B, Hq, Sq, n) long, block index or -1; block b covers keys
     [b * block, min((b + 1) * block, Sk)). `query_block`, when set, says that queries in the same aligned block of
     that many positions (position // query_block) share their row (SeerAttention): kernels may read one row per
-    such block."""
+    such block. `choices` holds the rows as made: `indices` itself, or with `rows` (Sq,) one row per query block,
+    query t reading row rows[t]; then `indices` is expanded from them on first use (the kernels' forward never
+    asks for it)."""
 
-    indices: torch.Tensor
+    choices: torch.Tensor
     block: int
     sk: int
     query_block: int | None = None
+    rows: torch.Tensor | None = None
+
+    @functools.cached_property
+    def indices(self) -> torch.Tensor:
+        return self.choices if self.rows is None else self.choices[:, :, self.rows]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, Hq, Sq, n): the shape of `indices`, without expanding it."""
+        b, h, r, n = self.choices.shape
+        return b, h, r if self.rows is None else self.rows.shape[0], n
 
     def token_indices(self, rows: slice = slice(None)) -> torch.Tensor:
         """(B, Hq, rows, n * block) key indices of the selected blocks, -1 where unused or past Sk."""
@@ -179,7 +194,7 @@ def block_gate_select(gate: torch.Tensor, call: Call, block: int, top_k: int, ro
     s = call.shapes
     if rows is not None:   # row j holds the positions of block offset // block + j: one cached bias
         gate = gate + _row_bias(gate.shape[2], gate.shape[3], s.offset // block, call.causal, gate.dtype, gate.device)
-        return Selection(topk_indices(gate, top_k)[:, :, rows], block, s.sk, query_block=block)
+        return Selection(topk_indices(gate, top_k), block, s.sk, query_block=block, rows=rows)
     own = (s.query_positions(device=gate.device) // block).view(1, 1, -1, 1)
     blocks = torch.arange(gate.shape[-1], device=gate.device).view(1, 1, 1, -1)
     gate = gate.masked_fill(blocks == own, torch.inf)

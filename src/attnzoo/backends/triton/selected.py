@@ -80,8 +80,8 @@ def selection_layout(sel: Selection, call: Call, block_m: int, block_n: int, lis
     """The kernels' tables for `sel` under the call's causality (bottom-right) and lengths; `lists`: "forward"
     (per query block: the forward and dQ kernels), "transposed" (per key block: dK/dV) or "both"."""
     s = call.shapes
-    if sel.indices.shape[:3] != (s.batch, s.q_heads, s.sq) or sel.sk != s.sk:
-        raise ValueError(f"selection {tuple(sel.indices.shape[:3])} over Sk={sel.sk} does not match the call "
+    if sel.shape[:3] != (s.batch, s.q_heads, s.sq) or sel.sk != s.sk:
+        raise ValueError(f"selection {sel.shape[:3]} over Sk={sel.sk} does not match the call "
                          f"(B, Hq, Sq) = {(s.batch, s.q_heads, s.sq)}, Sk={s.sk}")
     if not _block_fits(sel.block, block_n):
         raise ValueError(f"selection blocks of {sel.block} keys do not tile key tiles of {block_n}")
@@ -120,15 +120,25 @@ def shared_rows_layout(sel: Selection, call: Call, block_m: int, block_n: int) -
     s = call.shapes
     qb = sel.query_block
     if (not qb or qb % block_m or s.offset % qb or sel.block % block_n or s.offset % block_n
-            or block_m % block_n or sel.indices.shape[:3] != (s.batch, s.q_heads, s.sq) or sel.sk != s.sk):
+            or block_m % block_n or sel.shape[:3] != (s.batch, s.q_heads, s.sq) or sel.sk != s.sk):
         return None
-    rows = sel.indices[:, :, ::block_m]                                             # (B, Hq, nq, n)
+    rows = _tile_rows(sel, block_m)                                                 # (B, Hq, nq, n)
     args = (rows, sel.block // block_n, block_m, block_n, s.offset, s.sk, call.causal)
     lists = (_shared_rows_kernel_lists if _kernel_builds(rows) else shared_rows_lists)(*args)
     nq = rows.shape[2]
     empty = torch.empty(0, 1, dtype=torch.int32, device=rows.device)
     return bs.Layout(block_m, block_n, *lists, _shared_bits(block_m, block_n, call.causal, s.sk % block_n, rows.device),
                      empty, empty, empty, empty, empty, s.q_heads * nq, nq, 0, 0)
+
+
+def _tile_rows(sel: Selection, block_m: int) -> torch.Tensor:
+    """(B, Hq, nq, n): the row of block indices of each tile of block_m queries (the tiles start query blocks or lie
+    inside them), without expanding the selection to one row per query."""
+    if sel.rows is None:
+        return sel.indices[:, :, ::block_m]
+    if block_m == sel.query_block:   # the first query starts a block: tile i reads row i
+        return sel.choices
+    return sel.choices[:, :, sel.rows[::block_m]]
 
 
 def shared_rows_lists(rows, per: int, block_m: int, block_n: int, offset: int, sk: int, causal: bool) -> tuple:
