@@ -180,7 +180,7 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the `k` largest scores along the last axis, -1 where fewer than k are above -inf."""
     k = min(k, scores.shape[-1])
     val, idx = scores.topk(k, dim=-1)
-    return torch.where(val > -torch.inf, idx, torch.full_like(idx, -1))
+    return idx.masked_fill_(val == -torch.inf, -1)
 
 
 

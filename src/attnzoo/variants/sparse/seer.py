@@ -45,7 +45,7 @@ def _block_reduce(x: torch.Tensor, lead: int, block: int, reduce) -> torch.Tenso
 
 
 def _mean(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return x.sum(dim, dtype=torch.promote_types(x.dtype, torch.float32)) / x.shape[dim]
+    return x.mean(dim, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def pool_keys(k: torch.Tensor, block: int, stats=KEY_STATS) -> torch.Tensor:
@@ -53,7 +53,8 @@ def pool_keys(k: torch.Tensor, block: int, stats=KEY_STATS) -> torch.Tensor:
     over blocks of `block` keys (the last one shorter when block does not divide Sk)."""
     acc = torch.promote_types(k.dtype, torch.float32)
     reduce = {"max": lambda x, d: x.amax(d).to(acc), "min": lambda x, d: x.amin(d).to(acc), "mean": _mean}
-    return torch.stack([_block_reduce(k, 0, block, reduce[name]) for name in stats], dim=3)
+    pooled = [_block_reduce(k, 0, block, reduce[name]) for name in stats]
+    return pooled[0].unsqueeze(3) if len(pooled) == 1 else torch.stack(pooled, dim=3)
 
 
 def pool_queries(q: torch.Tensor, call, block: int) -> tuple[torch.Tensor, torch.Tensor]:
