@@ -17,7 +17,9 @@ sort; within the bin where the budget ends, mass is taken in proportion to pairs
     python benchmarks/sparse_mass_bound.py [--length 8192] [--layers 0,10,19,29] [--out DIR]
 
 Prints, per layer and granularity, the mass kept at 1/4, 1/8, 1/16 of the causal pairs and the share needed for
-0.9, 0.95, 0.98, 0.99 of the mass; writes sparse_mass_bound.json and report.html (plotly: mass vs share).
+0.9, 0.95, 0.98, 0.99 of the mass, their mean over the layers, and the same for one budget shared by all the
+layers (`shared`: a selection may read more in one layer and less in another; mass is then the mean over all
+layers' rows); writes sparse_mass_bound.json and report.html (plotly: mass vs share).
 """
 from __future__ import annotations
 
@@ -122,9 +124,23 @@ def layer_histograms(q: torch.Tensor, k: torch.Tensor) -> dict[str, Histogram]:
 
 
 def measure(q: torch.Tensor, k: torch.Tensor) -> dict:
-    rows = q.shape[1] * q.shape[2]
+    return summarize(layer_histograms(q, k), q.shape[1] * q.shape[2])
+
+
+def pooled(histograms: list[dict[str, Histogram]]) -> dict[str, Histogram]:
+    """The layers' histograms added up: one budget shared by all of them (a selection may move it between
+    layers)."""
+    out = {g: Histogram() for g in GRANULARITIES}
+    for by_gran in histograms:
+        for g, hist in by_gran.items():
+            out[g].mass += hist.mass
+            out[g].pairs += hist.pairs
+    return out
+
+
+def summarize(histograms: dict[str, Histogram], rows: int) -> dict:
     result = {}
-    for name, hist in layer_histograms(q, k).items():
+    for name, hist in histograms.items():
         share, mass = hist.frontier(rows)
         grid = torch.linspace(0, 1, 129, dtype=torch.float64)
         result[name] = {
@@ -144,12 +160,15 @@ def main(argv=None) -> dict:
     layers = [int(x) for x in args.layers.split(",")]
     t0 = time.perf_counter()
     qkv, info = capture.captured_qkv("smollm2", args.length, layers, lambda: models.load_causal_lm())
-    per_layer = {str(layer): measure(qkv[layer][0], qkv[layer][1]) for layer in track(layers, description="oracle")}
+    histograms = [layer_histograms(qkv[layer][0], qkv[layer][1]) for layer in track(layers, description="oracle")]
+    rows = qkv[layers[0]][0].shape[1] * args.length
+    per_layer = {str(layer): summarize(h, rows) for layer, h in zip(layers, histograms)}
     mean = {g: {kind: {x: _mean([per_layer[str(layer)][g][kind][x] for layer in layers])
                        for x in per_layer[str(layers[0])][g][kind]}
                 for kind in ("mass_at_share", "share_for_mass")} for g in GRANULARITIES}
     results = {"model": "smollm2", "length": args.length, "layers": layers, "capture": info,
                "granularities": list(GRANULARITIES), "per_layer": per_layer, "mean_of_layers": mean,
+               "shared_budget": summarize(pooled(histograms), rows * len(layers)),
                "seconds": time.perf_counter() - t0}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sparse_mass_bound.json").write_text(json.dumps(results, indent=1))
@@ -168,7 +187,8 @@ def show(results: dict) -> None:
     for col in ("layer", "granularity", *(f"mass @ {x:g}" for x in SHARES), *(f"share for {p:g}" for p in MASSES)):
         table.add_column(col)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for layer, by_gran in [*results["per_layer"].items(), ("mean", results["mean_of_layers"])]:
+    for layer, by_gran in [*results["per_layer"].items(), ("mean", results["mean_of_layers"]),
+                           ("shared", results["shared_budget"])]:
         for g in GRANULARITIES:
             r = by_gran[g]
             table.add_row(layer, g, *(fmt(v) for v in r["mass_at_share"].values()),
@@ -179,7 +199,8 @@ def show(results: dict) -> None:
 def report(results: dict) -> str:
     """One self-contained page: mass kept vs share of the causal pairs, one plot per layer (plotly, inlined), or
     the JSON alone without plotly."""
-    settings = html.escape(json.dumps({k: v for k, v in results.items() if k not in ("per_layer",)}, indent=1))
+    settings = html.escape(json.dumps({k: v for k, v in results.items() if k not in ("per_layer", "shared_budget")},
+                                      indent=1))
     body = f"<h1>Oracle bound of content-sparse attention on SmolLM2</h1><pre>{settings}</pre>"
     try:
         import plotly.graph_objects as go
@@ -187,11 +208,11 @@ def report(results: dict) -> str:
     except ImportError:
         return f"<html><body>{body}<p>plots need plotly (pip install 'attnzoo[report]')</p></body></html>"
     figures = []
-    for layer, by_gran in results["per_layer"].items():
+    for layer, by_gran in [*results["per_layer"].items(), ("shared budget", results["shared_budget"])]:
         fig = go.Figure([go.Scatter(x=r["curve"]["share"], y=r["curve"]["mass"], name=g) for g, r in by_gran.items()])
         fig.add_hline(y=0.99, line_dash="dot")
         fig.add_vline(x=1 / 8, line_dash="dot")
-        fig.update_layout(title=f"layer {layer}: most mass any selection keeps ({results['length']} tokens)",
+        fig.update_layout(title=f"{'layer ' if layer.isdigit() else ''}{layer}: most mass any selection keeps ({results['length']} tokens)",
                           xaxis_title="share of the causal (query, key) pairs read", yaxis_title="mean mass kept",
                           xaxis_type="log")
         figures.append(fig)

@@ -71,3 +71,18 @@ def test_real_selections_keep_no_more_than_the_bound(script, qk, name, params, g
     bound = script.mass_at(share, mass, _share(sel, S))
     assert kept <= bound + 1e-2, (kept, bound)
     assert kept > 0.2   # the selections are not empty: the comparison says something
+
+
+def test_a_shared_budget_keeps_at_least_the_mean_of_equal_budgets(script, qk):
+    """Pooling two layers' histograms: at the same total share, moving budget between layers can only help."""
+    q, k = qk
+    other = script.layer_histograms(q.flip(2), k)   # a second "layer"
+    first = script.layer_histograms(q, k)
+    both = script.pooled([first, other])
+    rows = H * S
+    for g in script.GRANULARITIES:
+        shared = script.summarize(both, 2 * rows)[g]["mass_at_share"]
+        alone = [script.summarize(h, rows)[g]["mass_at_share"] for h in (first, other)]
+        for x, m in shared.items():
+            assert m >= (alone[0][x] + alone[1][x]) / 2 - 1e-2, (g, x)
+        assert float(both[g].pairs.sum()) == pytest.approx(2 * H * S * (S + 1) / 2, rel=1e-12)

@@ -24,9 +24,6 @@ from ...core.selection import Selection, SelectionVariant, block_gate_select
 PAPER = Paper("SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs", 2024, "2410.13276")
 
 
-KEY_STATS = ("max", "min", "mean")
-
-
 def _block_reduce(x: torch.Tensor, lead: int, block: int, reduce) -> torch.Tensor:
     """reduce(x (..., S, D) over dim -2 in blocks of positions) -> (..., n, D): a first block of `block - lead`
     rows when lead > 0 (the call starts inside a block), whole blocks, then a shorter last block. Views of x, no
@@ -48,13 +45,13 @@ def _mean(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.mean(dim, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
-def pool_keys(k: torch.Tensor, block: int, stats=KEY_STATS) -> torch.Tensor:
-    """(B, Hkv, n, len(stats), D) in float32 or wider: the channel-wise max, min and/or mean of k (B, Hkv, Sk, D)
-    over blocks of `block` keys (the last one shorter when block does not divide Sk)."""
+def pool_keys(k: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, Hkv, n, 3, D) in float32 or wider: the channel-wise max, min and mean of k (B, Hkv, Sk, D) over blocks
+    of `block` keys (the last one shorter when block does not divide Sk)."""
     acc = torch.promote_types(k.dtype, torch.float32)
-    reduce = {"max": lambda x, d: x.amax(d).to(acc), "min": lambda x, d: x.amin(d).to(acc), "mean": _mean}
-    pooled = [_block_reduce(k, 0, block, reduce[name]) for name in stats]
-    return pooled[0].unsqueeze(3) if len(pooled) == 1 else torch.stack(pooled, dim=3)
+    return torch.stack([_block_reduce(k, 0, block, lambda x, d: x.amax(d).to(acc)),
+                        _block_reduce(k, 0, block, lambda x, d: x.amin(d).to(acc)),
+                        _block_reduce(k, 0, block, _mean)], dim=3)
 
 
 def pool_queries(q: torch.Tensor, call, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +75,7 @@ def gate_scores(q, k, call, block: int, wq: torch.Tensor | None = None, wk: torc
     q_pool, rel = pool_queries(q, call, block)                                    # (B, Hq, nq, D)
     if wq is None:
         qg = q_pool
-        kg = pool_keys(k, block, ("mean",))[..., 0, :]                                # (B, Hkv, nk, D)
+        kg = _block_reduce(k, 0, block, _mean)                                    # (B, Hkv, nk, D)
         kg = kg.repeat_interleave(s.group, dim=1) if s.group > 1 else kg
     else:
         k_pool = pool_keys(k, block).repeat_interleave(s.group, dim=1)            # (B, Hq, nk, 3, D)
