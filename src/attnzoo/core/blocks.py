@@ -55,14 +55,25 @@ def _reduce_rows(t: torch.Tensor, sq: int, q_block: int, how: str, dims: tuple =
 
 def made_once(make):
     """`make` cached per arguments (device included), except while tracing (a traced value must not outlive its
-    trace): for the few index vectors a build asks for on every call, each a kernel launch on a GPU. The tensors
-    are shared: never modify them."""
+    trace) or capturing a CUDA graph (the graph would read a cached tensor's memory at every replay, and the cache
+    may drop it; made during the capture, it lives in the graph's own memory): for the few index vectors a build
+    asks for on every call, each a kernel launch on a GPU. The tensors are shared: never modify them."""
     cached = functools.lru_cache(maxsize=256)(make)
 
     @functools.wraps(make)
     def get(*args):
-        return make(*args) if torch.compiler.is_compiling() else cached(*args)
+        return make(*args) if torch.compiler.is_compiling() or _capturing() else cached(*args)
+    get.cache_clear = cached.cache_clear
     return get
+
+
+@functools.cache
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _capturing() -> bool:
+    return _cuda() and torch.cuda.is_current_stream_capturing()
 
 
 @made_once
