@@ -53,16 +53,24 @@ def _reduce_rows(t: torch.Tensor, sq: int, q_block: int, how: str, dims: tuple =
     return t.all(dim=-2) if how == "all" else t.any(dim=(*dims, -2))
 
 
+_HELD_FOR_GRAPHS: dict[int, object] = {}  # made-once values a captured CUDA graph reads: never freed
+
+
 def made_once(make):
     """`make` cached per arguments (device included), except while tracing (a traced value must not outlive its
-    trace) or capturing a CUDA graph (the graph would read a cached tensor's memory at every replay, and the cache
-    may drop it; made during the capture, it lives in the graph's own memory): for the few index vectors a build
-    asks for on every call, each a kernel launch on a GPU. The tensors are shared: never modify them."""
+    trace): for the few index vectors a build asks for on every call, each a kernel launch on a GPU. A value
+    handed out while a CUDA graph is being captured is also held for the rest of the process, since the graph
+    reads its memory at every replay and the cache may drop it. The tensors are shared: never modify them."""
     cached = functools.lru_cache(maxsize=256)(make)
 
     @functools.wraps(make)
     def get(*args):
-        return make(*args) if torch.compiler.is_compiling() or _capturing() else cached(*args)
+        if torch.compiler.is_compiling():
+            return make(*args)
+        value = cached(*args)
+        if _capturing():
+            _HELD_FOR_GRAPHS[id(value)] = value
+        return value
     get.cache_clear = cached.cache_clear
     return get
 
